@@ -1,0 +1,457 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * A ublk device: its lifecycle (ADD_DEV, SET_PARAMS, START_DEV, STOP_DEV,
+ * DEL_DEV) and its queues, one thread and one io_uring each, that fetch
+ * requests from the driver and commit their results.
+ */
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define DEFAULT_MAX_IO_BYTES (512u << 10)
+
+struct ubm_dev {
+	struct ubm_config cfg;
+	struct ubm_ctrl ctrl;
+	struct ublksrv_ctrl_dev_info info;
+	struct ublk_params params;
+	struct ubm_target tgt;
+	struct ubm_queue *queues;
+	unsigned nr_queues;
+	int path;
+	int cdev_fd;
+	int wake_fd;
+	sem_t ready;
+	unsigned nr_threads;     /* queue threads running (to join) */
+	bool added, started, stopped;
+};
+
+static size_t iods_stride(void)
+{
+	size_t page = (size_t)sysconf(_SC_PAGESIZE);
+
+	return (UBLK_MAX_QUEUE_DEPTH * sizeof(struct ublksrv_io_desc) + page - 1) & ~(page - 1);
+}
+
+/* ---- the queue thread --------------------------------------------------- */
+
+static void prep_io_cmd(struct ubm_queue *q, unsigned tag, unsigned cmd_op, int result)
+{
+	struct io_uring_sqe *sqe = ubm_queue_sqe(q);
+	struct ublksrv_io_cmd *cmd = (struct ublksrv_io_cmd *)sqe->cmd;
+	struct ubm_io *io = &q->ios[tag];
+
+	io_uring_prep_read(sqe, 0, NULL, 0, 0);  /* clears the fields we rely on */
+	sqe->opcode = IORING_OP_URING_CMD;
+	sqe->flags = IOSQE_FIXED_FILE;           /* fixed file 0: /dev/ublkcN */
+	sqe->cmd_op = cmd_op;
+	cmd->q_id = q->q_id;
+	cmd->tag = tag;
+	cmd->result = result;
+	cmd->addr = q->path == UBM_PATH_COPY ? (uint64_t)(uintptr_t)io->buf : 0;
+	if (q->path == UBM_PATH_AUTO_ZC)
+		sqe->addr = tag;  /* struct ublk_auto_buf_reg: index = tag, no flags */
+	io_uring_sqe_set_data64(sqe, ubm_ud(tag, UD_CMD, 0));
+	io->state = IO_FETCHING;
+	q->cmds_inflight++;
+}
+
+static void ublk_commit(struct ubm_queue *q, unsigned tag, int res)
+{
+	prep_io_cmd(q, tag, UBLK_U_IO_COMMIT_AND_FETCH_REQ, res);
+}
+
+void ubm_dev_cmd_cqe(struct ubm_queue *q, const struct io_uring_cqe *cqe)
+{
+	unsigned tag = ubm_ud_tag(cqe->user_data);
+	struct ubm_io *io = &q->ios[tag];
+	const struct ublksrv_io_desc *iod;
+
+	q->cmds_inflight--;
+	if (ubm_unlikely(cqe->res != UBLK_IO_RES_OK)) {
+		/* UBLK_IO_RES_ABORT: the device is going away; this tag is done */
+		io->state = IO_IDLE;
+		return;
+	}
+	iod = &q->iods[tag];
+	io->req.op = ublksrv_get_op(iod);
+	io->req.flags = ublksrv_get_flags(iod);
+	io->req.offset = iod->start_sector << 9;
+	io->req.len = iod->nr_sectors << 9;
+	io->req.buf = io->buf;
+	io->req.buf_index = (q->path != UBM_PATH_COPY &&
+			     (io->req.op == UBLK_IO_OP_READ || io->req.op == UBLK_IO_OP_WRITE))
+		? (int)tag : -1;
+	ubm_queue_start_io(q, tag);
+}
+
+static int queue_init(struct ubm_dev *dev, struct ubm_queue *q)
+{
+	int files[2] = { dev->cdev_fd, dev->tgt.source.fd };
+	struct io_uring_sqe *sqe;
+	unsigned tag;
+	int ret;
+
+	ret = ubm_queue_ring_init(q, q->depth * 4, files, 2, q->path != UBM_PATH_COPY, true);
+	if (ret < 0)
+		return ret;
+	for (tag = 0; tag < q->depth; tag++) {
+		if (q->path == UBM_PATH_COPY) {
+			if (posix_memalign(&q->ios[tag].buf, 4096, dev->info.max_io_buf_bytes))
+				return ubm_fail(ENOMEM, "out of memory for I/O buffers");
+		}
+		prep_io_cmd(q, tag, UBLK_U_IO_FETCH_REQ, -1);
+	}
+	sqe = ubm_queue_sqe(q);
+	io_uring_prep_poll_add(sqe, dev->wake_fd, POLLIN);
+	io_uring_sqe_set_data64(sqe, ubm_ud(0, UD_WAKE, 0));
+	ret = io_uring_submit(&q->ring);
+	if (ret < 0)
+		return ubm_fail(ret, "submitting FETCH_REQ failed: %s", strerror(-ret));
+	return 0;
+}
+
+static void *queue_thread(void *arg)
+{
+	struct ubm_queue *q = arg;
+	struct ubm_dev *dev = q->dev;
+	sigset_t all;
+	char name[16];
+	int ret;
+
+	/* signals belong to the control plane's thread */
+	sigfillset(&all);
+	pthread_sigmask(SIG_BLOCK, &all, NULL);
+	snprintf(name, sizeof(name), "ubm-q%u", q->q_id);
+	pthread_setname_np(pthread_self(), name);
+
+	q->init_err = queue_init(dev, q);
+	sem_post(&dev->ready);
+	while (q->init_err == 0) {
+		if (q->ios_inflight == 0 && (q->cmds_inflight == 0 || q->stopping))
+			break;
+		ret = io_uring_submit_and_wait(&q->ring, 1);
+		if (ubm_unlikely(ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY)) {
+			fprintf(stderr, "ublkmig: queue %u: io_uring_enter: %s\n", q->q_id,
+				strerror(-ret));
+			break;
+		}
+		ubm_queue_reap(q);
+	}
+	/* leftover fetch commands are cancelled as the ring goes */
+	ubm_queue_ring_exit(q);
+	return NULL;
+}
+
+/* ---- lifecycle ------------------------------------------------------------ */
+
+static int check_config(const struct ubm_config *cfg)
+{
+	if (!cfg->source_path || !*cfg->source_path)
+		return ubm_fail(EINVAL, "no image given");
+	if (cfg->nr_queues < 1 || cfg->nr_queues > UBM_MAX_QUEUES)
+		return ubm_fail(EINVAL, "queues must be 1..%d", UBM_MAX_QUEUES);
+	if (cfg->queue_depth < 1 || cfg->queue_depth > UBLK_MAX_QUEUE_DEPTH)
+		return ubm_fail(EINVAL, "queue depth must be 1..%d", UBLK_MAX_QUEUE_DEPTH);
+	if (cfg->logical_bs != 512 && cfg->logical_bs != 4096)
+		return ubm_fail(EINVAL, "logical block size must be 512 or 4096");
+	if (cfg->max_io_bytes && (cfg->max_io_bytes % 4096 || cfg->max_io_bytes > (32u << 20)))
+		return ubm_fail(EINVAL, "max I/O size must be a multiple of 4096, at most 32 MiB");
+	if (cfg->data_path > UBM_PATH_COPY)
+		return ubm_fail(EINVAL, "unknown data path %u", cfg->data_path);
+	return 0;
+}
+
+static int open_source(struct ubm_dev *dev)
+{
+	struct ubm_backend *be = &dev->tgt.source;
+	int ret;
+
+	be->ops = &ubm_file_backend_ops;
+	be->fd = -1;
+	be->file_index = 1;
+	be->logical_bs = dev->cfg.logical_bs;
+	be->read_only = dev->cfg.read_only;
+	be->direct = dev->cfg.direct;
+	ret = be->ops->open(be, dev->cfg.source_path);
+	if (ret < 0)
+		return ret;
+	if (be->size == 0)
+		return ubm_fail(EINVAL, "%s: the image is empty", dev->cfg.source_path);
+	if (be->size % be->logical_bs)
+		return ubm_fail(EINVAL, "%s: size %llu is not a multiple of the logical block size %u",
+				dev->cfg.source_path, (unsigned long long)be->size, be->logical_bs);
+	return 0;
+}
+
+static uint64_t path_flags(int path)
+{
+	switch (path) {
+	case UBM_PATH_AUTO_ZC: return UBLK_F_AUTO_BUF_REG;
+	case UBM_PATH_ZC: return UBLK_F_SUPPORT_ZERO_COPY;
+	}
+	return 0;
+}
+
+static void set_params(struct ubm_dev *dev)
+{
+	struct ublk_params *p = &dev->params;
+	const struct ubm_backend *be = &dev->tgt.source;
+	unsigned shift = __builtin_ctz(be->logical_bs);
+
+	memset(p, 0, sizeof(*p));
+	p->len = sizeof(*p);
+	p->types = UBLK_PARAM_TYPE_BASIC;
+	/* writes are volatile until a flush (page cache, or the disk's cache
+	 * under O_DIRECT); FUA is honoured per write */
+	p->basic.attrs = UBLK_ATTR_VOLATILE_CACHE | UBLK_ATTR_FUA |
+		(be->read_only ? UBLK_ATTR_READ_ONLY : 0);
+	p->basic.logical_bs_shift = shift;
+	p->basic.physical_bs_shift = shift > 12 ? shift : 12;
+	p->basic.io_min_shift = shift;
+	p->basic.io_opt_shift = 12;
+	p->basic.max_sectors = dev->info.max_io_buf_bytes >> 9;
+	p->basic.dev_sectors = be->size >> 9;
+	if (be->can_discard) {
+		p->types |= UBLK_PARAM_TYPE_DISCARD;
+		p->discard.discard_granularity = 4096 > be->logical_bs ? 4096 : be->logical_bs;
+		p->discard.max_discard_sectors = 1u << 21;       /* 1 GiB a request */
+		p->discard.max_write_zeroes_sectors = 1u << 21;
+		p->discard.max_discard_segments = 1;
+	}
+}
+
+static int open_cdev(struct ubm_dev *dev)
+{
+	char path[64];
+	int i;
+
+	snprintf(path, sizeof(path), "/dev/ublkc%u", dev->info.dev_id);
+	/* devtmpfs creates the node as ADD_DEV returns; without udev it may
+	 * take a moment to become openable */
+	for (i = 0; i < 300; i++) {
+		dev->cdev_fd = open(path, O_RDWR | O_CLOEXEC);
+		if (dev->cdev_fd >= 0)
+			return 0;
+		if (errno != ENOENT)
+			break;
+		usleep(10000);
+	}
+	return ubm_fail(errno, "cannot open %s: %s", path, strerror(errno));
+}
+
+UBM_EXPORT int ubm_dev_create(const struct ubm_config *cfg, struct ubm_dev **out)
+{
+	struct ubm_dev *dev;
+	uint64_t features;
+	unsigned i;
+	int ret;
+
+	*out = NULL;
+	ret = check_config(cfg);
+	if (ret < 0)
+		return ret;
+	dev = calloc(1, sizeof(*dev));
+	if (!dev)
+		return ubm_fail(ENOMEM, "out of memory");
+	dev->cfg = *cfg;
+	dev->cfg.source_path = strdup(cfg->source_path);
+	dev->cdev_fd = dev->wake_fd = dev->ctrl.fd = -1;
+	dev->tgt.source.fd = -1;
+	sem_init(&dev->ready, 0, 0);
+	*out = dev;  /* ubm_dev_destroy() cleans up whatever was set up */
+
+	ret = open_source(dev);
+	if (ret < 0)
+		return ret;
+	ret = ubm_get_features(&features);
+	if (ret < 0)
+		return ret;
+	dev->path = cfg->data_path == UBM_PATH_AUTO ? ubm_choose_path(features) : (int)cfg->data_path;
+	if ((path_flags(dev->path) & features) != path_flags(dev->path))
+		return ubm_fail(EOPNOTSUPP, "this kernel's ublk driver does not offer the %s data path",
+				ubm_path_name(dev->path));
+
+	ret = ubm_ctrl_open(&dev->ctrl);
+	if (ret < 0)
+		return ret;
+	dev->info.nr_hw_queues = cfg->nr_queues;
+	dev->info.queue_depth = cfg->queue_depth;
+	dev->info.max_io_buf_bytes = cfg->max_io_bytes ? cfg->max_io_bytes : DEFAULT_MAX_IO_BYTES;
+	dev->info.dev_id = cfg->dev_id < 0 ? (uint32_t)-1 : (uint32_t)cfg->dev_id;
+	dev->info.flags = UBLK_F_CMD_IOCTL_ENCODE | path_flags(dev->path);
+	ret = ubm_ctrl_cmd(&dev->ctrl, UBLK_U_CMD_ADD_DEV, dev->info.dev_id, &dev->info,
+			   sizeof(dev->info), 0);
+	if (ret < 0)
+		return ubm_fail(ret, "ADD_DEV failed: %s", strerror(-ret));
+	dev->added = true;
+
+	set_params(dev);
+	ret = ubm_ctrl_cmd(&dev->ctrl, UBLK_U_CMD_SET_PARAMS, dev->info.dev_id, &dev->params,
+			   sizeof(dev->params), 0);
+	if (ret < 0)
+		return ubm_fail(ret, "SET_PARAMS failed: %s", strerror(-ret));
+
+	ret = open_cdev(dev);
+	if (ret < 0)
+		return ret;
+	/* the driver may grant fewer queues than asked (one per CPU at most) */
+	dev->nr_queues = dev->info.nr_hw_queues;
+	dev->queues = calloc(dev->nr_queues, sizeof(*dev->queues));
+	if (!dev->queues)
+		return ubm_fail(ENOMEM, "out of memory");
+	for (i = 0; i < dev->nr_queues; i++) {
+		struct ubm_queue *q = &dev->queues[i];
+		void *m;
+
+		q->dev = dev;
+		q->tgt = &dev->tgt;
+		q->q_id = i;
+		q->depth = dev->info.queue_depth;
+		q->path = dev->path;
+		q->io_done = ublk_commit;
+		q->ios = calloc(q->depth, sizeof(*q->ios));
+		if (!q->ios)
+			return ubm_fail(ENOMEM, "out of memory");
+		q->iods_len = (q->depth * sizeof(struct ublksrv_io_desc) + 4095) & ~4095ul;
+		m = mmap(NULL, q->iods_len, PROT_READ, MAP_SHARED | MAP_POPULATE, dev->cdev_fd,
+			 UBLKSRV_CMD_BUF_OFFSET + i * iods_stride());
+		if (m == MAP_FAILED)
+			return ubm_fail(errno, "mmap of queue %u descriptors failed: %s", i,
+					strerror(errno));
+		q->iods = m;
+	}
+	return 0;
+}
+
+static void wake_and_join(struct ubm_dev *dev)
+{
+	uint64_t one = 1;
+	unsigned i;
+
+	if (!dev->nr_threads)
+		return;
+	if (write(dev->wake_fd, &one, sizeof(one)) != sizeof(one))
+		perror("ublkmig: eventfd write");
+	for (i = 0; i < dev->nr_threads; i++)
+		pthread_join(dev->queues[i].thread, NULL);
+	dev->nr_threads = 0;
+}
+
+UBM_EXPORT int ubm_dev_start(struct ubm_dev *dev)
+{
+	unsigned i;
+	int ret = 0;
+
+	if (dev->started)
+		return 0;
+	dev->wake_fd = eventfd(0, EFD_CLOEXEC);
+	if (dev->wake_fd < 0)
+		return ubm_fail(errno, "eventfd: %s", strerror(errno));
+	for (i = 0; i < dev->nr_queues; i++) {
+		ret = -pthread_create(&dev->queues[i].thread, NULL, queue_thread, &dev->queues[i]);
+		if (ret < 0) {
+			ubm_fail(ret, "cannot start queue thread: %s", strerror(-ret));
+			break;
+		}
+		dev->nr_threads++;
+	}
+	for (i = 0; i < dev->nr_threads; i++)
+		sem_wait(&dev->ready);
+	for (i = 0; i < dev->nr_threads && ret == 0; i++) {
+		if (dev->queues[i].init_err < 0)
+			ret = dev->queues[i].init_err;
+	}
+	if (ret == 0) {
+		ret = ubm_ctrl_cmd(&dev->ctrl, UBLK_U_CMD_START_DEV, dev->info.dev_id, NULL, 0,
+				   (uint64_t)getpid());
+		if (ret < 0)
+			ubm_fail(ret, "START_DEV failed: %s", strerror(-ret));
+	}
+	if (ret < 0) {
+		wake_and_join(dev);
+		return ret;
+	}
+	dev->started = true;
+	return 0;
+}
+
+UBM_EXPORT int ubm_dev_stop(struct ubm_dev *dev)
+{
+	int ret = 0;
+
+	if (!dev->started || dev->stopped)
+		return 0;
+	/* STOP_DEV removes the disk once in-flight requests are done (the
+	 * queue threads keep serving them meanwhile) and aborts the fetches */
+	ret = ubm_ctrl_cmd(&dev->ctrl, UBLK_U_CMD_STOP_DEV, dev->info.dev_id, NULL, 0, 0);
+	if (ret < 0)
+		ubm_fail(ret, "STOP_DEV failed: %s", strerror(-ret));
+	/* no request can arrive any more; leftover fetches die with the rings */
+	wake_and_join(dev);
+	dev->stopped = true;
+	return ret;
+}
+
+UBM_EXPORT void ubm_dev_destroy(struct ubm_dev *dev)
+{
+	unsigned i;
+	int ret;
+
+	if (!dev)
+		return;
+	if (dev->started)
+		ubm_dev_stop(dev);
+	wake_and_join(dev);
+	for (i = 0; dev->queues && i < dev->nr_queues; i++) {
+		struct ubm_queue *q = &dev->queues[i];
+
+		if (q->iods)
+			munmap((void *)q->iods, q->iods_len);
+		for (unsigned t = 0; q->ios && t < q->depth; t++)
+			free(q->ios[t].buf);
+		free(q->ios);
+	}
+	free(dev->queues);
+	if (dev->cdev_fd >= 0)
+		close(dev->cdev_fd);
+	/* DEL_DEV waits for the char device to be released: close it first */
+	if (dev->added) {
+		ret = ubm_ctrl_cmd(&dev->ctrl, UBLK_U_CMD_DEL_DEV, dev->info.dev_id, NULL, 0, 0);
+		if (ret < 0)
+			fprintf(stderr, "ublkmig: DEL_DEV of device %u failed: %s\n", dev->info.dev_id,
+				strerror(-ret));
+	}
+	ubm_ctrl_close(&dev->ctrl);
+	if (dev->tgt.source.ops)
+		dev->tgt.source.ops->close(&dev->tgt.source);
+	if (dev->wake_fd >= 0)
+		close(dev->wake_fd);
+	sem_destroy(&dev->ready);
+	free((char *)dev->cfg.source_path);
+	free(dev);
+}
+
+UBM_EXPORT int ubm_dev_id(const struct ubm_dev *dev) { return (int)dev->info.dev_id; }
+UBM_EXPORT uint64_t ubm_dev_size(const struct ubm_dev *dev) { return dev->tgt.source.size; }
+UBM_EXPORT int ubm_dev_path(const struct ubm_dev *dev) { return dev->path; }
+UBM_EXPORT uint64_t ubm_dev_flags(const struct ubm_dev *dev) { return dev->info.flags; }
+UBM_EXPORT uint32_t ubm_dev_nr_queues(const struct ubm_dev *dev) { return dev->nr_queues; }
+
+UBM_EXPORT void ubm_dev_stats(const struct ubm_dev *dev, struct ubm_stats *out)
+{
+	unsigned i;
+
+	memset(out, 0, sizeof(*out));
+	for (i = 0; i < dev->nr_queues; i++)
+		ubm_stats_add(out, &dev->queues[i].stats);
+}

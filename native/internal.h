@@ -1,0 +1,175 @@
+/* SPDX-License-Identifier: MIT */
+/* ublkmig data plane: internal structures shared by the native sources. */
+#ifndef UBM_INTERNAL_H
+#define UBM_INTERNAL_H
+
+#include <errno.h>
+#include <limits.h>
+#include <pthread.h>
+#include <semaphore.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <liburing.h>
+#include <linux/ublk_cmd.h>
+
+#include "ubm.h"
+
+#define UBM_EXPORT __attribute__((visibility("default")))
+#define UBM_MAX_BACKENDS 2          /* source, destination */
+#define UBM_MAX_QUEUES 64
+
+#define ubm_likely(x) __builtin_expect(!!(x), 1)
+#define ubm_unlikely(x) __builtin_expect(!!(x), 0)
+
+/* Thread-local error text behind ubm_last_error(); returns -err. */
+int ubm_fail(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/*
+ * CQE user_data: which io (tag) an operation belongs to, what it was, and
+ * for backend I/O which backend slot.
+ */
+enum ubm_ud_kind {
+	UD_CMD = 1,      /* FETCH / COMMIT_AND_FETCH on the ublk char device */
+	UD_BACKEND = 2,  /* an operation a backend submitted for an io */
+	UD_REG = 3,      /* UBLK_U_IO_REGISTER_IO_BUF (explicit zero copy) */
+	UD_UNREG = 4,    /* UBLK_U_IO_UNREGISTER_IO_BUF */
+	UD_WAKE = 5,     /* the device's wake-up eventfd became readable */
+};
+
+static inline uint64_t ubm_ud(unsigned tag, unsigned kind, unsigned slot)
+{
+	return (uint64_t)tag | (uint64_t)kind << 16 | (uint64_t)slot << 24;
+}
+static inline unsigned ubm_ud_tag(uint64_t ud) { return ud & 0xffff; }
+static inline unsigned ubm_ud_kind(uint64_t ud) { return (ud >> 16) & 0xff; }
+static inline unsigned ubm_ud_slot(uint64_t ud) { return (ud >> 24) & 0xff; }
+
+/* One guest request as a backend sees it. */
+struct ubm_req {
+	uint8_t op;          /* UBLK_IO_OP_* */
+	uint32_t flags;      /* UBLK_IO_F_* */
+	uint64_t offset;     /* bytes */
+	uint32_t len;        /* bytes */
+	void *buf;           /* data in process memory (copy mode, sim) */
+	int buf_index;       /* zero copy: fixed-buffer index holding the data; -1 if none */
+};
+
+struct ubm_queue;
+struct ubm_backend;
+
+/*
+ * A backend: where data lives.  Adding a backend is adding one file that
+ * fills this table (like the kernel selftest server's ublk_tgt_ops).
+ */
+struct ubm_backend_ops {
+	const char *name;
+	/* open `path`; fill be->size; return 0 or -errno (with ubm_fail text) */
+	int (*open)(struct ubm_backend *be, const char *path);
+	/* queue the SQEs that carry out `req` for io `tag` on queue q, with
+	 * user_data ubm_ud(tag, UD_BACKEND, slot); return how many CQEs will
+	 * arrive for it (>= 1), or -errno */
+	int (*queue_io)(struct ubm_backend *be, struct ubm_queue *q, unsigned tag, unsigned slot,
+			const struct ubm_req *req);
+	/* one of those CQEs arrived: store the sub-operation's result in *res
+	 * and return 0, or queue a follow-up operation (same user_data) and
+	 * return 1 when the request is not done on this backend yet */
+	int (*complete)(struct ubm_backend *be, struct ubm_queue *q, unsigned tag, unsigned slot,
+			const struct ubm_req *req, int cqe_res, int *res);
+	void (*close)(struct ubm_backend *be);
+};
+
+struct ubm_backend {
+	const struct ubm_backend_ops *ops;
+	int fd;
+	int file_index;         /* fixed-file slot in every queue ring */
+	uint64_t size;
+	uint32_t logical_bs;
+	bool read_only, direct, is_blockdev;
+	bool can_discard;       /* the backend can deallocate (punch holes / discard) */
+	bool no_zero_range;     /* FALLOC_FL_ZERO_RANGE refused once: punch instead */
+};
+
+extern const struct ubm_backend_ops ubm_file_backend_ops;
+
+/* The backends an io can go to, and (later) the migration routing state. */
+struct ubm_target {
+	struct ubm_backend source;
+};
+
+/* Per-queue counters: written by the queue thread only, read by anyone. */
+struct ubm_qstats {
+	uint64_t reads, writes, flushes, discards, write_zeroes;
+	uint64_t read_bytes, write_bytes, errors, inflight, fua_writes;
+} __attribute__((aligned(64)));
+
+enum ubm_io_state {
+	IO_IDLE = 0,       /* no command and no request (aborted, or sim free) */
+	IO_FETCHING,       /* FETCH / COMMIT_AND_FETCH outstanding */
+	IO_REG,            /* explicit zero copy: buffer being registered */
+	IO_BACKEND,        /* backends working on the request */
+	IO_UNREG,          /* explicit zero copy: buffer being unregistered */
+};
+
+struct ubm_io {
+	struct ubm_req req;
+	int result;              /* first error, or bytes done */
+	uint16_t pending;        /* backend CQEs still to come */
+	uint8_t state;           /* enum ubm_io_state */
+	uint8_t be_stage[UBM_MAX_BACKENDS];  /* backend-private progress */
+	void *buf;               /* copy mode: this tag's buffer */
+};
+
+struct ubm_queue {
+	struct ubm_dev *dev;     /* NULL in simulation */
+	struct ubm_target *tgt;
+	unsigned q_id, depth;
+	int path;                /* enum ubm_data_path */
+	struct io_uring ring;
+	bool ring_ok;
+	const struct ublksrv_io_desc *iods;  /* ublk: the request descriptors (mmap) */
+	size_t iods_len;
+	struct ubm_io *ios;
+	unsigned cmds_inflight;  /* ublk commands outstanding */
+	unsigned ios_inflight;   /* requests being handled */
+	bool stopping;
+	uint64_t wake_buf;
+	/* completion sink: ublk commits, the simulator records */
+	void (*io_done)(struct ubm_queue *q, unsigned tag, int res);
+	void *sim;               /* simulator state */
+	pthread_t thread;
+	int init_err;
+	struct ubm_qstats stats;
+};
+
+/* queue.c */
+int ubm_queue_ring_init(struct ubm_queue *q, unsigned entries, const int *files, unsigned nr_files,
+			bool sparse_bufs, bool single_issuer);
+void ubm_queue_ring_exit(struct ubm_queue *q);
+struct io_uring_sqe *ubm_queue_sqe(struct ubm_queue *q);
+void ubm_queue_start_io(struct ubm_queue *q, unsigned tag);
+void ubm_queue_backends_done(struct ubm_queue *q, unsigned tag);
+void ubm_queue_handle_cqe(struct ubm_queue *q, const struct io_uring_cqe *cqe);
+int ubm_queue_reap(struct ubm_queue *q);
+void ubm_stats_add(struct ubm_stats *out, const struct ubm_qstats *s);
+
+static inline void ubm_stat_inc(uint64_t *c, uint64_t v)
+{
+	__atomic_store_n(c, *c + v, __ATOMIC_RELAXED);
+}
+
+/* dev.c: a FETCH / COMMIT_AND_FETCH completed on a ublk queue */
+void ubm_dev_cmd_cqe(struct ubm_queue *q, const struct io_uring_cqe *cqe);
+
+/* ctrl.c: commands on /dev/ublk-control */
+struct ubm_ctrl {
+	int fd;
+	struct io_uring ring;
+	pthread_mutex_t lock;
+};
+int ubm_ctrl_open(struct ubm_ctrl *c);
+void ubm_ctrl_close(struct ubm_ctrl *c);
+int ubm_ctrl_cmd(struct ubm_ctrl *c, unsigned cmd_op, uint32_t dev_id, void *buf, uint16_t len,
+		 uint64_t data0);
+
+#endif
