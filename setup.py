@@ -36,7 +36,7 @@ native = Extension(
     extra_objects=[str(BUILD / "lib" / "liburing.a")],
     extra_compile_args=["-std=gnu11", "-O2", "-g", "-Wall", "-Wextra", "-Werror",
                         "-fvisibility=hidden", "-D_GNU_SOURCE"],
-    extra_link_args=["-pthread"],
+    extra_link_args=["-pthread", "-Wl,--exclude-libs,ALL"],  # export only ubm_*
     depends=[str(p.relative_to(HERE)) for p in (HERE / "native").glob("*.h")],
 )
 

@@ -74,8 +74,18 @@ static void prep_sync(struct ubm_backend *be, struct io_uring_sqe *sqe)
 static int file_queue_io(struct ubm_backend *be, struct ubm_queue *q, unsigned tag, unsigned slot,
 			 const struct ubm_req *req)
 {
-	struct io_uring_sqe *sqe = ubm_queue_sqe(q);
+	struct io_uring_sqe *sqe;
 
+	if (ubm_unlikely((be->delay.tv_sec | be->delay.tv_nsec) && req->op != UBLK_IO_OP_READ)) {
+		/* tests widen race windows: a timeout linked before the write */
+		sqe = ubm_queue_sqe(q);
+		if (!sqe)
+			return -EBUSY;
+		io_uring_prep_timeout(sqe, &be->delay, 0, IORING_TIMEOUT_ETIME_SUCCESS);
+		sqe->flags |= IOSQE_IO_LINK;
+		io_uring_sqe_set_data64(sqe, ubm_ud(tag, UD_IGNORE, slot));
+	}
+	sqe = ubm_queue_sqe(q);
 	if (!sqe)
 		return -EBUSY;
 	switch (req->op) {

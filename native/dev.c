@@ -5,12 +5,10 @@
  * requests from the driver and commit their results.
  */
 #include <fcntl.h>
-#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
@@ -29,7 +27,6 @@ struct ubm_dev {
 	unsigned nr_queues;
 	int path;
 	int cdev_fd;
-	int wake_fd;
 	sem_t ready;
 	unsigned nr_threads;     /* queue threads running (to join) */
 	bool added, started, stopped;
@@ -96,12 +93,10 @@ void ubm_dev_cmd_cqe(struct ubm_queue *q, const struct io_uring_cqe *cqe)
 
 static int queue_init(struct ubm_dev *dev, struct ubm_queue *q)
 {
-	int files[2] = { dev->cdev_fd, dev->tgt.source.fd };
-	struct io_uring_sqe *sqe;
 	unsigned tag;
 	int ret;
 
-	ret = ubm_queue_ring_init(q, q->depth * 4, files, 2, q->path != UBM_PATH_COPY, true);
+	ret = ubm_queue_ring_init(q, q->depth * 4, dev->cdev_fd, q->path != UBM_PATH_COPY, true);
 	if (ret < 0)
 		return ret;
 	for (tag = 0; tag < q->depth; tag++) {
@@ -111,9 +106,6 @@ static int queue_init(struct ubm_dev *dev, struct ubm_queue *q)
 		}
 		prep_io_cmd(q, tag, UBLK_U_IO_FETCH_REQ, -1);
 	}
-	sqe = ubm_queue_sqe(q);
-	io_uring_prep_poll_add(sqe, dev->wake_fd, POLLIN);
-	io_uring_sqe_set_data64(sqe, ubm_ud(0, UD_WAKE, 0));
 	ret = io_uring_submit(&q->ring);
 	if (ret < 0)
 		return ubm_fail(ret, "submitting FETCH_REQ failed: %s", strerror(-ret));
@@ -147,8 +139,11 @@ static void *queue_thread(void *arg)
 		}
 		ubm_queue_reap(q);
 	}
-	/* leftover fetch commands are cancelled as the ring goes */
-	ubm_queue_ring_exit(q);
+	/* leftover fetch commands are cancelled as the ring goes; the
+	 * doorbell stays open until the device is destroyed */
+	if (q->ring_ok)
+		io_uring_queue_exit(&q->ring);
+	q->ring_ok = false;
 	return NULL;
 }
 
@@ -178,7 +173,7 @@ static int open_source(struct ubm_dev *dev)
 
 	be->ops = &ubm_file_backend_ops;
 	be->fd = -1;
-	be->file_index = 1;
+	be->file_index = FILE_SOURCE;
 	be->logical_bs = dev->cfg.logical_bs;
 	be->read_only = dev->cfg.read_only;
 	be->direct = dev->cfg.direct;
@@ -265,8 +260,12 @@ UBM_EXPORT int ubm_dev_create(const struct ubm_config *cfg, struct ubm_dev **out
 		return ubm_fail(ENOMEM, "out of memory");
 	dev->cfg = *cfg;
 	dev->cfg.source_path = strdup(cfg->source_path);
-	dev->cdev_fd = dev->wake_fd = dev->ctrl.fd = -1;
+	dev->cdev_fd = dev->ctrl.fd = -1;
 	dev->tgt.source.fd = -1;
+	dev->tgt.dest.fd = -1;
+	dev->tgt.dest_fd = -1;
+	dev->tgt.be[SLOT_SOURCE] = &dev->tgt.source;
+	dev->tgt.primary = SLOT_SOURCE;
 	sem_init(&dev->ready, 0, 0);
 	*out = dev;  /* ubm_dev_destroy() cleans up whatever was set up */
 
@@ -309,6 +308,8 @@ UBM_EXPORT int ubm_dev_create(const struct ubm_config *cfg, struct ubm_dev **out
 	dev->queues = calloc(dev->nr_queues, sizeof(*dev->queues));
 	if (!dev->queues)
 		return ubm_fail(ENOMEM, "out of memory");
+	dev->tgt.queues = dev->queues;
+	dev->tgt.nr_queues = dev->nr_queues;
 	for (i = 0; i < dev->nr_queues; i++) {
 		struct ubm_queue *q = &dev->queues[i];
 		void *m;
@@ -319,6 +320,7 @@ UBM_EXPORT int ubm_dev_create(const struct ubm_config *cfg, struct ubm_dev **out
 		q->depth = dev->info.queue_depth;
 		q->path = dev->path;
 		q->io_done = ublk_commit;
+		q->bell_fd = -1;
 		q->ios = calloc(q->depth, sizeof(*q->ios));
 		if (!q->ios)
 			return ubm_fail(ENOMEM, "out of memory");
@@ -335,13 +337,14 @@ UBM_EXPORT int ubm_dev_create(const struct ubm_config *cfg, struct ubm_dev **out
 
 static void wake_and_join(struct ubm_dev *dev)
 {
-	uint64_t one = 1;
 	unsigned i;
 
 	if (!dev->nr_threads)
 		return;
-	if (write(dev->wake_fd, &one, sizeof(one)) != sizeof(one))
-		perror("ublkmig: eventfd write");
+	for (i = 0; i < dev->nr_threads; i++) {
+		if (dev->queues[i].init_err == 0)
+			ubm_queue_ring_bell(&dev->queues[i], ACT_STOP);
+	}
 	for (i = 0; i < dev->nr_threads; i++)
 		pthread_join(dev->queues[i].thread, NULL);
 	dev->nr_threads = 0;
@@ -354,9 +357,6 @@ UBM_EXPORT int ubm_dev_start(struct ubm_dev *dev)
 
 	if (dev->started)
 		return 0;
-	dev->wake_fd = eventfd(0, EFD_CLOEXEC);
-	if (dev->wake_fd < 0)
-		return ubm_fail(errno, "eventfd: %s", strerror(errno));
 	for (i = 0; i < dev->nr_queues; i++) {
 		ret = -pthread_create(&dev->queues[i].thread, NULL, queue_thread, &dev->queues[i]);
 		if (ret < 0) {
@@ -412,9 +412,12 @@ UBM_EXPORT void ubm_dev_destroy(struct ubm_dev *dev)
 	if (dev->started)
 		ubm_dev_stop(dev);
 	wake_and_join(dev);
+	if (dev->tgt.mig)
+		ubm_mig_finish(&dev->tgt);  /* nothing is in flight: a cancel */
 	for (i = 0; dev->queues && i < dev->nr_queues; i++) {
 		struct ubm_queue *q = &dev->queues[i];
 
+		ubm_queue_ring_exit(q);
 		if (q->iods)
 			munmap((void *)q->iods, q->iods_len);
 		for (unsigned t = 0; q->ios && t < q->depth; t++)
@@ -432,15 +435,16 @@ UBM_EXPORT void ubm_dev_destroy(struct ubm_dev *dev)
 				strerror(-ret));
 	}
 	ubm_ctrl_close(&dev->ctrl);
+	if (dev->tgt.dest.ops && dev->tgt.dest.fd >= 0)
+		dev->tgt.dest.ops->close(&dev->tgt.dest);
 	if (dev->tgt.source.ops)
 		dev->tgt.source.ops->close(&dev->tgt.source);
-	if (dev->wake_fd >= 0)
-		close(dev->wake_fd);
 	sem_destroy(&dev->ready);
 	free((char *)dev->cfg.source_path);
 	free(dev);
 }
 
+UBM_EXPORT struct ubm_target *ubm_dev_target(struct ubm_dev *dev) { return &dev->tgt; }
 UBM_EXPORT int ubm_dev_id(const struct ubm_dev *dev) { return (int)dev->info.dev_id; }
 UBM_EXPORT uint64_t ubm_dev_size(const struct ubm_dev *dev) { return dev->tgt.source.size; }
 UBM_EXPORT int ubm_dev_path(const struct ubm_dev *dev) { return dev->path; }

@@ -34,7 +34,8 @@ enum ubm_ud_kind {
 	UD_BACKEND = 2,  /* an operation a backend submitted for an io */
 	UD_REG = 3,      /* UBLK_U_IO_REGISTER_IO_BUF (explicit zero copy) */
 	UD_UNREG = 4,    /* UBLK_U_IO_UNREGISTER_IO_BUF */
-	UD_WAKE = 5,     /* the device's wake-up eventfd became readable */
+	UD_WAKE = 5,     /* the queue's doorbell eventfd became readable */
+	UD_IGNORE = 6,   /* a CQE nobody waits for (a test delay's timeout) */
 };
 
 static inline uint64_t ubm_ud(unsigned tag, unsigned kind, unsigned slot)
@@ -82,43 +83,77 @@ struct ubm_backend_ops {
 struct ubm_backend {
 	const struct ubm_backend_ops *ops;
 	int fd;
-	int file_index;         /* fixed-file slot in every queue ring */
+	int file_index;         /* fixed-file slot in every ring (FILE_SOURCE, FILE_DEST) */
 	uint64_t size;
 	uint32_t logical_bs;
 	bool read_only, direct, is_blockdev;
 	bool can_discard;       /* the backend can deallocate (punch holes / discard) */
 	bool no_zero_range;     /* FALLOC_FL_ZERO_RANGE refused once: punch instead */
+	struct __kernel_timespec delay;  /* tests: hold every write this long first */
 };
 
 extern const struct ubm_backend_ops ubm_file_backend_ops;
 
-/* The backends an io can go to, and (later) the migration routing state. */
+/* Fixed-file slots, the same in every ring (queues, simulator, copier). */
+enum { FILE_UBLKC = 0, FILE_SOURCE = 1, FILE_DEST = 2, NR_FILES = 3 };
+
+/* Backend slots of a target. */
+enum { SLOT_SOURCE = 0, SLOT_DEST = 1 };
+
+struct ubm_migration;
+
+/* The backends an io can go to, and the migration routing state. */
 struct ubm_target {
+	struct ubm_backend *be[UBM_MAX_BACKENDS];  /* [SLOT_SOURCE], [SLOT_DEST] */
 	struct ubm_backend source;
+	struct ubm_backend dest;         /* opened by a migration; primary after cutover */
+	int dest_fd;                     /* what queues install at FILE_DEST (ACT_FILES) */
+	int primary;                     /* slot serving I/O: SOURCE, DEST after cutover */
+	struct ubm_migration *mig;       /* routing state while a migration runs */
+	struct ubm_queue *queues;        /* the queues routing to this target */
+	unsigned nr_queues;
 };
 
 /* Per-queue counters: written by the queue thread only, read by anyone. */
 struct ubm_qstats {
 	uint64_t reads, writes, flushes, discards, write_zeroes;
 	uint64_t read_bytes, write_bytes, errors, inflight, fua_writes;
+	uint64_t parked;         /* requests that waited for a chunk copy or a pause */
 } __attribute__((aligned(64)));
 
 enum ubm_io_state {
 	IO_IDLE = 0,       /* no command and no request (aborted, or sim free) */
 	IO_FETCHING,       /* FETCH / COMMIT_AND_FETCH outstanding */
 	IO_REG,            /* explicit zero copy: buffer being registered */
+	IO_PARKED,         /* waiting for a chunk being copied, or a pause */
 	IO_BACKEND,        /* backends working on the request */
 	IO_UNREG,          /* explicit zero copy: buffer being unregistered */
 };
 
 struct ubm_io {
 	struct ubm_req req;
-	int result;              /* first error, or bytes done */
+	int result;              /* first error, or bytes done (primary backend) */
+	int dest_result;         /* migration: result on the destination */
 	uint16_t pending;        /* backend CQEs still to come */
 	uint8_t state;           /* enum ubm_io_state */
+	uint8_t mflags;          /* migration: MIG_IO_* */
+	uint8_t slots;           /* backends the request went to (bit per slot) */
 	uint8_t be_stage[UBM_MAX_BACKENDS];  /* backend-private progress */
+	uint16_t next_parked;    /* parked list link */
+	struct ubm_migration *mig;  /* routed by this migration (holds its references) */
+	uint64_t t_start;        /* migration: when the request arrived (ns) */
 	void *buf;               /* copy mode: this tag's buffer */
 };
+
+/* Actions other threads ask of a queue thread, through its doorbell. */
+enum {
+	ACT_RETRY_PARKED = 1u << 0,  /* a chunk was unlocked / the pause ended */
+	ACT_SYNC = 1u << 1,          /* acknowledge (the target changed) */
+	ACT_STOP = 1u << 2,          /* leave the loop once nothing is in flight */
+	ACT_FILES = 1u << 3,         /* install target->dest_fd at FILE_DEST */
+};
+
+#define NO_TAG 0xffff
 
 struct ubm_queue {
 	struct ubm_dev *dev;     /* NULL in simulation */
@@ -127,13 +162,17 @@ struct ubm_queue {
 	int path;                /* enum ubm_data_path */
 	struct io_uring ring;
 	bool ring_ok;
+	bool single_issuer;      /* only this queue's thread may touch the ring */
 	const struct ublksrv_io_desc *iods;  /* ublk: the request descriptors (mmap) */
 	size_t iods_len;
 	struct ubm_io *ios;
 	unsigned cmds_inflight;  /* ublk commands outstanding */
 	unsigned ios_inflight;   /* requests being handled */
 	bool stopping;
-	uint64_t wake_buf;
+	int bell_fd;             /* doorbell eventfd, polled by the ring */
+	uint32_t actions;        /* ACT_* asked for (atomic) */
+	uint32_t acked;          /* ACT_SYNC generation acknowledged (atomic) */
+	uint16_t parked_head;    /* requests waiting to be routed again */
 	/* completion sink: ublk commits, the simulator records */
 	void (*io_done)(struct ubm_queue *q, unsigned tag, int res);
 	void *sim;               /* simulator state */
@@ -143,8 +182,14 @@ struct ubm_queue {
 };
 
 /* queue.c */
-int ubm_queue_ring_init(struct ubm_queue *q, unsigned entries, const int *files, unsigned nr_files,
-			bool sparse_bufs, bool single_issuer);
+int ubm_queue_ring_init(struct ubm_queue *q, unsigned entries, int ublkc_fd, bool sparse_bufs,
+			bool single_issuer);
+int ubm_queue_bell_arm(struct ubm_queue *q);
+void ubm_queue_ring_bell(struct ubm_queue *q, uint32_t actions);
+void ubm_target_ring_bells(struct ubm_target *t, uint32_t actions);
+int ubm_target_sync(struct ubm_target *t);
+int ubm_target_set_dest_file(struct ubm_target *t, int fd);
+int ubm_queue_set_file(struct ubm_queue *q, unsigned index, int fd);
 void ubm_queue_ring_exit(struct ubm_queue *q);
 struct io_uring_sqe *ubm_queue_sqe(struct ubm_queue *q);
 void ubm_queue_start_io(struct ubm_queue *q, unsigned tag);
@@ -157,6 +202,10 @@ static inline void ubm_stat_inc(uint64_t *c, uint64_t v)
 {
 	__atomic_store_n(c, *c + v, __ATOMIC_RELAXED);
 }
+
+/* migrate.c: the routing of requests while a migration runs */
+int ubm_mig_route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag, uint8_t *slots);
+void ubm_mig_io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag);
 
 /* dev.c: a FETCH / COMMIT_AND_FETCH completed on a ublk queue */
 void ubm_dev_cmd_cqe(struct ubm_queue *q, const struct io_uring_cqe *cqe);

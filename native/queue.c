@@ -5,13 +5,17 @@
  * queue's completion sink.  This is the per-I/O path: no allocation, no
  * locks, no system calls beyond the ring's.
  */
+#include <poll.h>
 #include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
 
 #include "internal.h"
 
-int ubm_queue_ring_init(struct ubm_queue *q, unsigned entries, const int *files, unsigned nr_files,
-			bool sparse_bufs, bool single_issuer)
+int ubm_queue_ring_init(struct ubm_queue *q, unsigned entries, int ublkc_fd, bool sparse_bufs,
+			bool single_issuer)
 {
+	int files[NR_FILES] = { ublkc_fd, q->tgt->source.fd, -1 };
 	struct io_uring_params p;
 	int ret;
 
@@ -20,11 +24,14 @@ int ubm_queue_ring_init(struct ubm_queue *q, unsigned entries, const int *files,
 	if (single_issuer)
 		p.flags |= IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
 	p.cq_entries = entries * 2;
+	q->single_issuer = single_issuer;
+	q->parked_head = NO_TAG;
 	ret = io_uring_queue_init_params(entries, &q->ring, &p);
 	if (ret < 0)
 		return ubm_fail(ret, "io_uring setup failed: %s", strerror(-ret));
 	q->ring_ok = true;
-	ret = io_uring_register_files(&q->ring, files, nr_files);
+	/* -1 leaves a slot empty: the destination comes with a migration */
+	ret = io_uring_register_files(&q->ring, files, NR_FILES);
 	if (ret < 0)
 		return ubm_fail(ret, "io_uring file registration failed: %s", strerror(-ret));
 	if (sparse_bufs) {
@@ -33,8 +40,14 @@ int ubm_queue_ring_init(struct ubm_queue *q, unsigned entries, const int *files,
 			return ubm_fail(ret, "io_uring sparse buffer table failed: %s",
 					strerror(-ret));
 	}
-	io_uring_register_ring_fd(&q->ring);
-	return 0;
+	/* a registered ring fd is private to the registering thread: only for
+	 * rings one thread owns */
+	if (single_issuer)
+		io_uring_register_ring_fd(&q->ring);
+	q->bell_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (q->bell_fd < 0)
+		return ubm_fail(errno, "eventfd: %s", strerror(errno));
+	return ubm_queue_bell_arm(q);
 }
 
 void ubm_queue_ring_exit(struct ubm_queue *q)
@@ -42,6 +55,9 @@ void ubm_queue_ring_exit(struct ubm_queue *q)
 	if (q->ring_ok)
 		io_uring_queue_exit(&q->ring);
 	q->ring_ok = false;
+	if (q->bell_fd >= 0)
+		close(q->bell_fd);
+	q->bell_fd = -1;
 }
 
 struct io_uring_sqe *ubm_queue_sqe(struct ubm_queue *q)
@@ -54,6 +70,119 @@ struct io_uring_sqe *ubm_queue_sqe(struct ubm_queue *q)
 	}
 	return sqe;
 }
+
+/* ---- doorbell: other threads asking this queue's thread to act --------- */
+
+int ubm_queue_bell_arm(struct ubm_queue *q)
+{
+	struct io_uring_sqe *sqe = ubm_queue_sqe(q);
+
+	if (!sqe)
+		return ubm_fail(EBUSY, "no SQE for the doorbell");
+	io_uring_prep_poll_add(sqe, q->bell_fd, POLLIN);
+	io_uring_sqe_set_data64(sqe, ubm_ud(0, UD_WAKE, 0));
+	return 0;
+}
+
+void ubm_queue_ring_bell(struct ubm_queue *q, uint32_t actions)
+{
+	uint64_t one = 1;
+
+	__atomic_fetch_or(&q->actions, actions, __ATOMIC_SEQ_CST);
+	if (write(q->bell_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+		return;  /* EAGAIN: the counter is saturated, the bell rings anyway */
+}
+
+void ubm_target_ring_bells(struct ubm_target *t, uint32_t actions)
+{
+	for (unsigned i = 0; i < t->nr_queues; i++)
+		ubm_queue_ring_bell(&t->queues[i], actions);
+}
+
+/*
+ * Wait until every queue thread has passed through its doorbell handler
+ * after this call: from then on none still acts on what the caller changed
+ * before calling.  A simulator queue is driven by the caller itself.
+ */
+int ubm_target_sync(struct ubm_target *t)
+{
+	uint32_t want[UBM_MAX_QUEUES];
+
+	for (unsigned i = 0; i < t->nr_queues; i++) {
+		struct ubm_queue *q = &t->queues[i];
+
+		if (!q->dev)
+			continue;
+		want[i] = __atomic_load_n(&q->acked, __ATOMIC_ACQUIRE) + 1;
+		ubm_queue_ring_bell(q, ACT_SYNC);
+	}
+	for (unsigned i = 0; i < t->nr_queues; i++) {
+		struct ubm_queue *q = &t->queues[i];
+
+		while (q->dev && !q->stopping &&
+		       (int32_t)(__atomic_load_n(&q->acked, __ATOMIC_ACQUIRE) - want[i]) < 0)
+			usleep(100);
+	}
+	return 0;
+}
+
+/* Install fd (or with -1, nothing) at FILE_DEST in every queue's ring. */
+int ubm_target_set_dest_file(struct ubm_target *t, int fd)
+{
+	int ret = 0;
+
+	__atomic_store_n(&t->dest_fd, fd, __ATOMIC_RELEASE);
+	for (unsigned i = 0; i < t->nr_queues; i++) {
+		struct ubm_queue *q = &t->queues[i];
+
+		if (q->dev)
+			ubm_queue_ring_bell(q, ACT_FILES);
+		else if (ret == 0)
+			ret = ubm_queue_set_file(q, FILE_DEST, fd);  /* simulator: the caller's ring */
+	}
+	if (ret == 0)
+		ret = ubm_target_sync(t);  /* ACT_FILES is handled before the ACT_SYNC ack */
+	return ret;
+}
+
+/* Install (or with fd -1, empty) a fixed-file slot in this queue's ring. */
+int ubm_queue_set_file(struct ubm_queue *q, unsigned index, int fd)
+{
+	int ret = io_uring_register_files_update(&q->ring, index, &fd, 1);
+
+	return ret < 0 ? ubm_fail(ret, "io_uring file update failed: %s", strerror(-ret)) : 0;
+}
+
+static void route_io(struct ubm_queue *q, unsigned tag);
+
+static void doorbell(struct ubm_queue *q)
+{
+	uint64_t count;
+	uint32_t act;
+	uint16_t tag, next;
+
+	if (read(q->bell_fd, &count, sizeof(count)) < 0 && errno != EAGAIN)
+		return;  /* cannot happen with an eventfd; no re-arm */
+	act = __atomic_exchange_n(&q->actions, 0, __ATOMIC_SEQ_CST);
+	if (act & ACT_STOP)
+		q->stopping = true;
+	if (act & ACT_RETRY_PARKED) {
+		tag = q->parked_head;
+		q->parked_head = NO_TAG;
+		for (; tag != NO_TAG; tag = next) {
+			next = q->ios[tag].next_parked;
+			route_io(q, tag);
+		}
+	}
+	if (act & ACT_FILES)
+		ubm_queue_set_file(q, FILE_DEST, __atomic_load_n(&q->tgt->dest_fd, __ATOMIC_ACQUIRE));
+	if (act & ACT_SYNC)
+		__atomic_fetch_add(&q->acked, 1, __ATOMIC_RELEASE);
+	if (!q->stopping)
+		ubm_queue_bell_arm(q);
+}
+
+/* ---- requests --------------------------------------------------------------- */
 
 static void count_request(struct ubm_queue *q, const struct ubm_req *req, int res)
 {
@@ -96,35 +225,50 @@ static void finish_io(struct ubm_queue *q, unsigned tag)
 	q->io_done(q, tag, io->result);
 }
 
-static void add_result(struct ubm_io *io, int res)
-{
-	if (res < 0 && io->result >= 0)
-		io->result = res;
-}
-
-/*
- * The routing hook: which backends a request goes to.  Without a migration
- * everything goes to the source.  Mirroring, dirty tracking and snapshots
- * hook in here.
- */
 static void route_io(struct ubm_queue *q, unsigned tag)
 {
 	struct ubm_io *io = &q->ios[tag];
-	struct ubm_backend *be = &q->tgt->source;
+	struct ubm_target *t = q->tgt;
+	struct ubm_migration *m = __atomic_load_n(&t->mig, __ATOMIC_ACQUIRE);
+	uint8_t slots = (uint8_t)(1u << t->primary);
 	int n;
 
+	io->mig = NULL;
+	if (ubm_unlikely(m != NULL)) {
+		if (ubm_mig_route(m, q, tag, &slots)) {
+			/* parked: routed again when the doorbell says so */
+			io->state = IO_PARKED;
+			io->next_parked = q->parked_head;
+			q->parked_head = (uint16_t)tag;
+			ubm_stat_inc(&q->stats.parked, 1);
+			return;
+		}
+		io->mig = m;
+	}
 	io->state = IO_BACKEND;
 	io->pending = 0;
+	io->slots = slots;
 	io->result = (int)io->req.len;
-	if (ubm_unlikely(be->read_only && io->req.op != UBLK_IO_OP_READ &&
+	io->dest_result = 0;
+	if (ubm_unlikely(t->be[t->primary]->read_only && io->req.op != UBLK_IO_OP_READ &&
 			 io->req.op != UBLK_IO_OP_FLUSH)) {
 		io->result = -EROFS;
-	} else {
-		n = be->ops->queue_io(be, q, tag, 0, &io->req);
-		if (n < 0)
-			io->result = n;
-		else
+		io->slots = 0;
+	}
+	for (unsigned slot = 0; slot < UBM_MAX_BACKENDS; slot++) {
+		struct ubm_backend *be = t->be[slot];
+
+		if (!(io->slots & (1u << slot)))
+			continue;
+		n = be->ops->queue_io(be, q, tag, slot, &io->req);
+		if (n < 0) {
+			if (slot == (unsigned)t->primary)
+				io->result = n;
+			else
+				io->dest_result = n;
+		} else {
 			io->pending += n;
+		}
 	}
 	if (io->pending == 0)
 		ubm_queue_backends_done(q, tag);
@@ -142,7 +286,7 @@ void ubm_queue_start_io(struct ubm_queue *q, unsigned tag)
 		struct io_uring_sqe *sqe = ubm_queue_sqe(q);
 		struct ublksrv_io_cmd *cmd = (struct ublksrv_io_cmd *)sqe->cmd;
 
-		io_uring_prep_read(sqe, 0, NULL, 0, 0);
+		io_uring_prep_read(sqe, FILE_UBLKC, NULL, 0, 0);
 		sqe->opcode = IORING_OP_URING_CMD;
 		sqe->flags |= IOSQE_FIXED_FILE;
 		sqe->cmd_op = UBLK_U_IO_REGISTER_IO_BUF;
@@ -160,11 +304,13 @@ void ubm_queue_backends_done(struct ubm_queue *q, unsigned tag)
 {
 	struct ubm_io *io = &q->ios[tag];
 
+	if (io->mig)
+		ubm_mig_io_done(io->mig, q, tag);
 	if (q->path == UBM_PATH_ZC && io->req.buf_index >= 0) {
 		struct io_uring_sqe *sqe = ubm_queue_sqe(q);
 		struct ublksrv_io_cmd *cmd = (struct ublksrv_io_cmd *)sqe->cmd;
 
-		io_uring_prep_read(sqe, 0, NULL, 0, 0);
+		io_uring_prep_read(sqe, FILE_UBLKC, NULL, 0, 0);
 		sqe->opcode = IORING_OP_URING_CMD;
 		sqe->flags |= IOSQE_FIXED_FILE;
 		sqe->cmd_op = UBLK_U_IO_UNREGISTER_IO_BUF;
@@ -181,13 +327,21 @@ void ubm_queue_backends_done(struct ubm_queue *q, unsigned tag)
 static void backend_cqe(struct ubm_queue *q, unsigned tag, unsigned slot, int cqe_res)
 {
 	struct ubm_io *io = &q->ios[tag];
-	struct ubm_backend *be = &q->tgt->source;
+	struct ubm_backend *be = q->tgt->be[slot];
 	int res = 0;
 
-	(void)slot;
 	if (be->ops->complete(be, q, tag, slot, &io->req, cqe_res, &res))
 		return;  /* a follow-up operation is on its way */
-	add_result(io, res);
+	if (res < 0) {
+		/* the guest sees the primary's result; a destination error
+		 * before cutover is the migration's business */
+		if (slot == (unsigned)q->tgt->primary) {
+			if (io->result >= 0)
+				io->result = res;
+		} else if (io->dest_result >= 0) {
+			io->dest_result = res;
+		}
+	}
 	if (--io->pending == 0)
 		ubm_queue_backends_done(q, tag);
 }
@@ -210,9 +364,12 @@ void ubm_queue_handle_cqe(struct ubm_queue *q, const struct io_uring_cqe *cqe)
 		}
 		break;
 	case UD_UNREG:
-		if (cqe->res < 0)
-			add_result(io, cqe->res);
+		if (cqe->res < 0 && io->result >= 0)
+			io->result = cqe->res;
 		finish_io(q, tag);
+		break;
+	case UD_WAKE:
+		doorbell(q);
 		break;
 	}
 }
@@ -226,8 +383,6 @@ int ubm_queue_reap(struct ubm_queue *q)
 	io_uring_for_each_cqe(&q->ring, head, cqe) {
 		if (q->dev && ubm_ud_kind(cqe->user_data) == UD_CMD)
 			ubm_dev_cmd_cqe(q, cqe);
-		else if (q->dev && ubm_ud_kind(cqe->user_data) == UD_WAKE)
-			q->stopping = true;
 		else
 			ubm_queue_handle_cqe(q, cqe);
 		n++;
@@ -248,4 +403,5 @@ void ubm_stats_add(struct ubm_stats *out, const struct ubm_qstats *s)
 	out->errors += __atomic_load_n(&s->errors, __ATOMIC_RELAXED);
 	out->inflight += __atomic_load_n(&s->inflight, __ATOMIC_RELAXED);
 	out->fua_writes += __atomic_load_n(&s->fua_writes, __ATOMIC_RELAXED);
+	out->parked += __atomic_load_n(&s->parked, __ATOMIC_RELAXED);
 }

@@ -42,10 +42,17 @@ UBM_EXPORT int ubm_sim_create(const char *source_path, uint32_t logical_bs, uint
 	sim = calloc(1, sizeof(*sim));
 	if (!sim)
 		return ubm_fail(ENOMEM, "out of memory");
+	sim->q.bell_fd = -1;
+	sim->tgt.dest.fd = -1;
+	sim->tgt.dest_fd = -1;
 	be = &sim->tgt.source;
 	be->ops = &ubm_file_backend_ops;
 	be->fd = -1;
-	be->file_index = 0;
+	be->file_index = FILE_SOURCE;
+	sim->tgt.be[SLOT_SOURCE] = be;
+	sim->tgt.primary = SLOT_SOURCE;
+	sim->tgt.queues = &sim->q;
+	sim->tgt.nr_queues = 1;
 	be->logical_bs = logical_bs;
 	be->direct = direct;
 	ret = be->ops->open(be, source_path);
@@ -63,7 +70,7 @@ UBM_EXPORT int ubm_sim_create(const char *source_path, uint32_t logical_bs, uint
 		ret = ubm_fail(ENOMEM, "out of memory");
 		goto fail;
 	}
-	ret = ubm_queue_ring_init(&sim->q, depth * 4, &be->fd, 1, false, false);
+	ret = ubm_queue_ring_init(&sim->q, depth * 4, -1, false, false);
 	if (ret < 0)
 		goto fail;
 	*out = sim;
@@ -119,6 +126,31 @@ UBM_EXPORT int ubm_sim_wait(struct ubm_sim *sim, int *ticket, int *result)
 	return 0;
 }
 
+UBM_EXPORT struct ubm_target *ubm_sim_target(struct ubm_sim *sim)
+{
+	return &sim->tgt;
+}
+
+UBM_EXPORT int ubm_sim_poll(struct ubm_sim *sim)
+{
+	int ret = io_uring_submit(&sim->q.ring);
+
+	if (ret < 0)
+		return ubm_fail(ret, "io_uring_submit: %s", strerror(-ret));
+	return ubm_queue_reap(&sim->q);
+}
+
+UBM_EXPORT int ubm_sim_set_delay(struct ubm_sim *sim, uint32_t slot, uint64_t ns)
+{
+	struct ubm_backend *be = slot < UBM_MAX_BACKENDS ? sim->tgt.be[slot] : NULL;
+
+	if (!be)
+		return ubm_fail(EINVAL, "no backend in slot %u", slot);
+	be->delay.tv_sec = (long long)(ns / 1000000000u);
+	be->delay.tv_nsec = (long long)(ns % 1000000000u);
+	return 0;
+}
+
 UBM_EXPORT uint64_t ubm_sim_size(const struct ubm_sim *sim)
 {
 	return sim->tgt.source.size;
@@ -140,7 +172,11 @@ UBM_EXPORT void ubm_sim_destroy(struct ubm_sim *sim)
 			break;
 		ubm_queue_reap(&sim->q);
 	}
+	if (sim->tgt.mig)
+		ubm_mig_finish(&sim->tgt);
 	ubm_queue_ring_exit(&sim->q);
+	if (sim->tgt.dest.ops && sim->tgt.dest.fd >= 0)
+		sim->tgt.dest.ops->close(&sim->tgt.dest);
 	if (sim->tgt.source.ops)
 		sim->tgt.source.ops->close(&sim->tgt.source);
 	free(sim->q.ios);

@@ -45,6 +45,7 @@ struct ubm_stats {
 	uint64_t errors;           /* I/Os completed with an error */
 	uint64_t inflight;         /* I/Os being handled right now */
 	uint64_t fua_writes;
+	uint64_t parked;           /* requests that waited for a chunk copy or a pause */
 };
 
 struct ubm_dev;
@@ -84,6 +85,82 @@ void ubm_dev_stats(const struct ubm_dev *dev, struct ubm_stats *out);
 /* Human-readable reason for the last failure in this thread (or ""). */
 const char *ubm_last_error(void);
 
+/* ---- migration ---------------------------------------------------------------
+ * Moves a target's data to a destination while it serves I/O.  The calls
+ * act on a target: ubm_dev_target() of a device, ubm_sim_target() of a
+ * simulator.  The control plane drives the passes (the policy); the data
+ * plane routes every request and copies chunks.  Calls on one target must
+ * not overlap, except ubm_mig_abort()/ubm_mig_set_speed()/ubm_mig_get_stats(),
+ * which may be called while a pass runs. */
+struct ubm_target;
+struct ubm_target *ubm_dev_target(struct ubm_dev *dev);
+
+enum ubm_mig_mode {
+	UBM_MIG_MIRROR = 0,  /* writes to copied chunks go to both sides */
+	UBM_MIG_DBT = 1,     /* writes go to the source; the chunks they touch go dirty */
+};
+
+struct ubm_mig_config {
+	const char *dest_path;     /* file or block device, at least the source's size */
+	uint32_t mode;             /* enum ubm_mig_mode */
+	uint32_t dest_zeroed;      /* the destination reads as zeroes (a new sparse file) */
+	uint64_t chunk_size;       /* power of two, 64 KiB .. 64 MiB */
+	uint64_t speed;            /* copier bytes/s, 0 = unlimited */
+	uint32_t direct;           /* open the destination with O_DIRECT */
+	uint32_t copy_depth;       /* chunks the copier keeps in flight (0: 4) */
+};
+
+/* Which chunks a pass copies. */
+enum ubm_pass {
+	UBM_PASS_ALL = 0,    /* every chunk not yet copied, and dirty ones */
+	UBM_PASS_DIRTY = 1,  /* dirty chunks, except hot ones (dirtied pass after pass) */
+	UBM_PASS_FINAL = 2,  /* every dirty chunk, hot ones included */
+};
+
+struct ubm_mig_stats {
+	uint64_t size, chunk_size, nr_chunks;
+	uint64_t chunks_copied;    /* chunks the destination holds */
+	uint64_t cursor;           /* first chunk the current pass has not reached */
+	uint64_t dirty_chunks;     /* chunks to copy again */
+	uint64_t hot_chunks;       /* dirty chunks deferred to the final pass */
+	uint64_t bytes_copied;     /* written to the destination by the copier */
+	uint64_t bytes_skipped;    /* not written: holes and zero chunks on a zeroed destination */
+	uint64_t bytes_read;       /* read from the source by the copier */
+	uint64_t passes;
+	uint64_t mirrored_writes;  /* guest writes sent to both sides */
+	uint64_t tracked_writes;   /* guest writes to copied chunks sent to the source only */
+	uint64_t parked;           /* guest requests that waited for a chunk or a pause */
+	uint64_t dest_errors;      /* destination operations that failed */
+	uint64_t max_latency_ns;   /* longest guest request while migrating */
+	uint64_t cutover_latency_ns; /* longest guest request around the cutover (±1 s) */
+	uint64_t last_pause_ns;    /* length of the last pause of guest I/O */
+	int32_t error;             /* first destination (or copier source) error, -errno */
+	uint32_t mode;
+	uint32_t paused;
+	uint32_t cut_over;
+};
+
+/* Open the destination, check it, and start routing guest I/O through the
+ * migration (nothing is copied yet). */
+int ubm_mig_start(struct ubm_target *t, const struct ubm_mig_config *cfg);
+/* Copy one pass (enum ubm_pass); blocks until done.  *chunks: how many it
+ * copied.  -ECANCELED after ubm_mig_abort(); a destination error fails it. */
+int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *chunks);
+int ubm_mig_set_mode(struct ubm_target *t, uint32_t mode);
+int ubm_mig_set_speed(struct ubm_target *t, uint64_t bytes_per_second);
+/* Hold new guest requests and wait until those in flight are done. */
+int ubm_mig_pause(struct ubm_target *t);
+int ubm_mig_resume(struct ubm_target *t);
+/* Switch the target to the destination; -EAGAIN unless every chunk is
+ * copied and clean (and, in DBT mode, guest I/O is paused). */
+int ubm_mig_cutover(struct ubm_target *t);
+/* Make a running pass stop soon (any thread). */
+int ubm_mig_abort(struct ubm_target *t);
+/* Stop routing through the migration.  After a cutover the destination
+ * goes on serving; otherwise the source does and the destination is closed. */
+int ubm_mig_finish(struct ubm_target *t);
+int ubm_mig_get_stats(struct ubm_target *t, struct ubm_mig_stats *out);
+
 /* ---- simulation: the data plane without the ublk driver -----------------
  * A sim target runs the same request handling and backend code as a ublk
  * queue, fed by the caller instead of the kernel; host tests use it.  One
@@ -99,6 +176,13 @@ int ubm_sim_submit(struct ubm_sim *sim, uint32_t op, uint32_t flags, uint64_t of
  * Returns 0, or -EAGAIN when nothing is in flight. */
 int ubm_sim_wait(struct ubm_sim *sim, int *ticket, int *result);
 uint64_t ubm_sim_size(const struct ubm_sim *sim);
+struct ubm_target *ubm_sim_target(struct ubm_sim *sim);
+/* Run the simulator's ring until its doorbell and completions are handled,
+ * without waiting (for a caller that does not submit meanwhile). */
+int ubm_sim_poll(struct ubm_sim *sim);
+/* Delay every write, discard, write-zeroes and flush to the source (slot 0)
+ * or the destination (slot 1, after ubm_mig_start) by ns: widens races. */
+int ubm_sim_set_delay(struct ubm_sim *sim, uint32_t slot, uint64_t ns);
 void ubm_sim_stats(const struct ubm_sim *sim, struct ubm_stats *out);
 void ubm_sim_destroy(struct ubm_sim *sim);
 

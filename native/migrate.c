@@ -1,0 +1,796 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Live migration: the routing of guest requests while a target's data moves
+ * to a destination, and the copier.
+ *
+ * The disk is cut into chunks.  Each chunk has one atomic state word:
+ *
+ *   COPIED   the destination holds the chunk (unless it is also dirty)
+ *   LOCKED   the copier is copying it: guest writes to it wait (park)
+ *   WAITERS  a parked request waits for the lock to go
+ *   count    guest writes in flight on the chunk
+ *
+ * A guest write takes a reference on every chunk it touches, unless one is
+ * locked (then it parks until the copier unlocks).  The copier locks a chunk
+ * and waits until its count drops to zero before it reads the source: a
+ * write that arrived before the lock is on the source by then.  Writes to
+ * chunks that are not dirty are mirrored in mirror mode (to both sides); any
+ * other write goes to the source only, and if it touched a copied chunk,
+ * marks it dirty when it completes (and the copier clears the bit before it
+ * reads), so the next pass copies it again.  Discards and write-zeroes follow
+ * the same rules.
+ */
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define CH_COUNT 0x0fffffffu
+#define CH_COPIED (1u << 28)
+#define CH_WAITERS (1u << 29)
+#define CH_LOCKED (1u << 30)
+
+#define MIG_IO_MIRRORED 1  /* sent to both sides */
+#define MIG_IO_TRACKED 2   /* source only, touching copied chunks: dirty them when done */
+#define MIG_IO_REFS 4      /* holds chunk references */
+
+#define HOT_PASSES 2       /* dirtied again in this many dirty passes: defer to the final one */
+#define MAX_COPY_DEPTH 16
+
+enum { CS_FREE = 0, CS_LOCKING, CS_READING, CS_WRITING };
+
+struct copy_slot {
+	int state;
+	uint64_t chunk;
+	bool first_copy;   /* the destination chunk was never written */
+	void *buf;
+};
+
+struct ubm_migration {
+	struct ubm_target *t;
+	uint64_t size, chunk_size, nr_chunks;
+	unsigned chunk_shift;
+	uint32_t *chunk;           /* state words */
+	uint64_t *dirty;           /* bitmap */
+	uint8_t *hot;              /* dirty passes a chunk was copied in, in a row */
+	uint32_t mode;
+	uint32_t paused;
+	uint32_t abort;
+	uint32_t cut_over;
+	int32_t error;
+	bool dest_zeroed;
+	uint64_t speed;
+	uint64_t inflight;         /* guest requests routed by the migration */
+	uint64_t unmirrored;       /* ... of which writes to copied chunks on the source only */
+	uint64_t dirty_count, hot_count, chunks_copied, cursor;
+	uint64_t bytes_copied, bytes_skipped, bytes_read, passes;
+	uint64_t mirrored_writes, tracked_writes, parked, dest_errors;
+	uint64_t max_latency_ns, cutover_latency_ns, cutover_ns;
+	uint64_t pause_start_ns, last_pause_ns;
+	/* the copier */
+	struct ubm_queue cq;
+	struct copy_slot slots[MAX_COPY_DEPTH];
+	unsigned copy_depth;
+};
+
+#define A_LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define A_STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#define A_ADD(p, v) __atomic_add_fetch((p), (v), __ATOMIC_SEQ_CST)
+#define A_SUB(p, v) __atomic_sub_fetch((p), (v), __ATOMIC_SEQ_CST)
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void atomic_max(uint64_t *p, uint64_t v)
+{
+	uint64_t cur = A_LOAD(p);
+
+	while (v > cur && !__atomic_compare_exchange_n(p, &cur, v, false, __ATOMIC_RELAXED,
+						       __ATOMIC_RELAXED))
+		;
+}
+
+static void set_error(struct ubm_migration *m, int err)
+{
+	int32_t zero = 0;
+
+	A_ADD(&m->dest_errors, 1);
+	__atomic_compare_exchange_n(&m->error, &zero, err, false, __ATOMIC_SEQ_CST,
+				    __ATOMIC_SEQ_CST);
+}
+
+/* ---- dirty map ----------------------------------------------------------------- */
+
+static bool is_dirty(struct ubm_migration *m, uint64_t c)
+{
+	return A_LOAD(&m->dirty[c / 64]) & (1ull << (c % 64));
+}
+
+static void mark_dirty(struct ubm_migration *m, uint64_t c)
+{
+	uint64_t bit = 1ull << (c % 64);
+
+	if (!(__atomic_fetch_or(&m->dirty[c / 64], bit, __ATOMIC_SEQ_CST) & bit))
+		A_ADD(&m->dirty_count, 1);
+}
+
+static bool clear_dirty(struct ubm_migration *m, uint64_t c)
+{
+	uint64_t bit = 1ull << (c % 64);
+
+	if (__atomic_fetch_and(&m->dirty[c / 64], ~bit, __ATOMIC_SEQ_CST) & bit) {
+		A_SUB(&m->dirty_count, 1);
+		return true;
+	}
+	return false;
+}
+
+/* ---- guest request routing (queue threads) ------------------------------------ */
+
+/* Take a reference on chunks c0..c1, or none if one is locked. */
+static bool chunks_get(struct ubm_migration *m, uint64_t c0, uint64_t c1)
+{
+	for (uint64_t c = c0; c <= c1; c++) {
+		uint32_t s = A_LOAD(&m->chunk[c]);
+
+		for (;;) {
+			if (s & CH_LOCKED) {
+				if (!(s & CH_WAITERS) &&
+				    !__atomic_compare_exchange_n(&m->chunk[c], &s, s | CH_WAITERS, false,
+								 __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+					continue;
+				while (c-- > c0)
+					A_SUB(&m->chunk[c], 1);
+				return false;
+			}
+			if (__atomic_compare_exchange_n(&m->chunk[c], &s, s + 1, false,
+							__ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+				break;
+		}
+	}
+	return true;
+}
+
+static void chunks_put(struct ubm_migration *m, uint64_t c0, uint64_t c1)
+{
+	for (uint64_t c = c0; c <= c1; c++)
+		A_SUB(&m->chunk[c], 1);
+}
+
+static bool is_write(uint8_t op)
+{
+	return op == UBLK_IO_OP_WRITE || op == UBLK_IO_OP_DISCARD || op == UBLK_IO_OP_WRITE_ZEROES;
+}
+
+/* Decide where a request goes; returns 1 when it must wait (park). */
+int ubm_mig_route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag, uint8_t *slots)
+{
+	struct ubm_io *io = &q->ios[tag];
+	const struct ubm_req *req = &io->req;
+	uint64_t c0, c1;
+	bool mirror;
+
+	if (!io->t_start)
+		io->t_start = now_ns();
+	io->mflags = 0;
+	/* announce first, then look at the pause flag: ubm_mig_pause() sets
+	 * the flag first, then waits for the count to drain */
+	A_ADD(&m->inflight, 1);
+	if (ubm_unlikely(A_LOAD(&m->paused))) {
+		A_SUB(&m->inflight, 1);
+		A_ADD(&m->parked, 1);
+		return 1;
+	}
+	if (A_LOAD(&m->cut_over)) {
+		*slots = 1u << SLOT_DEST;
+		return 0;
+	}
+	if (req->op == UBLK_IO_OP_FLUSH) {
+		/* durable on both: mirrored writes and copied chunks sit on the destination */
+		*slots = (1u << SLOT_SOURCE) | (1u << SLOT_DEST);
+		return 0;
+	}
+	if (!is_write(req->op) || req->len == 0) {
+		*slots = 1u << SLOT_SOURCE;
+		return 0;
+	}
+	c0 = req->offset >> m->chunk_shift;
+	c1 = (req->offset + req->len - 1) >> m->chunk_shift;
+	if (!chunks_get(m, c0, c1)) {
+		A_SUB(&m->inflight, 1);
+		A_ADD(&m->parked, 1);
+		return 1;
+	}
+	io->mflags = MIG_IO_REFS;
+	mirror = A_LOAD(&m->mode) == UBM_MIG_MIRROR;
+	/* Mirror unless a chunk is dirty: the copier takes those.  Writing
+	 * the part of a request that falls on a chunk not copied yet to the
+	 * destination too is harmless: the copier copies that chunk after this
+	 * write is done (it holds a reference), and a single pass suffices. */
+	bool touches_copied = false;
+	for (uint64_t c = c0; c <= c1; c++) {
+		touches_copied |= (A_LOAD(&m->chunk[c]) & CH_COPIED) != 0;
+		if (is_dirty(m, c))
+			mirror = false;
+	}
+	if (mirror) {
+		io->mflags |= MIG_IO_MIRRORED;
+		*slots = (1u << SLOT_SOURCE) | (1u << SLOT_DEST);
+	} else {
+		if (touches_copied) {
+			io->mflags |= MIG_IO_TRACKED;
+			A_ADD(&m->unmirrored, 1);
+		}
+		*slots = 1u << SLOT_SOURCE;
+	}
+	return 0;
+}
+
+void ubm_mig_io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
+{
+	struct ubm_io *io = &q->ios[tag];
+	const struct ubm_req *req = &io->req;
+	uint64_t now = now_ns(), lat = now - io->t_start, cut;
+	bool cut_over = A_LOAD(&m->cut_over);
+
+	if (io->mflags & MIG_IO_REFS) {
+		uint64_t c0 = req->offset >> m->chunk_shift;
+		uint64_t c1 = (req->offset + req->len - 1) >> m->chunk_shift;
+
+		if (io->mflags & MIG_IO_MIRRORED) {
+			A_ADD(&m->mirrored_writes, 1);
+			if (io->dest_result < 0 && !cut_over) {
+				/* the source has it, the destination may not */
+				for (uint64_t c = c0; c <= c1; c++)
+					mark_dirty(m, c);
+				set_error(m, io->dest_result);
+			}
+		} else if (io->mflags & MIG_IO_TRACKED) {
+			A_ADD(&m->tracked_writes, 1);
+			if (io->result >= 0) {
+				for (uint64_t c = c0; c <= c1; c++)
+					mark_dirty(m, c);
+			}
+			A_SUB(&m->unmirrored, 1);
+		}
+		/* dirty before unreferenced: a copier waiting for the count sees the bit */
+		chunks_put(m, c0, c1);
+	} else if (req->op == UBLK_IO_OP_FLUSH && io->dest_result < 0 && !cut_over) {
+		set_error(m, io->dest_result);
+	}
+	atomic_max(&m->max_latency_ns, lat);
+	cut = A_LOAD(&m->cutover_ns);
+	if (cut && now + 1000000000ull > cut && now < cut + 1000000000ull)
+		atomic_max(&m->cutover_latency_ns, lat);
+	io->t_start = 0;
+	A_SUB(&m->inflight, 1);
+}
+
+/* ---- control ----------------------------------------------------------------- */
+
+/*
+ * Wait for the migration's guest requests to drain.  A simulator has no
+ * thread of its own: its caller (who must be the one calling) drives it.
+ */
+static void wait_inflight(struct ubm_migration *m)
+{
+	while (__atomic_load_n(&m->inflight, __ATOMIC_SEQ_CST)) {
+		for (unsigned i = 0; i < m->t->nr_queues; i++) {
+			struct ubm_queue *q = &m->t->queues[i];
+
+			if (!q->dev) {
+				io_uring_submit(&q->ring);
+				ubm_queue_reap(q);
+			}
+		}
+		usleep(50);
+	}
+}
+
+static int same_storage(const struct ubm_backend *a, const struct ubm_backend *b)
+{
+	struct stat sa, sb;
+
+	if (fstat(a->fd, &sa) < 0 || fstat(b->fd, &sb) < 0)
+		return 0;
+	if (S_ISBLK(sa.st_mode) && S_ISBLK(sb.st_mode))
+		return sa.st_rdev == sb.st_rdev;
+	return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+static void mig_free(struct ubm_migration *m)
+{
+	if (!m)
+		return;
+	ubm_queue_ring_exit(&m->cq);
+	for (unsigned i = 0; i < MAX_COPY_DEPTH; i++)
+		free(m->slots[i].buf);
+	free(m->cq.ios);
+	free(m->chunk);
+	free(m->dirty);
+	free(m->hot);
+	free(m);
+}
+
+UBM_EXPORT int ubm_mig_start(struct ubm_target *t, const struct ubm_mig_config *cfg)
+{
+	struct ubm_backend *dest = &t->dest;
+	struct ubm_migration *m;
+	int ret;
+
+	if (t->mig)
+		return ubm_fail(EBUSY, "a migration is already running on this device");
+	if (t->primary != SLOT_SOURCE)
+		return ubm_fail(EINVAL, "this device was migrated already");
+	if (cfg->mode > UBM_MIG_DBT)
+		return ubm_fail(EINVAL, "unknown migration mode %u", cfg->mode);
+	if (cfg->chunk_size < (64u << 10) || cfg->chunk_size > (64u << 20) ||
+	    (cfg->chunk_size & (cfg->chunk_size - 1)))
+		return ubm_fail(EINVAL, "chunk size must be a power of two from 64 KiB to 64 MiB");
+	if (cfg->copy_depth > MAX_COPY_DEPTH)
+		return ubm_fail(EINVAL, "copy depth must be at most %d", MAX_COPY_DEPTH);
+
+	memset(dest, 0, sizeof(*dest));
+	dest->ops = &ubm_file_backend_ops;
+	dest->fd = -1;
+	dest->file_index = FILE_DEST;
+	dest->logical_bs = t->source.logical_bs;
+	dest->direct = cfg->direct;
+	ret = dest->ops->open(dest, cfg->dest_path);
+	if (ret < 0)
+		return ret;
+	if (same_storage(&t->source, dest)) {
+		dest->ops->close(dest);
+		return ubm_fail(EINVAL, "%s: the destination is the source", cfg->dest_path);
+	}
+	if (dest->size < t->source.size) {
+		dest->ops->close(dest);
+		return ubm_fail(ENOSPC, "%s: the destination (%llu bytes) is smaller than the source "
+				"(%llu bytes)", cfg->dest_path, (unsigned long long)dest->size,
+				(unsigned long long)t->source.size);
+	}
+
+	m = calloc(1, sizeof(*m));
+	if (!m) {
+		dest->ops->close(dest);
+		return ubm_fail(ENOMEM, "out of memory");
+	}
+	m->t = t;
+	m->size = t->source.size;
+	m->chunk_size = cfg->chunk_size;
+	m->chunk_shift = (unsigned)__builtin_ctzll(cfg->chunk_size);
+	m->nr_chunks = (m->size + m->chunk_size - 1) >> m->chunk_shift;
+	m->mode = cfg->mode;
+	m->speed = cfg->speed;
+	m->dest_zeroed = cfg->dest_zeroed;
+	m->copy_depth = cfg->copy_depth ? cfg->copy_depth : 4;
+	m->chunk = calloc(m->nr_chunks, sizeof(*m->chunk));
+	m->dirty = calloc((m->nr_chunks + 63) / 64, sizeof(*m->dirty));
+	m->hot = calloc(m->nr_chunks, 1);
+	m->cq.ios = calloc(m->copy_depth, sizeof(*m->cq.ios));
+	m->cq.bell_fd = -1;
+	ret = (!m->chunk || !m->dirty || !m->hot || !m->cq.ios) ? ubm_fail(ENOMEM, "out of memory") : 0;
+	for (unsigned i = 0; ret == 0 && i < m->copy_depth; i++) {
+		if (posix_memalign(&m->slots[i].buf, 4096, m->chunk_size))
+			ret = ubm_fail(ENOMEM, "out of memory for copy buffers");
+	}
+	/* the copier's own ring, with the same file slots as the queues' */
+	m->cq.tgt = t;
+	m->cq.depth = m->copy_depth;
+	m->cq.path = UBM_PATH_COPY;
+	if (ret == 0)
+		ret = ubm_queue_ring_init(&m->cq, m->copy_depth * 4, -1, false, false);
+	if (ret == 0)
+		ret = ubm_queue_set_file(&m->cq, FILE_DEST, dest->fd);
+	if (ret == 0)
+		ret = ubm_target_set_dest_file(t, dest->fd);
+	if (ret < 0) {
+		mig_free(m);
+		dest->ops->close(dest);
+		return ret;
+	}
+	t->be[SLOT_DEST] = dest;
+	A_STORE(&t->mig, m);
+	return 0;
+}
+
+UBM_EXPORT int ubm_mig_set_mode(struct ubm_target *t, uint32_t mode)
+{
+	if (!t->mig)
+		return ubm_fail(ENOENT, "no migration is running");
+	if (mode > UBM_MIG_DBT)
+		return ubm_fail(EINVAL, "unknown migration mode %u", mode);
+	A_STORE(&t->mig->mode, mode);
+	return 0;
+}
+
+UBM_EXPORT int ubm_mig_set_speed(struct ubm_target *t, uint64_t bytes_per_second)
+{
+	struct ubm_migration *m = A_LOAD(&t->mig);
+
+	if (!m)
+		return ubm_fail(ENOENT, "no migration is running");
+	A_STORE(&m->speed, bytes_per_second);
+	return 0;
+}
+
+UBM_EXPORT int ubm_mig_abort(struct ubm_target *t)
+{
+	struct ubm_migration *m = A_LOAD(&t->mig);
+
+	if (!m)
+		return ubm_fail(ENOENT, "no migration is running");
+	A_STORE(&m->abort, 1);
+	return 0;
+}
+
+UBM_EXPORT int ubm_mig_pause(struct ubm_target *t)
+{
+	struct ubm_migration *m = t->mig;
+
+	if (!m)
+		return ubm_fail(ENOENT, "no migration is running");
+	m->pause_start_ns = now_ns();
+	__atomic_store_n(&m->paused, 1, __ATOMIC_SEQ_CST);
+	wait_inflight(m);
+	return 0;
+}
+
+UBM_EXPORT int ubm_mig_resume(struct ubm_target *t)
+{
+	struct ubm_migration *m = t->mig;
+
+	if (!m)
+		return ubm_fail(ENOENT, "no migration is running");
+	if (!A_LOAD(&m->paused))
+		return 0;
+	__atomic_store_n(&m->paused, 0, __ATOMIC_SEQ_CST);
+	A_STORE(&m->last_pause_ns, now_ns() - m->pause_start_ns);
+	ubm_target_ring_bells(t, ACT_RETRY_PARKED);
+	return 0;
+}
+
+UBM_EXPORT int ubm_mig_cutover(struct ubm_target *t)
+{
+	struct ubm_migration *m = t->mig;
+
+	if (!m)
+		return ubm_fail(ENOENT, "no migration is running");
+	if (A_LOAD(&m->cut_over))
+		return 0;
+	if (A_LOAD(&m->error))
+		return ubm_fail(EIO, "the destination failed: %s", strerror(-A_LOAD(&m->error)));
+	if (A_LOAD(&m->mode) != UBM_MIG_MIRROR && !A_LOAD(&m->paused))
+		return ubm_fail(EAGAIN, "not in sync: dirty tracking needs a pause to cut over");
+	if (A_LOAD(&m->chunks_copied) != m->nr_chunks || A_LOAD(&m->dirty_count) ||
+	    __atomic_load_n(&m->unmirrored, __ATOMIC_SEQ_CST))
+		return ubm_fail(EAGAIN, "not in sync: %llu of %llu chunks copied, %llu dirty",
+				(unsigned long long)A_LOAD(&m->chunks_copied),
+				(unsigned long long)m->nr_chunks,
+				(unsigned long long)A_LOAD(&m->dirty_count));
+	/* what the guest flushed to the source must be durable here too */
+	if (fdatasync(t->dest.fd) < 0)
+		return ubm_fail(errno, "flushing the destination failed: %s", strerror(errno));
+	if (A_LOAD(&m->error))
+		return ubm_fail(EIO, "the destination failed: %s", strerror(-A_LOAD(&m->error)));
+	A_STORE(&m->cutover_ns, now_ns());
+	__atomic_store_n(&m->cut_over, 1, __ATOMIC_SEQ_CST);
+	__atomic_store_n(&t->primary, SLOT_DEST, __ATOMIC_SEQ_CST);
+	return 0;
+}
+
+UBM_EXPORT int ubm_mig_finish(struct ubm_target *t)
+{
+	struct ubm_migration *m = t->mig;
+	bool cut_over;
+
+	if (!m)
+		return ubm_fail(ENOENT, "no migration is running");
+	cut_over = A_LOAD(&m->cut_over);
+	__atomic_store_n(&t->mig, NULL, __ATOMIC_SEQ_CST);
+	if (A_LOAD(&m->paused)) {
+		__atomic_store_n(&m->paused, 0, __ATOMIC_SEQ_CST);
+		A_STORE(&m->last_pause_ns, now_ns() - m->pause_start_ns);
+	}
+	/* requests parked by the migration are routed again without it */
+	ubm_target_ring_bells(t, ACT_RETRY_PARKED);
+	/* no queue is inside ubm_mig_route() any more ... */
+	ubm_target_sync(t);
+	/* ... and the requests it routed are done */
+	wait_inflight(m);
+	if (!cut_over) {
+		/* cancelled or failed: the source stays; let go of the destination */
+		t->be[SLOT_DEST] = NULL;
+		ubm_target_set_dest_file(t, -1);
+		t->dest.ops->close(&t->dest);
+	}
+	mig_free(m);
+	return 0;
+}
+
+UBM_EXPORT int ubm_mig_get_stats(struct ubm_target *t, struct ubm_mig_stats *out)
+{
+	struct ubm_migration *m = A_LOAD(&t->mig);
+
+	memset(out, 0, sizeof(*out));
+	if (!m)
+		return ubm_fail(ENOENT, "no migration is running");
+	out->size = m->size;
+	out->chunk_size = m->chunk_size;
+	out->nr_chunks = m->nr_chunks;
+	out->chunks_copied = A_LOAD(&m->chunks_copied);
+	out->cursor = A_LOAD(&m->cursor);
+	out->dirty_chunks = A_LOAD(&m->dirty_count);
+	out->hot_chunks = A_LOAD(&m->hot_count);
+	out->bytes_copied = A_LOAD(&m->bytes_copied);
+	out->bytes_skipped = A_LOAD(&m->bytes_skipped);
+	out->bytes_read = A_LOAD(&m->bytes_read);
+	out->passes = A_LOAD(&m->passes);
+	out->mirrored_writes = A_LOAD(&m->mirrored_writes);
+	out->tracked_writes = A_LOAD(&m->tracked_writes);
+	out->parked = A_LOAD(&m->parked);
+	out->dest_errors = A_LOAD(&m->dest_errors);
+	out->max_latency_ns = A_LOAD(&m->max_latency_ns);
+	out->cutover_latency_ns = A_LOAD(&m->cutover_latency_ns);
+	out->last_pause_ns = A_LOAD(&m->last_pause_ns);
+	out->error = A_LOAD(&m->error);
+	out->mode = A_LOAD(&m->mode);
+	out->paused = A_LOAD(&m->paused);
+	out->cut_over = A_LOAD(&m->cut_over);
+	return 0;
+}
+
+/* ---- the copier ------------------------------------------------------------------ */
+
+static uint32_t chunk_len(struct ubm_migration *m, uint64_t c)
+{
+	uint64_t off = c << m->chunk_shift;
+
+	return (uint32_t)(m->size - off < m->chunk_size ? m->size - off : m->chunk_size);
+}
+
+static bool wanted(struct ubm_migration *m, uint64_t c, uint32_t pass)
+{
+	switch (pass) {
+	case UBM_PASS_ALL:
+		return !(A_LOAD(&m->chunk[c]) & CH_COPIED) || is_dirty(m, c);
+	case UBM_PASS_DIRTY:
+		return is_dirty(m, c) && m->hot[c] < HOT_PASSES;
+	default:
+		return is_dirty(m, c);
+	}
+}
+
+static void unlock_chunk(struct ubm_migration *m, uint64_t c, bool copied)
+{
+	uint32_t s = A_LOAD(&m->chunk[c]), n;
+
+	do {
+		n = (s & ~(CH_LOCKED | CH_WAITERS)) | (copied ? CH_COPIED : 0);
+	} while (!__atomic_compare_exchange_n(&m->chunk[c], &s, n, false, __ATOMIC_SEQ_CST,
+					      __ATOMIC_SEQ_CST));
+	if (copied && !(s & CH_COPIED))
+		A_ADD(&m->chunks_copied, 1);
+	if (s & CH_WAITERS)
+		ubm_target_ring_bells(m->t, ACT_RETRY_PARKED);
+}
+
+static bool all_zero(const void *buf, size_t len)
+{
+	const uint64_t *p = buf;
+
+	for (size_t i = 0; i < len / 8; i++)
+		if (p[i])
+			return false;
+	return true;
+}
+
+/* A copy step failed: the chunk stays (or goes) dirty, the slot is free. */
+static int copy_failed(struct ubm_migration *m, unsigned i, int err)
+{
+	struct copy_slot *cs = &m->slots[i];
+
+	set_error(m, err);
+	unlock_chunk(m, cs->chunk, false);
+	mark_dirty(m, cs->chunk);
+	cs->state = CS_FREE;
+	return err;
+}
+
+/* Queue a backend operation on the copier's ring for slot i. */
+static int copy_op(struct ubm_migration *m, unsigned i, unsigned be_slot, uint8_t op, int state)
+{
+	struct copy_slot *cs = &m->slots[i];
+	struct ubm_io *io = &m->cq.ios[i];
+	struct ubm_backend *be = m->t->be[be_slot];
+	int ret;
+
+	io->req = (struct ubm_req){
+		.op = op, .offset = cs->chunk << m->chunk_shift, .len = chunk_len(m, cs->chunk),
+		.buf = cs->buf, .buf_index = -1,
+	};
+	cs->state = state;
+	ret = be->ops->queue_io(be, &m->cq, i, be_slot, &io->req);
+	return ret < 0 ? copy_failed(m, i, ret) : 0;
+}
+
+/* The chunk in slot i is locked and idle on the guest side: start copying. */
+static int copy_begin(struct ubm_migration *m, unsigned i)
+{
+	struct copy_slot *cs = &m->slots[i];
+	uint64_t off = cs->chunk << m->chunk_shift;
+	uint32_t len = chunk_len(m, cs->chunk);
+	off_t data;
+
+	/* clear before reading: a write that lands after this re-dirties it */
+	clear_dirty(m, cs->chunk);
+	cs->first_copy = !(A_LOAD(&m->chunk[cs->chunk]) & CH_COPIED);
+	data = lseek(m->t->source.fd, (off_t)off, SEEK_DATA);
+	if ((data < 0 && errno == ENXIO) || (data >= 0 && (uint64_t)data >= off + len)) {
+		/* a hole in the source */
+		if (m->dest_zeroed && cs->first_copy) {
+			A_ADD(&m->bytes_skipped, len);
+			unlock_chunk(m, cs->chunk, true);
+			cs->state = CS_FREE;
+			return 0;
+		}
+		return copy_op(m, i, SLOT_DEST, UBLK_IO_OP_WRITE_ZEROES, CS_WRITING);
+	}
+	return copy_op(m, i, SLOT_SOURCE, UBLK_IO_OP_READ, CS_READING);
+}
+
+static int copy_cqe(struct ubm_migration *m, const struct io_uring_cqe *cqe)
+{
+	unsigned i = ubm_ud_tag(cqe->user_data), be_slot = ubm_ud_slot(cqe->user_data);
+	struct copy_slot *cs = &m->slots[i];
+	struct ubm_io *io = &m->cq.ios[i];
+	struct ubm_backend *be = m->t->be[be_slot];
+	int res = 0;
+
+	if (ubm_ud_kind(cqe->user_data) != UD_BACKEND)
+		return 0;  /* the copier ring's doorbell: unused */
+	if (be->ops->complete(be, &m->cq, i, be_slot, &io->req, cqe->res, &res))
+		return 0;
+	if (res < 0)
+		return copy_failed(m, i, res);
+	if (cs->state == CS_READING) {
+		A_ADD(&m->bytes_read, io->req.len);
+		if (all_zero(cs->buf, io->req.len)) {
+			if (m->dest_zeroed && cs->first_copy) {
+				A_ADD(&m->bytes_skipped, io->req.len);
+				unlock_chunk(m, cs->chunk, true);
+				cs->state = CS_FREE;
+				return 0;
+			}
+			return copy_op(m, i, SLOT_DEST, UBLK_IO_OP_WRITE_ZEROES, CS_WRITING);
+		}
+		return copy_op(m, i, SLOT_DEST, UBLK_IO_OP_WRITE, CS_WRITING);
+	}
+	A_ADD(&m->bytes_copied, io->req.len);
+	unlock_chunk(m, cs->chunk, true);
+	cs->state = CS_FREE;
+	return 0;
+}
+
+UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *chunks)
+{
+	struct ubm_migration *m = t->mig;
+	uint64_t next = 0, copied = 0, start = now_ns(), pass_bytes = 0, speed;
+	unsigned busy = 0, locking, i;
+	int ret = 0, r;
+
+	*chunks = 0;
+	if (!m)
+		return ubm_fail(ENOENT, "no migration is running");
+	if (pass > UBM_PASS_FINAL)
+		return ubm_fail(EINVAL, "unknown pass %u", pass);
+	if (A_LOAD(&m->cut_over))
+		return ubm_fail(EINVAL, "the migration has cut over already");
+	A_STORE(&m->abort, 0);
+	if (pass == UBM_PASS_DIRTY) {
+		/* chunks dirty again since the last dirty pass are getting hot */
+		uint64_t hot = 0;
+
+		for (uint64_t c = 0; c < m->nr_chunks; c++) {
+			if (!is_dirty(m, c))
+				m->hot[c] = 0;
+			else if (m->hot[c] >= HOT_PASSES)
+				hot++;
+		}
+		A_STORE(&m->hot_count, hot);
+	}
+	for (;;) {
+		bool stop = ret < 0 || A_LOAD(&m->abort) || A_LOAD(&m->error);
+
+		/* fill free slots with the next chunks of this pass */
+		for (i = 0; i < m->copy_depth && !stop; i++) {
+			struct copy_slot *cs = &m->slots[i];
+
+			if (cs->state != CS_FREE)
+				continue;
+			speed = A_LOAD(&m->speed);
+			if (speed && (double)pass_bytes >
+					     (double)speed * (double)(now_ns() - start) / 1e9)
+				break;  /* over the speed limit: wait for time to pass */
+			while (next < m->nr_chunks && !wanted(m, next, pass))
+				next++;
+			if (next >= m->nr_chunks)
+				break;
+			cs->chunk = next++;
+			cs->state = CS_LOCKING;
+			if (pass == UBM_PASS_DIRTY)
+				m->hot[cs->chunk]++;
+			__atomic_fetch_or(&m->chunk[cs->chunk], CH_LOCKED, __ATOMIC_SEQ_CST);
+			pass_bytes += chunk_len(m, cs->chunk);
+			busy++;
+			copied++;
+		}
+		A_STORE(&m->cursor, next);
+		/* locked chunks whose guest writes have drained can be read */
+		locking = 0;
+		for (i = 0; i < m->copy_depth; i++) {
+			struct copy_slot *cs = &m->slots[i];
+
+			if (cs->state != CS_LOCKING)
+				continue;
+			if (stop) {
+				unlock_chunk(m, cs->chunk, false);
+				cs->state = CS_FREE;
+				busy--;
+				continue;
+			}
+			if (A_LOAD(&m->chunk[cs->chunk]) & CH_COUNT) {
+				locking++;
+				continue;
+			}
+			r = copy_begin(m, i);
+			if (r < 0 && ret == 0)
+				ret = r;
+			if (cs->state == CS_FREE)
+				busy--;
+		}
+		if (busy == 0 && (stop || next >= m->nr_chunks))
+			break;
+		if (busy == 0 || locking == busy) {
+			/* nothing on the ring: waiting for guest writes or the speed limit */
+			usleep(locking ? 20 : 1000);
+			continue;
+		}
+		io_uring_submit_and_wait(&m->cq.ring, 1);
+		struct io_uring_cqe *cqe;
+		unsigned head, n = 0;
+
+		io_uring_for_each_cqe(&m->cq.ring, head, cqe) {
+			unsigned s = ubm_ud_tag(cqe->user_data);
+
+			n++;
+			if (ubm_ud_kind(cqe->user_data) != UD_BACKEND)
+				continue;
+			r = copy_cqe(m, cqe);
+			if (r < 0 && ret == 0)
+				ret = r;
+			if (m->slots[s].state == CS_FREE)
+				busy--;
+		}
+		io_uring_cq_advance(&m->cq.ring, n);
+	}
+	A_ADD(&m->passes, 1);
+	*chunks = copied;
+	if (ret < 0 || A_LOAD(&m->error)) {
+		int err = A_LOAD(&m->error) ? A_LOAD(&m->error) : ret;
+
+		return ubm_fail(err, "copy failed: %s", strerror(-err));
+	}
+	if (A_LOAD(&m->abort))
+		return ubm_fail(ECANCELED, "the pass was aborted");
+	return 0;
+}

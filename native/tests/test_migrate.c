@@ -1,0 +1,283 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Native test of live migration through the simulator: a guest thread
+ * writes, discards and reads at random while another thread runs copy
+ * passes; after the cutover the destination must equal the model of the
+ * disk byte for byte, and later I/O must go to the destination.  Run for
+ * both modes under ASan/UBSan by `make test`.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <linux/ublk_cmd.h>
+
+#include "ubm.h"
+
+#define SIZE (16u << 20)
+#define CHUNK (64u << 10)
+#define DEPTH 16
+
+#define CHECK(c, ...) do { if (!(c)) { fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); exit(1); } } while (0)
+
+static unsigned char *model;
+static struct ubm_sim *sim;
+static struct ubm_target *tgt;
+static volatile int copier_done;
+static int copier_ret;
+static uint32_t mode;
+
+struct slot { int used; uint32_t op; uint64_t off; uint32_t len; unsigned char *buf; };
+static struct slot slots[DEPTH];
+static int inflight;
+
+static uint64_t rnd(uint64_t n) { return (uint64_t)random() % n; }
+
+static void reap_one(void)
+{
+	int t, res;
+
+	CHECK(ubm_sim_wait(sim, &t, &res) == 0, "wait");
+	struct slot *s = &slots[t];
+	CHECK(s->used, "completion of an idle ticket");
+	CHECK(res == (int)s->len, "op %u at %llu len %u: result %d", s->op,
+	      (unsigned long long)s->off, s->len, res);
+	if (s->op == UBLK_IO_OP_READ)
+		CHECK(memcmp(s->buf, model + s->off, s->len) == 0, "read at %llu differs",
+		      (unsigned long long)s->off);
+	free(s->buf);
+	s->used = 0;
+	inflight--;
+}
+
+static void guest_io(void)
+{
+	uint32_t kinds[] = { UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_OP_WRITE, UBLK_IO_OP_WRITE,
+			     UBLK_IO_OP_DISCARD, UBLK_IO_OP_WRITE_ZEROES, UBLK_IO_OP_FLUSH };
+	uint32_t op = kinds[rnd(7)];
+	uint64_t off = rnd(SIZE / 4096) * 4096;
+	uint32_t len = (uint32_t)(1 + rnd(64)) * 4096;  /* up to 256 KiB: spans chunks */
+
+	if (off + len > SIZE)
+		len = (uint32_t)(SIZE - off);
+	for (int k = 0; k < DEPTH; k++)
+		if (slots[k].used && off < slots[k].off + slots[k].len && slots[k].off < off + len)
+			return;  /* the block layer never has overlapping requests in flight */
+	if (op == UBLK_IO_OP_FLUSH)
+		off = len = 0;
+	unsigned char *buf = malloc(len ? len : 1);
+	if (op == UBLK_IO_OP_WRITE)
+		for (uint32_t b = 0; b < len; b++)
+			buf[b] = (unsigned char)random();
+	int t = ubm_sim_submit(sim, op, 0, off, len, buf);
+	CHECK(t >= 0, "submit: %d %s", t, ubm_last_error());
+	slots[t] = (struct slot){ 1, op, off, len, buf };
+	if (op == UBLK_IO_OP_WRITE)
+		memcpy(model + off, buf, len);
+	else if (op == UBLK_IO_OP_DISCARD || op == UBLK_IO_OP_WRITE_ZEROES)
+		memset(model + off, 0, len);
+	inflight++;
+}
+
+static void *copier(void *arg)
+{
+	uint64_t n;
+	int ret;
+
+	(void)arg;
+	ret = ubm_mig_copy_pass(tgt, UBM_PASS_ALL, &n);
+	for (int pass = 0; ret == 0 && mode == UBM_MIG_DBT && pass < 3; pass++)
+		ret = ubm_mig_copy_pass(tgt, UBM_PASS_DIRTY, &n);
+	copier_ret = ret;
+	__atomic_store_n(&copier_done, 1, __ATOMIC_SEQ_CST);
+	return NULL;
+}
+
+static void run(const char *dir, uint32_t m, int zeroed)
+{
+	char src[4096], dst[4096];
+	struct ubm_mig_stats st;
+	pthread_t th;
+	int fd;
+
+	mode = m;
+	memset(slots, 0, sizeof(slots));
+	inflight = 0;
+	copier_done = 0;
+	snprintf(src, sizeof(src), "%s/ubm-src-XXXXXX", dir);
+	snprintf(dst, sizeof(dst), "%s/ubm-dst-XXXXXX", dir);
+	/* the source: random data, with holes */
+	fd = mkstemp(src);
+	CHECK(fd >= 0 && ftruncate(fd, SIZE) == 0, "source");
+	memset(model, 0, SIZE);
+	for (uint64_t off = 0; off < SIZE; off += 256 << 10) {
+		if (rnd(3) == 0)
+			continue;
+		for (uint32_t b = 0; b < (128u << 10); b++)
+			model[off + b] = (unsigned char)random();
+		CHECK(pwrite(fd, model + off, 128 << 10, (off_t)off) == 128 << 10, "pwrite");
+	}
+	close(fd);
+	fd = mkstemp(dst);
+	CHECK(fd >= 0 && ftruncate(fd, SIZE) == 0, "dest");
+	if (!zeroed) {  /* old data on the destination must not survive */
+		unsigned char junk[4096];
+		memset(junk, 0xa5, sizeof(junk));
+		for (uint64_t off = 0; off < SIZE; off += sizeof(junk))
+			CHECK(pwrite(fd, junk, sizeof(junk), (off_t)off) == sizeof(junk), "junk");
+	}
+	close(fd);
+
+	CHECK(ubm_sim_create(src, 512, 0, DEPTH, &sim) == 0, "sim: %s", ubm_last_error());
+	tgt = ubm_sim_target(sim);
+	struct ubm_mig_config cfg = { .dest_path = dst, .mode = m, .dest_zeroed = (uint32_t)zeroed,
+				      .chunk_size = CHUNK, .copy_depth = 4,
+				      .speed = 32u << 20 /* slow enough for races */ };
+	CHECK(ubm_mig_start(tgt, &cfg) == 0, "mig_start: %s", ubm_last_error());
+	struct ubm_mig_config again = cfg;
+	CHECK(ubm_mig_start(tgt, &again) == -EBUSY, "second migration refused");
+	/* slow guest writes keep them in flight while the copier works */
+	CHECK(ubm_sim_set_delay(sim, 0, 1000000) == 0, "delay");  /* 1 ms */
+
+	CHECK(pthread_create(&th, NULL, copier, NULL) == 0, "thread");
+	/* guest I/O during the passes */
+	while (!__atomic_load_n(&copier_done, __ATOMIC_SEQ_CST)) {
+		if (inflight < DEPTH && rnd(3))
+			guest_io();
+		else if (inflight)
+			reap_one();
+		else
+			ubm_sim_poll(sim);
+	}
+	pthread_join(th, NULL);
+	CHECK(copier_ret == 0, "copier: %d %s", copier_ret, ubm_last_error());
+	/* bring it into sync */
+	for (int tries = 0;; tries++) {
+		uint64_t n;
+		int ret;
+
+		while (inflight)
+			reap_one();
+		if (m == UBM_MIG_DBT)
+			CHECK(ubm_mig_pause(tgt) == 0, "pause");
+		CHECK(ubm_mig_copy_pass(tgt, UBM_PASS_FINAL, &n) == 0, "final: %s", ubm_last_error());
+		ret = ubm_mig_cutover(tgt);
+		if (ret == 0)
+			break;
+		CHECK(ret == -EAGAIN && tries < 5, "cutover: %d %s", ret, ubm_last_error());
+	}
+	CHECK(ubm_mig_get_stats(tgt, &st) == 0, "stats");
+	CHECK(st.cut_over && st.dirty_chunks == 0 && st.chunks_copied == st.nr_chunks,
+	      "in sync after cutover");
+	if (m == UBM_MIG_DBT)
+		CHECK(ubm_mig_resume(tgt) == 0, "resume");
+	printf("test_migrate: %s%s: %llu passes, %llu bytes copied, %llu skipped, %llu mirrored, "
+	       "%llu tracked, %llu parked: ", m == UBM_MIG_MIRROR ? "mirror" : "dbt",
+	       zeroed ? "" : " (old data on the destination)", (unsigned long long)st.passes,
+	       (unsigned long long)st.bytes_copied, (unsigned long long)st.bytes_skipped,
+	       (unsigned long long)st.mirrored_writes, (unsigned long long)st.tracked_writes,
+	       (unsigned long long)st.parked);
+	/* guest I/O after the cutover goes to the destination */
+	for (int i = 0; i < 500; i++) {
+		if (inflight < DEPTH)
+			guest_io();
+		else
+			reap_one();
+	}
+	while (inflight)
+		reap_one();
+	CHECK(ubm_mig_finish(tgt) == 0, "finish");
+	for (int i = 0; i < 200; i++) {
+		if (inflight < DEPTH)
+			guest_io();
+		else
+			reap_one();
+	}
+	while (inflight)
+		reap_one();
+	ubm_sim_destroy(sim);
+
+	unsigned char *disk = malloc(SIZE);
+	fd = open(dst, O_RDONLY);
+	CHECK(pread(fd, disk, SIZE, 0) == SIZE, "pread");
+	close(fd);
+	for (uint64_t i = 0; i < SIZE; i++)
+		CHECK(disk[i] == model[i], "destination differs from the model at byte %llu",
+		      (unsigned long long)i);
+	printf("destination equals the model\n");
+	free(disk);
+	unlink(src);
+	unlink(dst);
+}
+
+/*
+ * Directed: a write in flight on a chunk when the copier reaches it must be
+ * on the destination after the pass, in dirty tracking mode (where that
+ * write is not tracked: its chunk was not copied when it arrived).  Only
+ * the copier's wait for in-flight writes makes this hold.
+ */
+static void copier_waits_for_inflight_writes(const char *dir)
+{
+	char src[4096], dst[4096];
+	unsigned char *buf = malloc(CHUNK), *disk = malloc(SIZE);
+	uint64_t n;
+	int fd, t, res;
+
+	snprintf(src, sizeof(src), "%s/ubm-src-XXXXXX", dir);
+	snprintf(dst, sizeof(dst), "%s/ubm-dst-XXXXXX", dir);
+	fd = mkstemp(src);
+	CHECK(fd >= 0 && ftruncate(fd, SIZE) == 0, "source");
+	close(fd);
+	fd = mkstemp(dst);
+	CHECK(fd >= 0 && ftruncate(fd, SIZE) == 0, "dest");
+	close(fd);
+	memset(buf, 0x5a, CHUNK);
+	CHECK(ubm_sim_create(src, 512, 0, 4, &sim) == 0, "sim");
+	tgt = ubm_sim_target(sim);
+	struct ubm_mig_config cfg = { .dest_path = dst, .mode = UBM_MIG_DBT, .dest_zeroed = 1,
+				      .chunk_size = CHUNK };
+	CHECK(ubm_mig_start(tgt, &cfg) == 0, "mig_start: %s", ubm_last_error());
+	CHECK(ubm_sim_set_delay(sim, 0, 200000000) == 0, "delay");  /* 200 ms */
+	t = ubm_sim_submit(sim, UBLK_IO_OP_WRITE, 0, 5 * CHUNK, CHUNK, buf);
+	CHECK(t >= 0, "submit");
+	mode = UBM_MIG_MIRROR;  /* the copier thread: one pass */
+	copier_done = 0;
+	pthread_t th;
+	CHECK(pthread_create(&th, NULL, copier, NULL) == 0, "thread");
+	CHECK(ubm_sim_wait(sim, &t, &res) == 0 && res == CHUNK, "write");
+	pthread_join(th, NULL);
+	CHECK(copier_ret == 0, "pass");
+	CHECK(ubm_mig_pause(tgt) == 0 && ubm_mig_copy_pass(tgt, UBM_PASS_FINAL, &n) == 0, "final");
+	CHECK(ubm_mig_cutover(tgt) == 0, "cutover: %s", ubm_last_error());
+	CHECK(ubm_mig_finish(tgt) == 0, "finish");
+	ubm_sim_destroy(sim);
+	fd = open(dst, O_RDONLY);
+	CHECK(pread(fd, disk, SIZE, 0) == SIZE, "pread");
+	close(fd);
+	CHECK(memcmp(disk + 5 * CHUNK, buf, CHUNK) == 0,
+	      "a write in flight during the chunk's copy is missing on the destination");
+	printf("test_migrate: the copier waited for a write in flight: ok\n");
+	unlink(src);
+	unlink(dst);
+	free(buf);
+	free(disk);
+}
+
+int main(void)
+{
+	const char *dir = getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
+
+	srandom(7);
+	copier_waits_for_inflight_writes(dir);
+	model = malloc(SIZE);
+	run(dir, UBM_MIG_MIRROR, 1);
+	run(dir, UBM_MIG_DBT, 1);
+	run(dir, UBM_MIG_MIRROR, 0);
+	run(dir, UBM_MIG_DBT, 0);
+	free(model);
+	return 0;
+}

@@ -1,0 +1,7 @@
+"""``python -m ublkmig``."""
+
+import sys
+
+from ublkmig.cli import main
+
+sys.exit(main())

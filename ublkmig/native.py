@@ -1,0 +1,538 @@
+"""ctypes binding of the C data plane (native/ubm.h): the only module that knows ctypes.
+
+The data plane is built by ``pip install -e .`` into ``ublkmig/_native<suffix>``
+(a plain shared object, no Python entry point).  It is loaded on first use, so
+the rest of the control plane (and its error messages) works without it.
+``$UBLKMIG_NATIVE_LIB`` names another build of it (e.g. a sanitizer build).
+
+Everything the C side reports as a negative errno becomes a :class:`NativeError`
+carrying the errno and ``ubm_last_error()``, read in the thread that made the
+call (the C side keeps it per thread).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import errno as errno_mod
+import functools
+import importlib.machinery
+import os
+import threading
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ublkmig.errors import UblkmigError
+
+API_VERSION = 1  # UBM_API_VERSION this binding was written against
+ENV_LIB = "UBLKMIG_NATIVE_LIB"
+# struct ubm_config's limits
+MAX_QUEUES = 64
+MAX_DEPTH = 4096
+LOGICAL_BLOCK_SIZES = (512, 4096)
+DEFAULT_MAX_IO_BYTES = 512 * 1024
+
+
+class DataPath(enum.IntEnum):
+    """enum ubm_data_path."""
+
+    AUTO = 0
+    AUTO_ZC = 1  # UBLK_F_AUTO_BUF_REG (Linux 6.16+)
+    ZC = 2  # UBLK_F_SUPPORT_ZERO_COPY, explicit register (6.15+)
+    COPY = 3  # per-tag buffers, the kernel copies
+
+    @property
+    def label(self) -> str:
+        """The name ubm_path_name() gives, without needing the library (CLI choices)."""
+        return self.name.lower().replace("_", "-")
+
+    @classmethod
+    def from_label(cls, label: str) -> DataPath:
+        return cls[label.upper().replace("-", "_")]
+
+
+# UBLK_F_* bit -> name, for `ublkmig features`.
+FEATURE_NAMES: dict[int, str] = {
+    0: "SUPPORT_ZERO_COPY",
+    1: "URING_CMD_COMP_IN_TASK",
+    2: "NEED_GET_DATA",
+    3: "USER_RECOVERY",
+    4: "USER_RECOVERY_REISSUE",
+    5: "UNPRIVILEGED_DEV",
+    6: "CMD_IOCTL_ENCODE",
+    7: "USER_COPY",
+    8: "ZONED",
+    9: "USER_RECOVERY_FAIL_IO",
+    10: "UPDATE_SIZE",
+    11: "AUTO_BUF_REG",
+    12: "QUIESCE",
+    13: "PER_IO_DAEMON",
+    14: "BUF_REG_OFF_DAEMON",
+    15: "BATCH_IO",
+    16: "INTEGRITY",
+    17: "SAFE_STOP_DEV",
+    18: "NO_AUTO_PART_SCAN",
+    19: "SHMEM_ZC",
+}
+F_SUPPORT_ZERO_COPY = 1 << 0
+F_AUTO_BUF_REG = 1 << 11
+
+# What the driver must offer for a forced data path, and since which Linux.
+PATH_NEEDS: dict[DataPath, tuple[int, str]] = {
+    DataPath.AUTO_ZC: (F_AUTO_BUF_REG, "6.16"),
+    DataPath.ZC: (F_SUPPORT_ZERO_COPY, "6.15"),
+    DataPath.COPY: (0, "6.0"),
+}
+
+
+def decode_features(mask: int) -> list[str]:
+    """Names of the UBLK_F_* bits set in ``mask`` (unknown bits as ``BIT<n>``)."""
+    return [FEATURE_NAMES.get(bit, f"BIT{bit}") for bit in range(64) if mask >> bit & 1]
+
+
+def paths_offered(mask: int) -> list[DataPath]:
+    """The data paths a driver with these features can run, best first."""
+    return [p for p, (need, _) in PATH_NEEDS.items() if mask & need == need]
+
+
+class Op(enum.IntEnum):
+    """UBLK_IO_OP_* (for Sim)."""
+
+    READ = 0
+    WRITE = 1
+    FLUSH = 2
+    DISCARD = 3
+    WRITE_ZEROES = 5
+
+
+F_FUA = 1 << 13  # UBLK_IO_F_FUA
+
+STAT_FIELDS = (
+    "reads",
+    "writes",
+    "flushes",
+    "discards",
+    "write_zeroes",
+    "read_bytes",
+    "write_bytes",
+    "errors",
+    "inflight",
+    "fua_writes",
+    "parked",
+)  # fmt: skip, struct ubm_stats in order (tests/host/test_native_tables.py checks ubm.h)
+
+
+class _Config(ctypes.Structure):
+    _fields_ = [
+        ("source_path", ctypes.c_char_p),
+        ("nr_queues", ctypes.c_uint32),
+        ("queue_depth", ctypes.c_uint32),
+        ("logical_bs", ctypes.c_uint32),
+        ("max_io_bytes", ctypes.c_uint32),
+        ("read_only", ctypes.c_uint32),
+        ("direct", ctypes.c_uint32),
+        ("data_path", ctypes.c_uint32),
+        ("dev_id", ctypes.c_int32),
+    ]
+
+
+class _Stats(ctypes.Structure):
+    # The data plane only writes this struct: a spare tail keeps a data plane built with more
+    # counters than this binding knows from writing past the buffer.
+    _fields_ = [(name, ctypes.c_uint64) for name in STAT_FIELDS] + [
+        ("_spare", ctypes.c_uint64 * 16)
+    ]
+
+
+def _stats_dict(s: _Stats) -> dict[str, int]:
+    return {name: int(getattr(s, name)) for name in STAT_FIELDS}
+
+
+class NativeUnavailable(UblkmigError):
+    """The shared object is not built (or does not load)."""
+
+
+class NativeError(UblkmigError):
+    """A data-plane call failed with a negative errno."""
+
+    def __init__(self, op: str, err: int, detail: str = "") -> None:
+        self.op = op
+        self.errno = err
+        self.detail = detail or os.strerror(err)
+        super().__init__(self.detail)
+
+    @property
+    def errno_name(self) -> str:
+        return errno_mod.errorcode.get(self.errno, str(self.errno))
+
+    def __str__(self) -> str:
+        return f"{self.detail} ({self.op}: {self.errno_name})"
+
+
+def library_path() -> Path | None:
+    """Where the built data plane is, or None."""
+    if env := os.environ.get(ENV_LIB):
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        candidate = here / f"_native{suffix}"
+        if candidate.exists():
+            return candidate
+    return None
+
+
+_P = ctypes.c_void_p  # opaque struct ubm_dev * / struct ubm_sim *
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL:
+    path = library_path()
+    if path is None:
+        raise NativeUnavailable(
+            "the data plane is not built (no ublkmig/_native*.so): run `pip install -e .`"
+        )
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise NativeUnavailable(f"cannot load the data plane {path}: {e}") from None
+    protos: dict[str, tuple[Any, list[Any]]] = {
+        "ubm_get_features": (ctypes.c_int, [ctypes.POINTER(ctypes.c_uint64)]),
+        "ubm_choose_path": (ctypes.c_int, [ctypes.c_uint64]),
+        "ubm_path_name": (ctypes.c_char_p, [ctypes.c_int]),
+        "ubm_dev_create": (ctypes.c_int, [ctypes.POINTER(_Config), ctypes.POINTER(_P)]),
+        "ubm_dev_start": (ctypes.c_int, [_P]),
+        "ubm_dev_stop": (ctypes.c_int, [_P]),
+        "ubm_dev_destroy": (None, [_P]),
+        "ubm_dev_id": (ctypes.c_int, [_P]),
+        "ubm_dev_size": (ctypes.c_uint64, [_P]),
+        "ubm_dev_path": (ctypes.c_int, [_P]),
+        "ubm_dev_flags": (ctypes.c_uint64, [_P]),
+        "ubm_dev_stats": (None, [_P, ctypes.POINTER(_Stats)]),
+        "ubm_last_error": (ctypes.c_char_p, []),
+        "ubm_sim_create": (
+            ctypes.c_int,
+            [ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32,
+             ctypes.POINTER(_P)],
+        ),
+        "ubm_sim_submit": (
+            ctypes.c_int,
+            [_P, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_uint32,
+             ctypes.c_void_p],
+        ),
+        "ubm_sim_wait": (
+            ctypes.c_int, [_P, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)]
+        ),
+        "ubm_sim_size": (ctypes.c_uint64, [_P]),
+        "ubm_sim_stats": (None, [_P, ctypes.POINTER(_Stats)]),
+        "ubm_sim_destroy": (None, [_P]),
+    }  # fmt: skip
+    for name, (restype, argtypes) in protos.items():
+        try:
+            fn = getattr(lib, name)
+        except AttributeError:
+            raise NativeUnavailable(f"the data plane {path} lacks {name}: rebuild it") from None
+        fn.restype = restype
+        fn.argtypes = argtypes
+    return lib
+
+
+def last_error() -> str:
+    """ubm_last_error() of the calling thread."""
+    raw = _lib().ubm_last_error()
+    return raw.decode(errors="replace") if raw else ""
+
+
+def _check(rc: int, op: str) -> int:
+    if rc < 0:
+        raise NativeError(op, -rc, last_error())
+    return rc
+
+
+def available() -> bool:
+    try:
+        _lib()
+    except NativeUnavailable:
+        return False
+    return True
+
+
+def features() -> int:
+    """UBLK_U_CMD_GET_FEATURES of the running driver (NativeError ENOENT: no driver)."""
+    value = ctypes.c_uint64(0)
+    _check(_lib().ubm_get_features(ctypes.byref(value)), "get_features")
+    return int(value.value)
+
+
+def choose_path(feature_mask: int) -> DataPath:
+    """The data path UBM_PATH_AUTO picks for these features."""
+    return DataPath(_check(_lib().ubm_choose_path(feature_mask), "choose_path"))
+
+
+def path_name(path: int) -> str:
+    """ubm_path_name(): "auto-zc", "zc", "copy" (or "auto")."""
+    raw = _lib().ubm_path_name(int(path))
+    return raw.decode() if raw else "?"
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """struct ubm_config."""
+
+    source: str | os.PathLike[str]
+    queues: int = 1
+    depth: int = 128
+    logical_block_size: int = 512
+    max_io_bytes: int = DEFAULT_MAX_IO_BYTES
+    read_only: bool = False
+    direct: bool = False
+    data_path: DataPath = DataPath.AUTO
+    dev_id: int = -1  # let the kernel choose
+
+    def _to_c(self) -> _Config:
+        return _Config(
+            source_path=os.fsencode(self.source),
+            nr_queues=self.queues,
+            queue_depth=self.depth,
+            logical_bs=self.logical_block_size,
+            max_io_bytes=self.max_io_bytes,
+            read_only=int(self.read_only),
+            direct=int(self.direct),
+            data_path=int(self.data_path),
+            dev_id=self.dev_id,
+        )
+
+
+class Device:
+    """One ublk device served by the data plane (struct ubm_dev).
+
+    ``create`` adds it (ADD_DEV + SET_PARAMS), ``start`` runs the queue threads
+    and START_DEV, ``stop`` (blocking) STOP_DEV and waits for the threads,
+    ``destroy`` DEL_DEV and frees.  stats() may be called from any thread while
+    the device lives; after destroy() it returns the last counters read.
+    """
+
+    def __init__(self, handle: int, config: DeviceConfig, c_config: _Config) -> None:
+        self._handle: int | None = handle
+        self._c_config = c_config  # keeps source_path's bytes alive as long as the device
+        self._lock = threading.Lock()
+        self._last_stats = dict.fromkeys(STAT_FIELDS, 0)
+        self.config = config
+        lib = _lib()
+        self.id: int = lib.ubm_dev_id(handle)
+        self.size: int = int(lib.ubm_dev_size(handle))
+        self.data_path = DataPath(lib.ubm_dev_path(handle))
+        self.flags: int = int(lib.ubm_dev_flags(handle))
+
+    @classmethod
+    def create(cls, config: DeviceConfig) -> Device:
+        c_config = config._to_c()
+        handle = _P()
+        _check(_lib().ubm_dev_create(ctypes.byref(c_config), ctypes.byref(handle)), "create")
+        assert handle.value is not None
+        return cls(handle.value, config, c_config)
+
+    @property
+    def block_path(self) -> str:
+        return f"/dev/ublkb{self.id}"
+
+    @property
+    def path_name(self) -> str:
+        return path_name(self.data_path)
+
+    def _live(self) -> int:
+        if self._handle is None:
+            raise NativeError("device", errno_mod.ENODEV, "the device was destroyed")
+        return self._handle
+
+    def start(self) -> None:
+        _check(_lib().ubm_dev_start(self._live()), "start")
+
+    def stop(self) -> None:
+        _check(_lib().ubm_dev_stop(self._live()), "stop")
+
+    def destroy(self) -> None:
+        with self._lock:
+            if self._handle is None:
+                return
+            self._last_stats = self._read_stats(self._handle)
+            handle, self._handle = self._handle, None
+        _lib().ubm_dev_destroy(handle)
+
+    @staticmethod
+    def _read_stats(handle: int) -> dict[str, int]:
+        s = _Stats()
+        _lib().ubm_dev_stats(handle, ctypes.byref(s))
+        return _stats_dict(s)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            if self._handle is not None:
+                self._last_stats = self._read_stats(self._handle)
+            return dict(self._last_stats)
+
+    def __enter__(self) -> Device:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
+
+
+class _Buffer:
+    """Request data in memory aligned for O_DIRECT (4096), owned by Python."""
+
+    ALIGN = 4096
+
+    def __init__(self, length: int, data: bytes | None = None) -> None:
+        self._raw = ctypes.create_string_buffer(length + self.ALIGN)
+        base = ctypes.addressof(self._raw)
+        self.address = base + (-base % self.ALIGN)
+        if data:
+            ctypes.memmove(self.address, data, len(data))
+
+    def read(self, length: int) -> bytes:
+        return ctypes.string_at(self.address, length)
+
+
+@dataclass(frozen=True)
+class Completion:
+    ticket: int
+    result: int  # bytes done, or -errno
+    data: bytes | None = None  # what a successful READ read
+
+
+class Sim:
+    """The data plane without ublk (ubm_sim_*): host tests submit requests as a queue would.
+
+    One caller thread at a time.  Buffers of in-flight requests are kept here
+    until their completion is collected.
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str],
+        logical_block_size: int = 512,
+        direct: bool = False,
+        depth: int = 64,
+    ) -> None:
+        handle = _P()
+        _check(
+            _lib().ubm_sim_create(
+                os.fsencode(source), logical_block_size, int(direct), depth, ctypes.byref(handle)
+            ),
+            "sim_create",
+        )
+        assert handle.value is not None
+        self._handle: int | None = handle.value
+        self._buffers: dict[int, tuple[Op, _Buffer | None]] = {}
+        self._done: deque[Completion] = deque()
+        self.logical_block_size = logical_block_size
+
+    def _live(self) -> int:
+        if self._handle is None:
+            raise NativeError("sim", errno_mod.ENODEV, "the sim was destroyed")
+        return self._handle
+
+    @property
+    def size(self) -> int:
+        return int(_lib().ubm_sim_size(self._live()))
+
+    @property
+    def inflight(self) -> int:
+        return len(self._buffers)
+
+    def submit(
+        self, op: Op, offset: int = 0, length: int = 0, data: bytes | None = None, flags: int = 0
+    ) -> int:
+        """Submit one request; WRITE takes ``data`` (its length is the request's).
+
+        Returns the ticket; the buffer stays here until the completion is collected.
+        """
+        op = Op(op)
+        buf: _Buffer | None = None
+        if op == Op.WRITE:
+            if data is None:
+                raise ValueError("WRITE needs data")
+            length = len(data)
+            buf = _Buffer(length, data)
+        elif op == Op.READ:
+            buf = _Buffer(length)
+        addr = buf.address if buf is not None else None
+        ticket = _check(
+            _lib().ubm_sim_submit(self._live(), int(op), flags, offset, length, addr),
+            "sim_submit",
+        )
+        self._buffers[ticket] = (op, buf)
+        return ticket
+
+    def _wait_native(self) -> Completion | None:
+        ticket, result = ctypes.c_int(), ctypes.c_int()
+        rc = _lib().ubm_sim_wait(self._live(), ctypes.byref(ticket), ctypes.byref(result))
+        if rc == -errno_mod.EAGAIN:
+            return None
+        _check(rc, "sim_wait")
+        op, buf = self._buffers.pop(ticket.value, (None, None))
+        data = None
+        if op == Op.READ and buf is not None and result.value >= 0:
+            data = buf.read(result.value)
+        return Completion(ticket.value, result.value, data)
+
+    def wait(self) -> Completion | None:
+        """The next completion, or None when nothing is in flight."""
+        if self._done:
+            return self._done.popleft()
+        return self._wait_native()
+
+    def run(
+        self, op: Op, offset: int = 0, length: int = 0, data: bytes | None = None, flags: int = 0
+    ) -> Completion:
+        """Submit one request and wait for it (other completions are kept for wait())."""
+        ticket = self.submit(op, offset, length, data, flags)
+        while True:
+            c = self._wait_native()
+            if c is None:
+                raise NativeError("sim_wait", errno_mod.EAGAIN, f"ticket {ticket} was lost")
+            if c.ticket == ticket:
+                return c
+            self._done.append(c)
+
+    def _ok(self, c: Completion, op: str) -> int:
+        if c.result < 0:
+            raise NativeError(op, -c.result, "")
+        return c.result
+
+    def read(self, offset: int, length: int) -> bytes:
+        c = self.run(Op.READ, offset, length)
+        self._ok(c, "read")
+        assert c.data is not None
+        return c.data
+
+    def write(self, offset: int, data: bytes, fua: bool = False) -> int:
+        return self._ok(self.run(Op.WRITE, offset, data=data, flags=F_FUA if fua else 0), "write")
+
+    def flush(self) -> int:
+        return self._ok(self.run(Op.FLUSH), "flush")
+
+    def discard(self, offset: int, length: int) -> int:
+        return self._ok(self.run(Op.DISCARD, offset, length), "discard")
+
+    def write_zeroes(self, offset: int, length: int) -> int:
+        return self._ok(self.run(Op.WRITE_ZEROES, offset, length), "write_zeroes")
+
+    def stats(self) -> dict[str, int]:
+        s = _Stats()
+        _lib().ubm_sim_stats(self._live(), ctypes.byref(s))
+        return _stats_dict(s)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            handle, self._handle = self._handle, None
+            _lib().ubm_sim_destroy(handle)
+            self._buffers.clear()
+
+    def __enter__(self) -> Sim:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
