@@ -96,8 +96,10 @@ struct ubm_target;
 struct ubm_target *ubm_dev_target(struct ubm_dev *dev);
 
 enum ubm_mig_mode {
-	UBM_MIG_MIRROR = 0,  /* writes to copied chunks go to both sides */
-	UBM_MIG_DBT = 1,     /* writes go to the source; the chunks they touch go dirty */
+	UBM_MIG_MIRROR = 0,    /* writes to clean chunks go to both sides */
+	UBM_MIG_DBT = 1,       /* writes go to the source; the chunks they touch go dirty */
+	UBM_MIG_SNAPSHOT = 2,  /* writes go to a delta (the source is frozen); the copier
+				* folds frozen deltas into the destination */
 };
 
 struct ubm_mig_config {
@@ -108,9 +110,13 @@ struct ubm_mig_config {
 	uint64_t speed;            /* copier bytes/s, 0 = unlimited */
 	uint32_t direct;           /* open the destination with O_DIRECT */
 	uint32_t copy_depth;       /* chunks the copier keeps in flight (0: 4) */
+	const char *delta_dir;     /* snapshot: where the (unlinked) delta files live;
+				    * NULL: beside the source */
 };
 
-/* Which chunks a pass copies. */
+/* Which chunks a pass copies.  In snapshot mode every pass but the final
+ * one copies the chunks whose newest data is in the base or a frozen delta
+ * (never the active delta); the final one (paused) takes the active too. */
 enum ubm_pass {
 	UBM_PASS_ALL = 0,    /* every chunk not yet copied, and dirty ones */
 	UBM_PASS_DIRTY = 1,  /* dirty chunks, except hot ones (dirtied pass after pass) */
@@ -138,6 +144,9 @@ struct ubm_mig_stats {
 	uint32_t mode;
 	uint32_t paused;
 	uint32_t cut_over;
+	uint32_t generation;       /* snapshot: the active delta (1, 2, ...) */
+	uint64_t delta_chunks;     /* snapshot: chunks whose newest data is in the active delta */
+	uint64_t cow_chunks;       /* snapshot: chunks copied into a delta before a write */
 };
 
 /* Open the destination, check it, and start routing guest I/O through the
@@ -148,16 +157,26 @@ int ubm_mig_start(struct ubm_target *t, const struct ubm_mig_config *cfg);
 int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *chunks);
 int ubm_mig_set_mode(struct ubm_target *t, uint32_t mode);
 int ubm_mig_set_speed(struct ubm_target *t, uint64_t bytes_per_second);
+/* Snapshot: freeze the active delta and start a fresh one (guest I/O is
+ * paused for the switch); the next pass folds the frozen one.  -ENOSPC when
+ * no more deltas can be opened. */
+int ubm_mig_new_delta(struct ubm_target *t);
 /* Hold new guest requests and wait until those in flight are done. */
 int ubm_mig_pause(struct ubm_target *t);
 int ubm_mig_resume(struct ubm_target *t);
 /* Switch the target to the destination; -EAGAIN unless every chunk is
  * copied and clean (and, in DBT mode, guest I/O is paused). */
 int ubm_mig_cutover(struct ubm_target *t);
+/* With guest I/O paused: compare every chunk of the destination with the
+ * disk's current content (the source, or in snapshot mode the newest
+ * delta holding it).  *mismatched: chunks that differ (0 when verified). */
+int ubm_mig_verify(struct ubm_target *t, uint64_t *mismatched);
 /* Make a running pass stop soon (any thread). */
 int ubm_mig_abort(struct ubm_target *t);
 /* Stop routing through the migration.  After a cutover the destination
- * goes on serving; otherwise the source does and the destination is closed. */
+ * goes on serving; otherwise the source does and the destination is closed
+ * (in snapshot mode the deltas are first folded back into the source, with
+ * guest I/O paused). */
 int ubm_mig_finish(struct ubm_target *t);
 int ubm_mig_get_stats(struct ubm_target *t, struct ubm_mig_stats *out);
 
