@@ -96,11 +96,13 @@ static int file_queue_io(struct ubm_backend *be, struct ubm_queue *q, unsigned t
 		if (req->buf_index >= 0) {
 			/* zero copy: the request's pages, registered at buf_index;
 			 * the address is an offset into that buffer */
+			void *at = (void *)(uintptr_t)req->buf_off;
+
 			if (wr)
-				io_uring_prep_write_fixed(sqe, be->file_index, NULL, req->len,
+				io_uring_prep_write_fixed(sqe, be->file_index, at, req->len,
 							  req->offset, req->buf_index);
 			else
-				io_uring_prep_read_fixed(sqe, be->file_index, NULL, req->len,
+				io_uring_prep_read_fixed(sqe, be->file_index, at, req->len,
 							 req->offset, req->buf_index);
 		} else if (wr) {
 			io_uring_prep_write(sqe, be->file_index, req->buf, req->len, req->offset);

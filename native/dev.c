@@ -85,6 +85,7 @@ void ubm_dev_cmd_cqe(struct ubm_queue *q, const struct io_uring_cqe *cqe)
 	io->req.offset = iod->start_sector << 9;
 	io->req.len = iod->nr_sectors << 9;
 	io->req.buf = io->buf;
+	io->req.buf_off = 0;
 	io->req.buf_index = (q->path != UBM_PATH_COPY &&
 			     (io->req.op == UBLK_IO_OP_READ || io->req.op == UBLK_IO_OP_WRITE))
 		? (int)tag : -1;
@@ -173,7 +174,7 @@ static int open_source(struct ubm_dev *dev)
 
 	be->ops = &ubm_file_backend_ops;
 	be->fd = -1;
-	be->file_index = FILE_SOURCE;
+	be->file_index = FILE_OF_SLOT(SLOT_SOURCE);
 	be->logical_bs = dev->cfg.logical_bs;
 	be->read_only = dev->cfg.read_only;
 	be->direct = dev->cfg.direct;
@@ -260,10 +261,10 @@ UBM_EXPORT int ubm_dev_create(const struct ubm_config *cfg, struct ubm_dev **out
 		return ubm_fail(ENOMEM, "out of memory");
 	dev->cfg = *cfg;
 	dev->cfg.source_path = strdup(cfg->source_path);
+	dev->tgt.source_path = (char *)dev->cfg.source_path;
 	dev->cdev_fd = dev->ctrl.fd = -1;
 	dev->tgt.source.fd = -1;
 	dev->tgt.dest.fd = -1;
-	dev->tgt.dest_fd = -1;
 	dev->tgt.be[SLOT_SOURCE] = &dev->tgt.source;
 	dev->tgt.primary = SLOT_SOURCE;
 	sem_init(&dev->ready, 0, 0);
@@ -309,6 +310,7 @@ UBM_EXPORT int ubm_dev_create(const struct ubm_config *cfg, struct ubm_dev **out
 	if (!dev->queues)
 		return ubm_fail(ENOMEM, "out of memory");
 	dev->tgt.queues = dev->queues;
+	dev->tgt.max_io = dev->info.max_io_buf_bytes;
 	dev->tgt.nr_queues = dev->nr_queues;
 	for (i = 0; i < dev->nr_queues; i++) {
 		struct ubm_queue *q = &dev->queues[i];

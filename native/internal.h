@@ -16,7 +16,8 @@
 #include "ubm.h"
 
 #define UBM_EXPORT __attribute__((visibility("default")))
-#define UBM_MAX_BACKENDS 2          /* source, destination */
+#define UBM_MAX_DELTAS 8            /* snapshot generations */
+#define UBM_MAX_BACKENDS (2 + UBM_MAX_DELTAS)  /* source, destination, deltas */
 #define UBM_MAX_QUEUES 64
 
 #define ubm_likely(x) __builtin_expect(!!(x), 1)
@@ -54,6 +55,7 @@ struct ubm_req {
 	uint32_t len;        /* bytes */
 	void *buf;           /* data in process memory (copy mode, sim) */
 	int buf_index;       /* zero copy: fixed-buffer index holding the data; -1 if none */
+	uint32_t buf_off;    /* zero copy: where in that buffer this request's data starts */
 };
 
 struct ubm_queue;
@@ -83,7 +85,7 @@ struct ubm_backend_ops {
 struct ubm_backend {
 	const struct ubm_backend_ops *ops;
 	int fd;
-	int file_index;         /* fixed-file slot in every ring (FILE_SOURCE, FILE_DEST) */
+	int file_index;         /* fixed-file slot in every ring: backend slot + 1 */
 	uint64_t size;
 	uint32_t logical_bs;
 	bool read_only, direct, is_blockdev;
@@ -94,20 +96,25 @@ struct ubm_backend {
 
 extern const struct ubm_backend_ops ubm_file_backend_ops;
 
-/* Fixed-file slots, the same in every ring (queues, simulator, copier). */
-enum { FILE_UBLKC = 0, FILE_SOURCE = 1, FILE_DEST = 2, NR_FILES = 3 };
-
 /* Backend slots of a target. */
-enum { SLOT_SOURCE = 0, SLOT_DEST = 1 };
+enum { SLOT_SOURCE = 0, SLOT_DEST = 1, SLOT_DELTA0 = 2 };
+
+/* Fixed-file slots, the same in every ring (queues, simulator, copier):
+ * the ublk char device, then one per backend slot. */
+#define FILE_UBLKC 0
+#define FILE_OF_SLOT(slot) ((slot) + 1)
+#define NR_FILES (1 + UBM_MAX_BACKENDS)
 
 struct ubm_migration;
 
 /* The backends an io can go to, and the migration routing state. */
 struct ubm_target {
-	struct ubm_backend *be[UBM_MAX_BACKENDS];  /* [SLOT_SOURCE], [SLOT_DEST] */
+	struct ubm_backend *be[UBM_MAX_BACKENDS];  /* by slot */
 	struct ubm_backend source;
 	struct ubm_backend dest;         /* opened by a migration; primary after cutover */
-	int dest_fd;                     /* what queues install at FILE_DEST (ACT_FILES) */
+	int files[NR_FILES];             /* what every ring should have installed (ACT_FILES) */
+	char *source_path;
+	uint32_t max_io;                 /* largest request the target gets */
 	int primary;                     /* slot serving I/O: SOURCE, DEST after cutover */
 	struct ubm_migration *mig;       /* routing state while a migration runs */
 	struct ubm_queue *queues;        /* the queues routing to this target */
@@ -135,9 +142,10 @@ struct ubm_io {
 	int result;              /* first error, or bytes done (primary backend) */
 	int dest_result;         /* migration: result on the destination */
 	uint16_t pending;        /* backend CQEs still to come */
+	uint16_t slots;          /* backends the request went to (bit per slot) */
 	uint8_t state;           /* enum ubm_io_state */
 	uint8_t mflags;          /* migration: MIG_IO_* */
-	uint8_t slots;           /* backends the request went to (bit per slot) */
+	struct ubm_req sreq[UBM_MAX_BACKENDS];  /* what each of those backends does */
 	uint8_t be_stage[UBM_MAX_BACKENDS];  /* backend-private progress */
 	uint16_t next_parked;    /* parked list link */
 	struct ubm_migration *mig;  /* routed by this migration (holds its references) */
@@ -150,7 +158,7 @@ enum {
 	ACT_RETRY_PARKED = 1u << 0,  /* a chunk was unlocked / the pause ended */
 	ACT_SYNC = 1u << 1,          /* acknowledge (the target changed) */
 	ACT_STOP = 1u << 2,          /* leave the loop once nothing is in flight */
-	ACT_FILES = 1u << 3,         /* install target->dest_fd at FILE_DEST */
+	ACT_FILES = 1u << 3,         /* install target->files[] beyond the source */
 };
 
 #define NO_TAG 0xffff
@@ -188,7 +196,7 @@ int ubm_queue_bell_arm(struct ubm_queue *q);
 void ubm_queue_ring_bell(struct ubm_queue *q, uint32_t actions);
 void ubm_target_ring_bells(struct ubm_target *t, uint32_t actions);
 int ubm_target_sync(struct ubm_target *t);
-int ubm_target_set_dest_file(struct ubm_target *t, int fd);
+int ubm_target_set_file(struct ubm_target *t, unsigned slot, int fd);
 int ubm_queue_set_file(struct ubm_queue *q, unsigned index, int fd);
 void ubm_queue_ring_exit(struct ubm_queue *q);
 struct io_uring_sqe *ubm_queue_sqe(struct ubm_queue *q);
@@ -204,7 +212,7 @@ static inline void ubm_stat_inc(uint64_t *c, uint64_t v)
 }
 
 /* migrate.c: the routing of requests while a migration runs */
-int ubm_mig_route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag, uint8_t *slots);
+int ubm_mig_route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag);
 void ubm_mig_io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag);
 
 /* dev.c: a FETCH / COMMIT_AND_FETCH completed on a ublk queue */

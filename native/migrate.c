@@ -7,7 +7,8 @@
  *
  *   COPIED   the destination holds the chunk (unless it is also dirty)
  *   LOCKED   the copier is copying it: guest writes to it wait (park)
- *   WAITERS  a parked request waits for the lock to go
+ *   WAITERS  a parked request waits for the lock (or COW) to go
+ *   COW      snapshot: a queue is copying the chunk into the active delta
  *   count    guest writes in flight on the chunk
  *
  * A guest write takes a reference on every chunk it touches, unless one is
@@ -19,6 +20,15 @@
  * marks it dirty when it completes (and the copier clears the bit before it
  * reads), so the next pass copies it again.  Discards and write-zeroes follow
  * the same rules.
+ *
+ * Snapshot mode keeps the source frozen: guest writes go to the active
+ * delta (a sparse unlinked file), after the chunk is copied into it from its
+ * newest layer (copy on write, at chunk granularity, on the queue thread);
+ * reads go to each chunk's newest layer (newest[c]: 0 the source, g the
+ * delta of generation g).  ubm_mig_new_delta() freezes the active delta and
+ * opens the next; the copier copies each chunk from its newest layer, except
+ * the active one until the final (paused) pass.  Deltas live until the end:
+ * a cancel folds them back into the source.
  */
 #include <fcntl.h>
 #include <stdlib.h>
@@ -29,7 +39,8 @@
 
 #include "internal.h"
 
-#define CH_COUNT 0x0fffffffu
+#define CH_COUNT 0x07ffffffu
+#define CH_COW (1u << 27)
 #define CH_COPIED (1u << 28)
 #define CH_WAITERS (1u << 29)
 #define CH_LOCKED (1u << 30)
@@ -45,6 +56,7 @@ enum { CS_FREE = 0, CS_LOCKING, CS_READING, CS_WRITING };
 
 struct copy_slot {
 	int state;
+	unsigned from;     /* backend slot the chunk is read from */
 	uint64_t chunk;
 	bool first_copy;   /* the destination chunk was never written */
 	void *buf;
@@ -57,6 +69,11 @@ struct ubm_migration {
 	uint32_t *chunk;           /* state words */
 	uint64_t *dirty;           /* bitmap */
 	uint8_t *hot;              /* dirty passes a chunk was copied in, in a row */
+	uint8_t *newest;           /* snapshot: generation holding each chunk's newest data */
+	struct ubm_backend delta[UBM_MAX_DELTAS];
+	uint32_t gen;              /* snapshot: the active delta's generation (1..) */
+	uint64_t delta_chunks, cow_chunks;
+	char *delta_dir;
 	uint32_t mode;
 	uint32_t paused;
 	uint32_t abort;
@@ -171,47 +188,127 @@ static bool is_write(uint8_t op)
 	return op == UBLK_IO_OP_WRITE || op == UBLK_IO_OP_DISCARD || op == UBLK_IO_OP_WRITE_ZEROES;
 }
 
-/* Decide where a request goes; returns 1 when it must wait (park). */
-int ubm_mig_route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag, uint8_t *slots)
+/* Send the request (or a part of it) to backend `slot`. */
+static void to_slot(struct ubm_io *io, unsigned slot, uint64_t offset, uint32_t len)
+{
+	struct ubm_req *r = &io->sreq[slot];
+	uint32_t skip = (uint32_t)(offset - io->req.offset);
+
+	*r = io->req;
+	r->offset = offset;
+	r->len = len;
+	if (r->buf)
+		r->buf = (char *)r->buf + skip;
+	r->buf_off += skip;
+	io->slots |= (uint16_t)(1u << slot);
+}
+
+/* Snapshot: the backend slot holding the newest data of chunk c. */
+static unsigned layer_slot(struct ubm_migration *m, uint64_t c)
+{
+	unsigned gen = A_LOAD(&m->newest[c]);
+
+	return gen ? SLOT_DELTA0 + gen - 1 : SLOT_SOURCE;
+}
+
+static int snapshot_cow(struct ubm_migration *m, uint64_t c);
+
+/* Snapshot routing: reads from the newest layer of each chunk, writes to
+ * the active delta (after copying the chunk into it if it is not there). */
+static int snapshot_route(struct ubm_migration *m, struct ubm_io *io, uint64_t c0, uint64_t c1)
+{
+	const struct ubm_req *req = &io->req;
+	unsigned active = A_LOAD(&m->gen), s0, s1;
+	int ret;
+
+	if (req->op == UBLK_IO_OP_FLUSH) {
+		/* every delta holds data the guest wrote */
+		for (unsigned g = 1; g <= active; g++)
+			to_slot(io, SLOT_DELTA0 + g - 1, 0, 0);
+		return 0;
+	}
+	if (!is_write(req->op)) {
+		s0 = layer_slot(m, c0);
+		s1 = layer_slot(m, c1);
+		if (s0 == s1) {
+			to_slot(io, s0, req->offset, req->len);
+		} else {
+			uint64_t split = c1 << m->chunk_shift;
+
+			to_slot(io, s0, req->offset, (uint32_t)(split - req->offset));
+			to_slot(io, s1, split, (uint32_t)(req->offset + req->len - split));
+		}
+		return 0;
+	}
+	for (uint64_t c = c0; c <= c1; c++) {
+		if (A_LOAD(&m->newest[c]) == active)
+			continue;
+		ret = snapshot_cow(m, c);
+		if (ret)
+			return ret;  /* 1: another queue is copying it (park), or -errno */
+	}
+	io->mflags |= MIG_IO_TRACKED;
+	A_ADD(&m->unmirrored, 1);
+	to_slot(io, SLOT_DELTA0 + active - 1, req->offset, req->len);
+	return 0;
+}
+
+/* Decide where a request goes: fills io->slots and io->sreq[].  Returns 0,
+ * 1 when it must wait (park), or -errno to fail it. */
+int ubm_mig_route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 {
 	struct ubm_io *io = &q->ios[tag];
 	const struct ubm_req *req = &io->req;
-	uint64_t c0, c1;
+	uint32_t mode = A_LOAD(&m->mode);
+	uint64_t c0 = 0, c1 = 0;
 	bool mirror;
+	int ret;
 
 	if (!io->t_start)
 		io->t_start = now_ns();
 	io->mflags = 0;
+	io->slots = 0;
 	/* announce first, then look at the pause flag: ubm_mig_pause() sets
 	 * the flag first, then waits for the count to drain */
 	A_ADD(&m->inflight, 1);
-	if (ubm_unlikely(A_LOAD(&m->paused))) {
-		A_SUB(&m->inflight, 1);
-		A_ADD(&m->parked, 1);
-		return 1;
-	}
+	if (ubm_unlikely(A_LOAD(&m->paused)))
+		goto park;
 	if (A_LOAD(&m->cut_over)) {
-		*slots = 1u << SLOT_DEST;
+		to_slot(io, SLOT_DEST, req->offset, req->len);
 		return 0;
+	}
+	if (req->len) {
+		c0 = req->offset >> m->chunk_shift;
+		c1 = (req->offset + req->len - 1) >> m->chunk_shift;
+	}
+	if (mode == UBM_MIG_SNAPSHOT) {
+		if (is_write(req->op) && req->len) {
+			if (!chunks_get(m, c0, c1))
+				goto park;
+			io->mflags = MIG_IO_REFS;
+		}
+		ret = snapshot_route(m, io, c0, c1);
+		if (ret == 1) {
+			chunks_put(m, c0, c1);
+			io->mflags = 0;
+			goto park;
+		}
+		return ret;
 	}
 	if (req->op == UBLK_IO_OP_FLUSH) {
 		/* durable on both: mirrored writes and copied chunks sit on the destination */
-		*slots = (1u << SLOT_SOURCE) | (1u << SLOT_DEST);
+		to_slot(io, SLOT_SOURCE, 0, 0);
+		to_slot(io, SLOT_DEST, 0, 0);
 		return 0;
 	}
 	if (!is_write(req->op) || req->len == 0) {
-		*slots = 1u << SLOT_SOURCE;
+		to_slot(io, SLOT_SOURCE, req->offset, req->len);
 		return 0;
 	}
-	c0 = req->offset >> m->chunk_shift;
-	c1 = (req->offset + req->len - 1) >> m->chunk_shift;
-	if (!chunks_get(m, c0, c1)) {
-		A_SUB(&m->inflight, 1);
-		A_ADD(&m->parked, 1);
-		return 1;
-	}
+	if (!chunks_get(m, c0, c1))
+		goto park;
 	io->mflags = MIG_IO_REFS;
-	mirror = A_LOAD(&m->mode) == UBM_MIG_MIRROR;
+	mirror = mode == UBM_MIG_MIRROR;
 	/* Mirror unless a chunk is dirty: the copier takes those.  Writing
 	 * the part of a request that falls on a chunk not copied yet to the
 	 * destination too is harmless: the copier copies that chunk after this
@@ -222,17 +319,19 @@ int ubm_mig_route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag, ui
 		if (is_dirty(m, c))
 			mirror = false;
 	}
+	to_slot(io, SLOT_SOURCE, req->offset, req->len);
 	if (mirror) {
 		io->mflags |= MIG_IO_MIRRORED;
-		*slots = (1u << SLOT_SOURCE) | (1u << SLOT_DEST);
-	} else {
-		if (touches_copied) {
-			io->mflags |= MIG_IO_TRACKED;
-			A_ADD(&m->unmirrored, 1);
-		}
-		*slots = 1u << SLOT_SOURCE;
+		to_slot(io, SLOT_DEST, req->offset, req->len);
+	} else if (touches_copied) {
+		io->mflags |= MIG_IO_TRACKED;
+		A_ADD(&m->unmirrored, 1);
 	}
 	return 0;
+park:
+	A_SUB(&m->inflight, 1);
+	A_ADD(&m->parked, 1);
+	return 1;
 }
 
 void ubm_mig_io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
@@ -314,11 +413,129 @@ static void mig_free(struct ubm_migration *m)
 	ubm_queue_ring_exit(&m->cq);
 	for (unsigned i = 0; i < MAX_COPY_DEPTH; i++)
 		free(m->slots[i].buf);
+	for (unsigned g = 0; g < UBM_MAX_DELTAS; g++) {
+		if (m->delta[g].ops)
+			m->delta[g].ops->close(&m->delta[g]);
+	}
 	free(m->cq.ios);
 	free(m->chunk);
 	free(m->dirty);
 	free(m->hot);
+	free(m->newest);
+	free(m->delta_dir);
 	free(m);
+}
+
+/* Install backend `be` at `slot` in every ring (queues and copier). */
+static int install(struct ubm_migration *m, unsigned slot, struct ubm_backend *be)
+{
+	int ret = ubm_queue_set_file(&m->cq, FILE_OF_SLOT(slot), be ? be->fd : -1);
+
+	if (ret == 0)
+		ret = ubm_target_set_file(m->t, slot, be ? be->fd : -1);
+	return ret;
+}
+
+/* Snapshot: open the delta of generation g (an unlinked sparse file). */
+static int open_delta(struct ubm_migration *m, unsigned g)
+{
+	struct ubm_backend *d = &m->delta[g - 1];
+	int fd = open(m->delta_dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+
+	if (fd < 0)
+		return ubm_fail(errno, "cannot create a delta file in %s: %s", m->delta_dir,
+				strerror(errno));
+	if (ftruncate(fd, (off_t)m->size) < 0) {
+		int err = errno;
+
+		close(fd);
+		return ubm_fail(err, "cannot size a delta file in %s: %s", m->delta_dir,
+				strerror(err));
+	}
+	memset(d, 0, sizeof(*d));
+	d->ops = &ubm_file_backend_ops;
+	d->fd = fd;
+	d->size = m->size;
+	d->logical_bs = m->t->source.logical_bs;
+	d->file_index = FILE_OF_SLOT(SLOT_DELTA0 + g - 1);
+	d->can_discard = true;
+	m->t->be[SLOT_DELTA0 + g - 1] = d;
+	return install(m, SLOT_DELTA0 + g - 1, d);
+}
+
+static __thread void *cow_buf;
+static __thread size_t cow_len;
+
+/* pread/pwrite a whole range, retrying short transfers. */
+static int copy_range(int from, int to, uint64_t off, size_t len, void *buf)
+{
+	for (size_t done = 0; done < len;) {
+		ssize_t n = pread(from, (char *)buf + done, len - done, (off_t)(off + done));
+
+		if (n <= 0)
+			return n < 0 ? -errno : -EIO;
+		done += (size_t)n;
+	}
+	for (size_t done = 0; done < len;) {
+		ssize_t n = pwrite(to, (char *)buf + done, len - done, (off_t)(off + done));
+
+		if (n <= 0)
+			return n < 0 ? -errno : -EIO;
+		done += (size_t)n;
+	}
+	return 0;
+}
+
+static uint32_t chunk_len(struct ubm_migration *m, uint64_t c);
+
+/*
+ * Snapshot copy-on-write: bring chunk c into the active delta before a write
+ * lands in it.  Runs on a queue thread holding a reference on c (so the
+ * copier leaves c alone); the COW bit keeps a second queue out (it parks).
+ * Returns 0, 1 (park) or -errno.
+ */
+static int snapshot_cow(struct ubm_migration *m, uint64_t c)
+{
+	unsigned active = A_LOAD(&m->gen), from;
+	uint32_t s = A_LOAD(&m->chunk[c]), len = chunk_len(m, c);
+	int ret;
+
+	for (;;) {
+		if (s & CH_COW) {
+			if ((s & CH_WAITERS) ||
+			    __atomic_compare_exchange_n(&m->chunk[c], &s, s | CH_WAITERS, false,
+							__ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+				return 1;
+			continue;
+		}
+		if (__atomic_compare_exchange_n(&m->chunk[c], &s, s | CH_COW, false,
+						__ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+			break;
+	}
+	ret = 0;
+	if (A_LOAD(&m->newest[c]) != active) {  /* not done by the queue we waited for */
+		from = A_LOAD(&m->newest[c]);
+		if (cow_len < m->chunk_size) {
+			free(cow_buf);
+			cow_len = 0;
+			if (posix_memalign(&cow_buf, 4096, m->chunk_size))
+				ret = -ENOMEM;
+			else
+				cow_len = m->chunk_size;
+		}
+		if (ret == 0)
+			ret = copy_range(from ? m->delta[from - 1].fd : m->t->source.fd,
+					 m->delta[active - 1].fd, c << m->chunk_shift, len, cow_buf);
+		if (ret == 0) {
+			A_STORE(&m->newest[c], (uint8_t)active);
+			A_ADD(&m->cow_chunks, 1);
+			A_ADD(&m->delta_chunks, 1);
+		}
+	}
+	s = __atomic_fetch_and(&m->chunk[c], ~(CH_COW | CH_WAITERS), __ATOMIC_SEQ_CST);
+	if (s & CH_WAITERS)
+		ubm_target_ring_bells(m->t, ACT_RETRY_PARKED);
+	return ret;
 }
 
 UBM_EXPORT int ubm_mig_start(struct ubm_target *t, const struct ubm_mig_config *cfg)
@@ -331,18 +548,22 @@ UBM_EXPORT int ubm_mig_start(struct ubm_target *t, const struct ubm_mig_config *
 		return ubm_fail(EBUSY, "a migration is already running on this device");
 	if (t->primary != SLOT_SOURCE)
 		return ubm_fail(EINVAL, "this device was migrated already");
-	if (cfg->mode > UBM_MIG_DBT)
+	if (cfg->mode > UBM_MIG_SNAPSHOT)
 		return ubm_fail(EINVAL, "unknown migration mode %u", cfg->mode);
 	if (cfg->chunk_size < (64u << 10) || cfg->chunk_size > (64u << 20) ||
 	    (cfg->chunk_size & (cfg->chunk_size - 1)))
 		return ubm_fail(EINVAL, "chunk size must be a power of two from 64 KiB to 64 MiB");
 	if (cfg->copy_depth > MAX_COPY_DEPTH)
 		return ubm_fail(EINVAL, "copy depth must be at most %d", MAX_COPY_DEPTH);
+	/* a request then spans at most two chunks: at most two layers to read */
+	if (cfg->mode == UBM_MIG_SNAPSHOT && cfg->chunk_size < t->max_io)
+		return ubm_fail(EINVAL, "snapshot mode needs chunks of at least %u KiB (the largest "
+				"request)", t->max_io >> 10);
 
 	memset(dest, 0, sizeof(*dest));
 	dest->ops = &ubm_file_backend_ops;
 	dest->fd = -1;
-	dest->file_index = FILE_DEST;
+	dest->file_index = FILE_OF_SLOT(SLOT_DEST);
 	dest->logical_bs = t->source.logical_bs;
 	dest->direct = cfg->direct;
 	ret = dest->ops->open(dest, cfg->dest_path);
@@ -376,9 +597,20 @@ UBM_EXPORT int ubm_mig_start(struct ubm_target *t, const struct ubm_mig_config *
 	m->chunk = calloc(m->nr_chunks, sizeof(*m->chunk));
 	m->dirty = calloc((m->nr_chunks + 63) / 64, sizeof(*m->dirty));
 	m->hot = calloc(m->nr_chunks, 1);
+	m->newest = calloc(m->nr_chunks, 1);
 	m->cq.ios = calloc(m->copy_depth, sizeof(*m->cq.ios));
 	m->cq.bell_fd = -1;
-	ret = (!m->chunk || !m->dirty || !m->hot || !m->cq.ios) ? ubm_fail(ENOMEM, "out of memory") : 0;
+	if (cfg->delta_dir) {
+		m->delta_dir = strdup(cfg->delta_dir);
+	} else {
+		/* beside the source */
+		const char *slash = strrchr(t->source_path, '/');
+
+		m->delta_dir = slash ? strndup(t->source_path, (size_t)(slash - t->source_path + 1))
+				     : strdup(".");
+	}
+	ret = (!m->chunk || !m->dirty || !m->hot || !m->newest || !m->cq.ios || !m->delta_dir)
+		? ubm_fail(ENOMEM, "out of memory") : 0;
 	for (unsigned i = 0; ret == 0 && i < m->copy_depth; i++) {
 		if (posix_memalign(&m->slots[i].buf, 4096, m->chunk_size))
 			ret = ubm_fail(ENOMEM, "out of memory for copy buffers");
@@ -390,10 +622,16 @@ UBM_EXPORT int ubm_mig_start(struct ubm_target *t, const struct ubm_mig_config *
 	if (ret == 0)
 		ret = ubm_queue_ring_init(&m->cq, m->copy_depth * 4, -1, false, false);
 	if (ret == 0)
-		ret = ubm_queue_set_file(&m->cq, FILE_DEST, dest->fd);
-	if (ret == 0)
-		ret = ubm_target_set_dest_file(t, dest->fd);
+		ret = install(m, SLOT_DEST, dest);
+	if (ret == 0 && cfg->mode == UBM_MIG_SNAPSHOT) {
+		ret = open_delta(m, 1);
+		m->gen = 1;
+	}
 	if (ret < 0) {
+		for (unsigned slot = SLOT_DEST; slot < UBM_MAX_BACKENDS; slot++) {
+			t->be[slot] = NULL;
+			ubm_target_set_file(t, slot, -1);
+		}
 		mig_free(m);
 		dest->ops->close(dest);
 		return ret;
@@ -403,12 +641,36 @@ UBM_EXPORT int ubm_mig_start(struct ubm_target *t, const struct ubm_mig_config *
 	return 0;
 }
 
+UBM_EXPORT int ubm_mig_new_delta(struct ubm_target *t)
+{
+	struct ubm_migration *m = t->mig;
+	unsigned next;
+	int ret;
+
+	if (!m)
+		return ubm_fail(ENOENT, "no migration is running");
+	if (A_LOAD(&m->mode) != UBM_MIG_SNAPSHOT)
+		return ubm_fail(EINVAL, "not a snapshot migration");
+	next = m->gen + 1;
+	if (next > UBM_MAX_DELTAS)
+		return ubm_fail(ENOSPC, "all %d deltas are in use", UBM_MAX_DELTAS);
+	ret = open_delta(m, next);  /* before the pause: keep it short */
+	if (ret < 0)
+		return ret;
+	/* writes routed to the old delta must be done before any write can
+	 * copy a chunk from it into the new one */
+	ubm_mig_pause(t);
+	A_STORE(&m->gen, next);
+	A_STORE(&m->delta_chunks, 0);
+	return ubm_mig_resume(t);
+}
+
 UBM_EXPORT int ubm_mig_set_mode(struct ubm_target *t, uint32_t mode)
 {
 	if (!t->mig)
 		return ubm_fail(ENOENT, "no migration is running");
-	if (mode > UBM_MIG_DBT)
-		return ubm_fail(EINVAL, "unknown migration mode %u", mode);
+	if (mode > UBM_MIG_DBT || A_LOAD(&t->mig->mode) == UBM_MIG_SNAPSHOT)
+		return ubm_fail(EINVAL, "only mirror and dirty tracking switch modes");
 	A_STORE(&t->mig->mode, mode);
 	return 0;
 }
@@ -496,6 +758,37 @@ UBM_EXPORT int ubm_mig_finish(struct ubm_target *t)
 	if (!m)
 		return ubm_fail(ENOENT, "no migration is running");
 	cut_over = A_LOAD(&m->cut_over);
+	if (!cut_over && A_LOAD(&m->mode) == UBM_MIG_SNAPSHOT) {
+		/* the guest's writes since the start live in the deltas: fold
+		 * them back into the source, newest layer of each chunk, with
+		 * guest I/O paused; on failure keep serving through the layers */
+		int ret = 0;
+
+		ubm_mig_pause(t);
+		for (uint64_t c = 0; c < m->nr_chunks && ret == 0; c++) {
+			unsigned g = A_LOAD(&m->newest[c]);
+
+			if (!g)
+				continue;
+			if (cow_len < m->chunk_size) {
+				free(cow_buf);
+				cow_len = posix_memalign(&cow_buf, 4096, m->chunk_size) ? 0
+											 : m->chunk_size;
+			}
+			ret = cow_len ? copy_range(m->delta[g - 1].fd, t->source.fd,
+						   c << m->chunk_shift, chunk_len(m, c), cow_buf)
+				      : -ENOMEM;
+			if (ret == 0)
+				A_STORE(&m->newest[c], 0);
+		}
+		if (ret == 0 && fdatasync(t->source.fd) < 0)
+			ret = -errno;
+		if (ret < 0) {
+			ubm_mig_resume(t);
+			return ubm_fail(ret, "folding the deltas back into the source failed: %s",
+					strerror(-ret));
+		}
+	}
 	__atomic_store_n(&t->mig, NULL, __ATOMIC_SEQ_CST);
 	if (A_LOAD(&m->paused)) {
 		__atomic_store_n(&m->paused, 0, __ATOMIC_SEQ_CST);
@@ -507,14 +800,49 @@ UBM_EXPORT int ubm_mig_finish(struct ubm_target *t)
 	ubm_target_sync(t);
 	/* ... and the requests it routed are done */
 	wait_inflight(m);
-	if (!cut_over) {
-		/* cancelled or failed: the source stays; let go of the destination */
-		t->be[SLOT_DEST] = NULL;
-		ubm_target_set_dest_file(t, -1);
-		t->dest.ops->close(&t->dest);
+	for (unsigned slot = cut_over ? SLOT_DELTA0 : SLOT_DEST; slot < UBM_MAX_BACKENDS; slot++) {
+		if (!t->be[slot])
+			continue;
+		/* cancelled or failed: the source stays; let go of the rest */
+		t->be[slot] = NULL;
+		ubm_target_set_file(t, slot, -1);
 	}
+	if (!cut_over)
+		t->dest.ops->close(&t->dest);
 	mig_free(m);
 	return 0;
+}
+
+UBM_EXPORT int ubm_mig_verify(struct ubm_target *t, uint64_t *mismatched)
+{
+	struct ubm_migration *m = t->mig;
+	void *a = NULL, *b = NULL;
+	int ret = 0;
+
+	*mismatched = 0;
+	if (!m)
+		return ubm_fail(ENOENT, "no migration is running");
+	if (!A_LOAD(&m->paused) && !A_LOAD(&m->cut_over))
+		return ubm_fail(EAGAIN, "verifying needs guest I/O paused");
+	if (posix_memalign(&a, 4096, m->chunk_size) || posix_memalign(&b, 4096, m->chunk_size)) {
+		free(a);
+		return ubm_fail(ENOMEM, "out of memory");
+	}
+	for (uint64_t c = 0; c < m->nr_chunks && ret == 0; c++) {
+		uint64_t off = c << m->chunk_shift;
+		uint32_t len = chunk_len(m, c);
+		int from = m->t->be[m->gen ? layer_slot(m, c) : SLOT_SOURCE]->fd;
+
+		if (pread(from, a, len, (off_t)off) != (ssize_t)len ||
+		    pread(t->dest.fd, b, len, (off_t)off) != (ssize_t)len)
+			ret = ubm_fail(errno ? errno : EIO, "reading chunk %llu failed",
+				       (unsigned long long)c);
+		else if (memcmp(a, b, len))
+			(*mismatched)++;
+	}
+	free(a);
+	free(b);
+	return ret;
 }
 
 UBM_EXPORT int ubm_mig_get_stats(struct ubm_target *t, struct ubm_mig_stats *out)
@@ -546,6 +874,9 @@ UBM_EXPORT int ubm_mig_get_stats(struct ubm_target *t, struct ubm_mig_stats *out
 	out->mode = A_LOAD(&m->mode);
 	out->paused = A_LOAD(&m->paused);
 	out->cut_over = A_LOAD(&m->cut_over);
+	out->generation = A_LOAD(&m->gen);
+	out->delta_chunks = A_LOAD(&m->delta_chunks);
+	out->cow_chunks = A_LOAD(&m->cow_chunks);
 	return 0;
 }
 
@@ -560,6 +891,9 @@ static uint32_t chunk_len(struct ubm_migration *m, uint64_t c)
 
 static bool wanted(struct ubm_migration *m, uint64_t c, uint32_t pass)
 {
+	/* snapshot: the active delta is still taking writes */
+	if (pass != UBM_PASS_FINAL && m->gen && A_LOAD(&m->newest[c]) == A_LOAD(&m->gen))
+		return false;
 	switch (pass) {
 	case UBM_PASS_ALL:
 		return !(A_LOAD(&m->chunk[c]) & CH_COPIED) || is_dirty(m, c);
@@ -634,7 +968,8 @@ static int copy_begin(struct ubm_migration *m, unsigned i)
 	/* clear before reading: a write that lands after this re-dirties it */
 	clear_dirty(m, cs->chunk);
 	cs->first_copy = !(A_LOAD(&m->chunk[cs->chunk]) & CH_COPIED);
-	data = lseek(m->t->source.fd, (off_t)off, SEEK_DATA);
+	cs->from = m->gen ? layer_slot(m, cs->chunk) : SLOT_SOURCE;
+	data = lseek(m->t->be[cs->from]->fd, (off_t)off, SEEK_DATA);
 	if ((data < 0 && errno == ENXIO) || (data >= 0 && (uint64_t)data >= off + len)) {
 		/* a hole in the source */
 		if (m->dest_zeroed && cs->first_copy) {
@@ -645,7 +980,7 @@ static int copy_begin(struct ubm_migration *m, unsigned i)
 		}
 		return copy_op(m, i, SLOT_DEST, UBLK_IO_OP_WRITE_ZEROES, CS_WRITING);
 	}
-	return copy_op(m, i, SLOT_SOURCE, UBLK_IO_OP_READ, CS_READING);
+	return copy_op(m, i, cs->from, UBLK_IO_OP_READ, CS_READING);
 }
 
 static int copy_cqe(struct ubm_migration *m, const struct io_uring_cqe *cqe)

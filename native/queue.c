@@ -15,10 +15,15 @@
 int ubm_queue_ring_init(struct ubm_queue *q, unsigned entries, int ublkc_fd, bool sparse_bufs,
 			bool single_issuer)
 {
-	int files[NR_FILES] = { ublkc_fd, q->tgt->source.fd, -1 };
+	int files[NR_FILES];
 	struct io_uring_params p;
 	int ret;
 
+	/* -1 leaves a slot empty: migrations fill them */
+	for (unsigned i = 0; i < NR_FILES; i++)
+		files[i] = -1;
+	files[FILE_UBLKC] = ublkc_fd;
+	files[FILE_OF_SLOT(SLOT_SOURCE)] = q->tgt->source.fd;
 	memset(&p, 0, sizeof(p));
 	p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_COOP_TASKRUN;
 	if (single_issuer)
@@ -30,7 +35,6 @@ int ubm_queue_ring_init(struct ubm_queue *q, unsigned entries, int ublkc_fd, boo
 	if (ret < 0)
 		return ubm_fail(ret, "io_uring setup failed: %s", strerror(-ret));
 	q->ring_ok = true;
-	/* -1 leaves a slot empty: the destination comes with a migration */
 	ret = io_uring_register_files(&q->ring, files, NR_FILES);
 	if (ret < 0)
 		return ubm_fail(ret, "io_uring file registration failed: %s", strerror(-ret));
@@ -126,19 +130,19 @@ int ubm_target_sync(struct ubm_target *t)
 	return 0;
 }
 
-/* Install fd (or with -1, nothing) at FILE_DEST in every queue's ring. */
-int ubm_target_set_dest_file(struct ubm_target *t, int fd)
+/* Install fd (or with -1, nothing) for backend `slot` in every queue's ring. */
+int ubm_target_set_file(struct ubm_target *t, unsigned slot, int fd)
 {
 	int ret = 0;
 
-	__atomic_store_n(&t->dest_fd, fd, __ATOMIC_RELEASE);
+	__atomic_store_n(&t->files[FILE_OF_SLOT(slot)], fd, __ATOMIC_RELEASE);
 	for (unsigned i = 0; i < t->nr_queues; i++) {
 		struct ubm_queue *q = &t->queues[i];
 
 		if (q->dev)
 			ubm_queue_ring_bell(q, ACT_FILES);
-		else if (ret == 0)
-			ret = ubm_queue_set_file(q, FILE_DEST, fd);  /* simulator: the caller's ring */
+		else if (ret == 0)  /* simulator: the caller's ring */
+			ret = ubm_queue_set_file(q, FILE_OF_SLOT(slot), fd);
 	}
 	if (ret == 0)
 		ret = ubm_target_sync(t);  /* ACT_FILES is handled before the ACT_SYNC ack */
@@ -174,8 +178,14 @@ static void doorbell(struct ubm_queue *q)
 			route_io(q, tag);
 		}
 	}
-	if (act & ACT_FILES)
-		ubm_queue_set_file(q, FILE_DEST, __atomic_load_n(&q->tgt->dest_fd, __ATOMIC_ACQUIRE));
+	if (act & ACT_FILES) {
+		int files[NR_FILES];
+		unsigned first = FILE_OF_SLOT(SLOT_DEST);
+
+		for (unsigned i = first; i < NR_FILES; i++)
+			files[i] = __atomic_load_n(&q->tgt->files[i], __ATOMIC_ACQUIRE);
+		io_uring_register_files_update(&q->ring, first, files + first, NR_FILES - first);
+	}
 	if (act & ACT_SYNC)
 		__atomic_fetch_add(&q->acked, 1, __ATOMIC_RELEASE);
 	if (!q->stopping)
@@ -230,12 +240,19 @@ static void route_io(struct ubm_queue *q, unsigned tag)
 	struct ubm_io *io = &q->ios[tag];
 	struct ubm_target *t = q->tgt;
 	struct ubm_migration *m = __atomic_load_n(&t->mig, __ATOMIC_ACQUIRE);
-	uint8_t slots = (uint8_t)(1u << t->primary);
 	int n;
 
 	io->mig = NULL;
-	if (ubm_unlikely(m != NULL)) {
-		if (ubm_mig_route(m, q, tag, &slots)) {
+	io->pending = 0;
+	io->result = (int)io->req.len;
+	io->dest_result = 0;
+	if (ubm_likely(m == NULL)) {
+		io->slots = (uint16_t)(1u << t->primary);
+		io->sreq[t->primary] = io->req;
+	} else {
+		/* the migration fills io->slots and io->sreq[] */
+		n = ubm_mig_route(m, q, tag);
+		if (n > 0) {
 			/* parked: routed again when the doorbell says so */
 			io->state = IO_PARKED;
 			io->next_parked = q->parked_head;
@@ -244,31 +261,29 @@ static void route_io(struct ubm_queue *q, unsigned tag)
 			return;
 		}
 		io->mig = m;
+		if (n < 0) {
+			io->result = n;
+			io->slots = 0;
+		}
 	}
 	io->state = IO_BACKEND;
-	io->pending = 0;
-	io->slots = slots;
-	io->result = (int)io->req.len;
-	io->dest_result = 0;
 	if (ubm_unlikely(t->be[t->primary]->read_only && io->req.op != UBLK_IO_OP_READ &&
 			 io->req.op != UBLK_IO_OP_FLUSH)) {
 		io->result = -EROFS;
 		io->slots = 0;
 	}
-	for (unsigned slot = 0; slot < UBM_MAX_BACKENDS; slot++) {
+	for (unsigned slot = 0; io->slots >> slot; slot++) {
 		struct ubm_backend *be = t->be[slot];
 
 		if (!(io->slots & (1u << slot)))
 			continue;
-		n = be->ops->queue_io(be, q, tag, slot, &io->req);
-		if (n < 0) {
-			if (slot == (unsigned)t->primary)
-				io->result = n;
-			else
-				io->dest_result = n;
-		} else {
+		n = be->ops->queue_io(be, q, tag, slot, &io->sreq[slot]);
+		if (n >= 0)
 			io->pending += n;
-		}
+		else if (slot == SLOT_DEST && t->primary != SLOT_DEST)
+			io->dest_result = n;
+		else
+			io->result = n;
 	}
 	if (io->pending == 0)
 		ubm_queue_backends_done(q, tag);
@@ -330,16 +345,16 @@ static void backend_cqe(struct ubm_queue *q, unsigned tag, unsigned slot, int cq
 	struct ubm_backend *be = q->tgt->be[slot];
 	int res = 0;
 
-	if (be->ops->complete(be, q, tag, slot, &io->req, cqe_res, &res))
+	if (be->ops->complete(be, q, tag, slot, &io->sreq[slot], cqe_res, &res))
 		return;  /* a follow-up operation is on its way */
 	if (res < 0) {
-		/* the guest sees the primary's result; a destination error
-		 * before cutover is the migration's business */
-		if (slot == (unsigned)q->tgt->primary) {
-			if (io->result >= 0)
-				io->result = res;
-		} else if (io->dest_result >= 0) {
-			io->dest_result = res;
+		/* a destination error before cutover is the migration's
+		 * business, not the guest's */
+		if (slot == SLOT_DEST && q->tgt->primary != SLOT_DEST) {
+			if (io->dest_result >= 0)
+				io->dest_result = res;
+		} else if (io->result >= 0) {
+			io->result = res;
 		}
 	}
 	if (--io->pending == 0)

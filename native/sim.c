@@ -9,6 +9,8 @@
 
 #include "internal.h"
 
+#define UBM_SIM_MAX_IO (256u << 10)  /* like a device's max_io_buf_bytes */
+
 struct ubm_sim {
 	struct ubm_target tgt;
 	struct ubm_queue q;
@@ -44,17 +46,18 @@ UBM_EXPORT int ubm_sim_create(const char *source_path, uint32_t logical_bs, uint
 		return ubm_fail(ENOMEM, "out of memory");
 	sim->q.bell_fd = -1;
 	sim->tgt.dest.fd = -1;
-	sim->tgt.dest_fd = -1;
 	be = &sim->tgt.source;
 	be->ops = &ubm_file_backend_ops;
 	be->fd = -1;
-	be->file_index = FILE_SOURCE;
+	be->file_index = FILE_OF_SLOT(SLOT_SOURCE);
 	sim->tgt.be[SLOT_SOURCE] = be;
 	sim->tgt.primary = SLOT_SOURCE;
 	sim->tgt.queues = &sim->q;
 	sim->tgt.nr_queues = 1;
 	be->logical_bs = logical_bs;
 	be->direct = direct;
+	sim->tgt.source_path = strdup(source_path);
+	sim->tgt.max_io = UBM_SIM_MAX_IO;
 	ret = be->ops->open(be, source_path);
 	if (ret < 0)
 		goto fail;
@@ -87,7 +90,7 @@ UBM_EXPORT int ubm_sim_submit(struct ubm_sim *sim, uint32_t op, uint32_t flags, 
 	const struct ubm_backend *be = &sim->tgt.source;
 	unsigned tag;
 
-	if ((offset | len) % be->logical_bs || offset + len > be->size ||
+	if ((offset | len) % be->logical_bs || offset + len > be->size || len > UBM_SIM_MAX_IO ||
 	    (len == 0 && op != UBLK_IO_OP_FLUSH))
 		return ubm_fail(EINVAL, "request outside the device or not block aligned");
 	for (tag = 0; tag < q->depth; tag++) {
@@ -179,6 +182,7 @@ UBM_EXPORT void ubm_sim_destroy(struct ubm_sim *sim)
 		sim->tgt.dest.ops->close(&sim->tgt.dest);
 	if (sim->tgt.source.ops)
 		sim->tgt.source.ops->close(&sim->tgt.source);
+	free(sim->tgt.source_path);
 	free(sim->q.ios);
 	free(sim->done_tag);
 	free(sim->done_res);

@@ -106,7 +106,9 @@ struct ubm_mig_config {
 	const char *dest_path;     /* file or block device, at least the source's size */
 	uint32_t mode;             /* enum ubm_mig_mode */
 	uint32_t dest_zeroed;      /* the destination reads as zeroes (a new sparse file) */
-	uint64_t chunk_size;       /* power of two, 64 KiB .. 64 MiB */
+	uint64_t chunk_size;       /* power of two, 64 KiB .. 64 MiB; snapshot mode: at least
+				    * the largest request (512 KiB on a device, 256 KiB in
+				    * the simulator) */
 	uint64_t speed;            /* copier bytes/s, 0 = unlimited */
 	uint32_t direct;           /* open the destination with O_DIRECT */
 	uint32_t copy_depth;       /* chunks the copier keeps in flight (0: 4) */
@@ -187,8 +189,8 @@ int ubm_mig_get_stats(struct ubm_target *t, struct ubm_mig_stats *out);
 struct ubm_sim;
 int ubm_sim_create(const char *source_path, uint32_t logical_bs, uint32_t direct,
 		   uint32_t depth, struct ubm_sim **out);
-/* Submit one request (UBLK_IO_OP_* op, UBLK_IO_F_* flags); buf must hold
- * len bytes for READ/WRITE.  Returns a ticket (>= 0) or -errno. */
+/* Submit one request (UBLK_IO_OP_* op, UBLK_IO_F_* flags, at most 256 KiB);
+ * buf must hold len bytes for READ/WRITE.  Returns a ticket (>= 0) or -errno. */
 int ubm_sim_submit(struct ubm_sim *sim, uint32_t op, uint32_t flags, uint64_t offset,
 		   uint32_t len, void *buf);
 /* Wait for any submitted request; stores ticket and result (bytes or -errno).

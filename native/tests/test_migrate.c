@@ -90,6 +90,7 @@ static void *copier(void *arg)
 
 	(void)arg;
 	ret = ubm_mig_copy_pass(tgt, UBM_PASS_ALL, &n);
+	/* (snapshot: the driver thread switches deltas between passes) */
 	for (int pass = 0; ret == 0 && mode == UBM_MIG_DBT && pass < 3; pass++)
 		ret = ubm_mig_copy_pass(tgt, UBM_PASS_DIRTY, &n);
 	copier_ret = ret;
@@ -97,11 +98,47 @@ static void *copier(void *arg)
 	return NULL;
 }
 
-static void run(const char *dir, uint32_t m, int zeroed)
+static const char *mode_name(uint32_t m)
+{
+	return m == UBM_MIG_MIRROR ? "mirror" : m == UBM_MIG_DBT ? "dbt" : "snapshot";
+}
+
+/* Guest I/O while a copier thread runs its passes. */
+static void copy_with_guest_io(void)
+{
+	pthread_t th;
+
+	copier_done = 0;
+	CHECK(pthread_create(&th, NULL, copier, NULL) == 0, "thread");
+	while (!__atomic_load_n(&copier_done, __ATOMIC_SEQ_CST)) {
+		if (inflight < DEPTH && rnd(3))
+			guest_io();
+		else if (inflight)
+			reap_one();
+		else
+			ubm_sim_poll(sim);
+	}
+	pthread_join(th, NULL);
+	CHECK(copier_ret == 0, "copier: %d %s", copier_ret, ubm_last_error());
+}
+
+static void check_file(const char *path, const char *what)
+{
+	unsigned char *disk = malloc(SIZE);
+	int fd = open(path, O_RDONLY);
+
+	CHECK(pread(fd, disk, SIZE, 0) == SIZE, "pread");
+	close(fd);
+	for (uint64_t i = 0; i < SIZE; i++)
+		CHECK(disk[i] == model[i], "%s differs from the model at byte %llu", what,
+		      (unsigned long long)i);
+	free(disk);
+}
+
+static void run(const char *dir, uint32_t m, int zeroed, int cancel)
 {
 	char src[4096], dst[4096];
 	struct ubm_mig_stats st;
-	pthread_t th;
 	int fd;
 
 	mode = m;
@@ -135,7 +172,9 @@ static void run(const char *dir, uint32_t m, int zeroed)
 	CHECK(ubm_sim_create(src, 512, 0, DEPTH, &sim) == 0, "sim: %s", ubm_last_error());
 	tgt = ubm_sim_target(sim);
 	struct ubm_mig_config cfg = { .dest_path = dst, .mode = m, .dest_zeroed = (uint32_t)zeroed,
-				      .chunk_size = CHUNK, .copy_depth = 4,
+				      /* snapshot: chunks no smaller than a request */
+				      .chunk_size = m == UBM_MIG_SNAPSHOT ? 4 * CHUNK : CHUNK,
+				      .copy_depth = 4,
 				      .speed = 32u << 20 /* slow enough for races */ };
 	CHECK(ubm_mig_start(tgt, &cfg) == 0, "mig_start: %s", ubm_last_error());
 	struct ubm_mig_config again = cfg;
@@ -143,18 +182,30 @@ static void run(const char *dir, uint32_t m, int zeroed)
 	/* slow guest writes keep them in flight while the copier works */
 	CHECK(ubm_sim_set_delay(sim, 0, 1000000) == 0, "delay");  /* 1 ms */
 
-	CHECK(pthread_create(&th, NULL, copier, NULL) == 0, "thread");
-	/* guest I/O during the passes */
-	while (!__atomic_load_n(&copier_done, __ATOMIC_SEQ_CST)) {
-		if (inflight < DEPTH && rnd(3))
-			guest_io();
-		else if (inflight)
-			reap_one();
-		else
-			ubm_sim_poll(sim);
+	for (int round = 0; round < (m == UBM_MIG_SNAPSHOT ? 3 : 1); round++) {
+		if (round)
+			CHECK(ubm_mig_new_delta(tgt) == 0, "new delta: %s", ubm_last_error());
+		copy_with_guest_io();
 	}
-	pthread_join(th, NULL);
-	CHECK(copier_ret == 0, "copier: %d %s", copier_ret, ubm_last_error());
+	if (cancel) {
+		while (inflight)
+			reap_one();
+		CHECK(ubm_mig_finish(tgt) == 0, "cancel: %s", ubm_last_error());
+		for (int i = 0; i < 300; i++) {  /* the source serves on */
+			if (inflight < DEPTH)
+				guest_io();
+			else
+				reap_one();
+		}
+		while (inflight)
+			reap_one();
+		ubm_sim_destroy(sim);
+		check_file(src, "the source after a cancel");
+		printf("test_migrate: %s cancelled: the source equals the model\n", mode_name(m));
+		unlink(src);
+		unlink(dst);
+		return;
+	}
 	/* bring it into sync */
 	for (int tries = 0;; tries++) {
 		uint64_t n;
@@ -162,7 +213,7 @@ static void run(const char *dir, uint32_t m, int zeroed)
 
 		while (inflight)
 			reap_one();
-		if (m == UBM_MIG_DBT)
+		if (m != UBM_MIG_MIRROR)
 			CHECK(ubm_mig_pause(tgt) == 0, "pause");
 		CHECK(ubm_mig_copy_pass(tgt, UBM_PASS_FINAL, &n) == 0, "final: %s", ubm_last_error());
 		ret = ubm_mig_cutover(tgt);
@@ -173,14 +224,17 @@ static void run(const char *dir, uint32_t m, int zeroed)
 	CHECK(ubm_mig_get_stats(tgt, &st) == 0, "stats");
 	CHECK(st.cut_over && st.dirty_chunks == 0 && st.chunks_copied == st.nr_chunks,
 	      "in sync after cutover");
-	if (m == UBM_MIG_DBT)
+	uint64_t bad;
+	CHECK(ubm_mig_verify(tgt, &bad) == 0 && bad == 0, "verify: %llu chunks differ",
+	      (unsigned long long)bad);
+	if (m != UBM_MIG_MIRROR)
 		CHECK(ubm_mig_resume(tgt) == 0, "resume");
 	printf("test_migrate: %s%s: %llu passes, %llu bytes copied, %llu skipped, %llu mirrored, "
-	       "%llu tracked, %llu parked: ", m == UBM_MIG_MIRROR ? "mirror" : "dbt",
+	       "%llu tracked, %llu parked, %llu COW: ", mode_name(m),
 	       zeroed ? "" : " (old data on the destination)", (unsigned long long)st.passes,
 	       (unsigned long long)st.bytes_copied, (unsigned long long)st.bytes_skipped,
 	       (unsigned long long)st.mirrored_writes, (unsigned long long)st.tracked_writes,
-	       (unsigned long long)st.parked);
+	       (unsigned long long)st.parked, (unsigned long long)st.cow_chunks);
 	/* guest I/O after the cutover goes to the destination */
 	for (int i = 0; i < 500; i++) {
 		if (inflight < DEPTH)
@@ -200,16 +254,8 @@ static void run(const char *dir, uint32_t m, int zeroed)
 	while (inflight)
 		reap_one();
 	ubm_sim_destroy(sim);
-
-	unsigned char *disk = malloc(SIZE);
-	fd = open(dst, O_RDONLY);
-	CHECK(pread(fd, disk, SIZE, 0) == SIZE, "pread");
-	close(fd);
-	for (uint64_t i = 0; i < SIZE; i++)
-		CHECK(disk[i] == model[i], "destination differs from the model at byte %llu",
-		      (unsigned long long)i);
+	check_file(dst, "the destination");
 	printf("destination equals the model\n");
-	free(disk);
 	unlink(src);
 	unlink(dst);
 }
@@ -274,10 +320,11 @@ int main(void)
 	srandom(7);
 	copier_waits_for_inflight_writes(dir);
 	model = malloc(SIZE);
-	run(dir, UBM_MIG_MIRROR, 1);
-	run(dir, UBM_MIG_DBT, 1);
-	run(dir, UBM_MIG_MIRROR, 0);
-	run(dir, UBM_MIG_DBT, 0);
+	for (uint32_t m = UBM_MIG_MIRROR; m <= UBM_MIG_SNAPSHOT; m++) {
+		run(dir, m, 1, 0);
+		run(dir, m, 0, 0);
+		run(dir, m, 1, 1);
+	}
 	free(model);
 	return 0;
 }
