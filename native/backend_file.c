@@ -131,8 +131,40 @@ static int file_queue_io(struct ubm_backend *be, struct ubm_queue *q, unsigned t
 		return -EOPNOTSUPP;
 	}
 	q->ios[tag].be_stage[slot] = STAGE_MAIN;
+	q->ios[tag].be_done[slot] = 0;
 	io_uring_sqe_set_data64(sqe, ubm_ud(tag, UD_BACKEND, slot));
 	return 1;
+}
+
+/* Queue the rest of a read or write that transferred only `done` bytes. */
+static struct io_uring_sqe *prep_rest(struct ubm_backend *be, struct ubm_queue *q,
+				      const struct ubm_req *req, uint32_t done)
+{
+	struct io_uring_sqe *sqe = ubm_queue_sqe(q);
+	bool wr = req->op == UBLK_IO_OP_WRITE;
+
+	if (!sqe)
+		return NULL;
+	if (req->buf_index >= 0) {
+		void *at = (void *)(uintptr_t)(req->buf_off + done);
+
+		if (wr)
+			io_uring_prep_write_fixed(sqe, be->file_index, at, req->len - done,
+						  req->offset + done, req->buf_index);
+		else
+			io_uring_prep_read_fixed(sqe, be->file_index, at, req->len - done,
+						 req->offset + done, req->buf_index);
+	} else if (wr) {
+		io_uring_prep_write(sqe, be->file_index, (char *)req->buf + done, req->len - done,
+				    req->offset + done);
+	} else {
+		io_uring_prep_read(sqe, be->file_index, (char *)req->buf + done, req->len - done,
+				   req->offset + done);
+	}
+	if (wr && (req->flags & UBLK_IO_F_FUA))
+		sqe->rw_flags = RWF_DSYNC;
+	sqe->flags |= IOSQE_FIXED_FILE;
+	return sqe;
 }
 
 /* Queue a follow-up operation for the same request; 1 on success. */
@@ -159,10 +191,19 @@ static int file_complete(struct ubm_backend *be, struct ubm_queue *q, unsigned t
 	}
 	switch (req->op) {
 	case UBLK_IO_OP_READ:
-	case UBLK_IO_OP_WRITE:
-		/* a short transfer inside the device's size is an I/O error */
-		*res = (cqe_res < 0 || (uint32_t)cqe_res == req->len) ? cqe_res : -EIO;
+	case UBLK_IO_OP_WRITE: {
+		uint32_t *done = &q->ios[tag].be_done[slot];
+
+		if (cqe_res > 0 && *done + (uint32_t)cqe_res < req->len) {
+			/* short: go on with the rest, so a real error (ENOSPC) shows */
+			*done += (uint32_t)cqe_res;
+			return follow_up(tag, slot, prep_rest(be, q, req, *done), res);
+		}
+		if (cqe_res == 0)  /* nothing more: the end of a file shorter than the device */
+			cqe_res = req->op == UBLK_IO_OP_WRITE ? -ENOSPC : -EIO;
+		*res = cqe_res < 0 ? cqe_res : (int)req->len;
 		return 0;
+	}
 	case UBLK_IO_OP_FLUSH:
 		*res = cqe_res;
 		return 0;

@@ -266,6 +266,7 @@ UBM_EXPORT int ubm_dev_create(const struct ubm_config *cfg, struct ubm_dev **out
 	dev->tgt.source.fd = -1;
 	dev->tgt.dest.fd = -1;
 	dev->tgt.be[SLOT_SOURCE] = &dev->tgt.source;
+	pthread_mutex_init(&dev->tgt.mig_lock, NULL);
 	dev->tgt.primary = SLOT_SOURCE;
 	sem_init(&dev->ready, 0, 0);
 	*out = dev;  /* ubm_dev_destroy() cleans up whatever was set up */
@@ -442,6 +443,7 @@ UBM_EXPORT void ubm_dev_destroy(struct ubm_dev *dev)
 	if (dev->tgt.source.ops)
 		dev->tgt.source.ops->close(&dev->tgt.source);
 	sem_destroy(&dev->ready);
+	pthread_mutex_destroy(&dev->tgt.mig_lock);
 	free((char *)dev->cfg.source_path);
 	free(dev);
 }

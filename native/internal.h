@@ -117,6 +117,7 @@ struct ubm_target {
 	uint32_t max_io;                 /* largest request the target gets */
 	int primary;                     /* slot serving I/O: SOURCE, DEST after cutover */
 	struct ubm_migration *mig;       /* routing state while a migration runs */
+	pthread_mutex_t mig_lock;        /* against freeing it under stats/abort/speed */
 	struct ubm_queue *queues;        /* the queues routing to this target */
 	unsigned nr_queues;
 };
@@ -147,6 +148,7 @@ struct ubm_io {
 	uint8_t mflags;          /* migration: MIG_IO_* */
 	struct ubm_req sreq[UBM_MAX_BACKENDS];  /* what each of those backends does */
 	uint8_t be_stage[UBM_MAX_BACKENDS];  /* backend-private progress */
+	uint32_t be_done[UBM_MAX_BACKENDS];  /* bytes a backend has transferred so far */
 	uint16_t next_parked;    /* parked list link */
 	struct ubm_migration *mig;  /* routed by this migration (holds its references) */
 	uint64_t t_start;        /* migration: when the request arrived (ns) */
@@ -176,6 +178,7 @@ struct ubm_queue {
 	struct ubm_io *ios;
 	unsigned cmds_inflight;  /* ublk commands outstanding */
 	unsigned ios_inflight;   /* requests being handled */
+	unsigned plain_inflight; /* ... of which routed without a migration (atomic reads) */
 	bool stopping;
 	int bell_fd;             /* doorbell eventfd, polled by the ring */
 	uint32_t actions;        /* ACT_* asked for (atomic) */

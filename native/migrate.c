@@ -523,13 +523,21 @@ static int snapshot_cow(struct ubm_migration *m, uint64_t c)
 			else
 				cow_len = m->chunk_size;
 		}
-		if (ret == 0)
-			ret = copy_range(from ? m->delta[from - 1].fd : m->t->source.fd,
-					 m->delta[active - 1].fd, c << m->chunk_shift, len, cow_buf);
+		int fd = from ? m->delta[from - 1].fd : m->t->source.fd;
+		off_t data = lseek(fd, (off_t)(c << m->chunk_shift), SEEK_DATA);
+
+		/* a hole stays a hole: the delta's chunk was never written */
+		if (ret == 0 && !((data < 0 && errno == ENXIO) ||
+				  (data >= 0 && (uint64_t)data >= (c << m->chunk_shift) + len)))
+			ret = copy_range(fd, m->delta[active - 1].fd, c << m->chunk_shift, len,
+					 cow_buf);
 		if (ret == 0) {
 			A_STORE(&m->newest[c], (uint8_t)active);
 			A_ADD(&m->cow_chunks, 1);
 			A_ADD(&m->delta_chunks, 1);
+			/* the chunk changed layer: the final pass must take it even
+			 * if the write that caused this parks and never lands */
+			mark_dirty(m, c);
 		}
 	}
 	s = __atomic_fetch_and(&m->chunk[c], ~(CH_COW | CH_WAITERS), __ATOMIC_SEQ_CST);
@@ -637,7 +645,24 @@ UBM_EXPORT int ubm_mig_start(struct ubm_target *t, const struct ubm_mig_config *
 		return ret;
 	}
 	t->be[SLOT_DEST] = dest;
+	pthread_mutex_lock(&t->mig_lock);
 	A_STORE(&t->mig, m);
+	pthread_mutex_unlock(&t->mig_lock);
+	/* Writes routed before the migration hold no chunk references: the
+	 * copier would not wait for them.  Once every queue routes through the
+	 * migration, wait for those to finish before anything is copied. */
+	ubm_target_sync(t);
+	for (unsigned i = 0; i < t->nr_queues; i++) {
+		struct ubm_queue *q = &t->queues[i];
+
+		while (__atomic_load_n(&q->plain_inflight, __ATOMIC_ACQUIRE)) {
+			if (!q->dev) {  /* a simulator: its caller drives it */
+				io_uring_submit(&q->ring);
+				ubm_queue_reap(q);
+			}
+			usleep(50);
+		}
+	}
 	return 0;
 }
 
@@ -677,22 +702,26 @@ UBM_EXPORT int ubm_mig_set_mode(struct ubm_target *t, uint32_t mode)
 
 UBM_EXPORT int ubm_mig_set_speed(struct ubm_target *t, uint64_t bytes_per_second)
 {
-	struct ubm_migration *m = A_LOAD(&t->mig);
+	struct ubm_migration *m;
 
-	if (!m)
-		return ubm_fail(ENOENT, "no migration is running");
-	A_STORE(&m->speed, bytes_per_second);
-	return 0;
+	pthread_mutex_lock(&t->mig_lock);
+	m = t->mig;
+	if (m)
+		A_STORE(&m->speed, bytes_per_second);
+	pthread_mutex_unlock(&t->mig_lock);
+	return m ? 0 : ubm_fail(ENOENT, "no migration is running");
 }
 
 UBM_EXPORT int ubm_mig_abort(struct ubm_target *t)
 {
-	struct ubm_migration *m = A_LOAD(&t->mig);
+	struct ubm_migration *m;
 
-	if (!m)
-		return ubm_fail(ENOENT, "no migration is running");
-	A_STORE(&m->abort, 1);
-	return 0;
+	pthread_mutex_lock(&t->mig_lock);
+	m = t->mig;
+	if (m)
+		A_STORE(&m->abort, 1);
+	pthread_mutex_unlock(&t->mig_lock);
+	return m ? 0 : ubm_fail(ENOENT, "no migration is running");
 }
 
 UBM_EXPORT int ubm_mig_pause(struct ubm_target *t)
@@ -789,7 +818,9 @@ UBM_EXPORT int ubm_mig_finish(struct ubm_target *t)
 					strerror(-ret));
 		}
 	}
+	pthread_mutex_lock(&t->mig_lock);
 	__atomic_store_n(&t->mig, NULL, __ATOMIC_SEQ_CST);
+	pthread_mutex_unlock(&t->mig_lock);
 	if (A_LOAD(&m->paused)) {
 		__atomic_store_n(&m->paused, 0, __ATOMIC_SEQ_CST);
 		A_STORE(&m->last_pause_ns, now_ns() - m->pause_start_ns);
@@ -847,11 +878,15 @@ UBM_EXPORT int ubm_mig_verify(struct ubm_target *t, uint64_t *mismatched)
 
 UBM_EXPORT int ubm_mig_get_stats(struct ubm_target *t, struct ubm_mig_stats *out)
 {
-	struct ubm_migration *m = A_LOAD(&t->mig);
+	struct ubm_migration *m;
 
 	memset(out, 0, sizeof(*out));
-	if (!m)
+	pthread_mutex_lock(&t->mig_lock);
+	m = t->mig;
+	if (!m) {
+		pthread_mutex_unlock(&t->mig_lock);
 		return ubm_fail(ENOENT, "no migration is running");
+	}
 	out->size = m->size;
 	out->chunk_size = m->chunk_size;
 	out->nr_chunks = m->nr_chunks;
@@ -877,6 +912,7 @@ UBM_EXPORT int ubm_mig_get_stats(struct ubm_target *t, struct ubm_mig_stats *out
 	out->generation = A_LOAD(&m->gen);
 	out->delta_chunks = A_LOAD(&m->delta_chunks);
 	out->cow_chunks = A_LOAD(&m->cow_chunks);
+	pthread_mutex_unlock(&t->mig_lock);
 	return 0;
 }
 
@@ -895,12 +931,10 @@ static bool wanted(struct ubm_migration *m, uint64_t c, uint32_t pass)
 	if (pass != UBM_PASS_FINAL && m->gen && A_LOAD(&m->newest[c]) == A_LOAD(&m->gen))
 		return false;
 	switch (pass) {
-	case UBM_PASS_ALL:
-		return !(A_LOAD(&m->chunk[c]) & CH_COPIED) || is_dirty(m, c);
 	case UBM_PASS_DIRTY:
 		return is_dirty(m, c) && m->hot[c] < HOT_PASSES;
 	default:
-		return is_dirty(m, c);
+		return !(A_LOAD(&m->chunk[c]) & CH_COPIED) || is_dirty(m, c);
 	}
 }
 
@@ -1030,7 +1064,7 @@ UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *
 		return ubm_fail(EINVAL, "unknown pass %u", pass);
 	if (A_LOAD(&m->cut_over))
 		return ubm_fail(EINVAL, "the migration has cut over already");
-	A_STORE(&m->abort, 0);
+	/* (an abort stays: every later pass of this migration stops at once) */
 	if (pass == UBM_PASS_DIRTY) {
 		/* chunks dirty again since the last dirty pass are getting hot */
 		uint64_t hot = 0;

@@ -229,6 +229,8 @@ static void finish_io(struct ubm_queue *q, unsigned tag)
 {
 	struct ubm_io *io = &q->ios[tag];
 
+	if (!io->mig && io->state != IO_REG)
+		__atomic_store_n(&q->plain_inflight, q->plain_inflight - 1, __ATOMIC_RELEASE);
 	count_request(q, &io->req, io->result);
 	q->ios_inflight--;
 	__atomic_store_n(&q->stats.inflight, q->ios_inflight, __ATOMIC_RELAXED);
@@ -249,6 +251,8 @@ static void route_io(struct ubm_queue *q, unsigned tag)
 	if (ubm_likely(m == NULL)) {
 		io->slots = (uint16_t)(1u << t->primary);
 		io->sreq[t->primary] = io->req;
+		/* a migration starting now waits for these (ubm_mig_start) */
+		__atomic_store_n(&q->plain_inflight, q->plain_inflight + 1, __ATOMIC_RELEASE);
 	} else {
 		/* the migration fills io->slots and io->sreq[] */
 		n = ubm_mig_route(m, q, tag);

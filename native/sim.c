@@ -46,6 +46,7 @@ UBM_EXPORT int ubm_sim_create(const char *source_path, uint32_t logical_bs, uint
 		return ubm_fail(ENOMEM, "out of memory");
 	sim->q.bell_fd = -1;
 	sim->tgt.dest.fd = -1;
+	pthread_mutex_init(&sim->tgt.mig_lock, NULL);
 	be = &sim->tgt.source;
 	be->ops = &ubm_file_backend_ops;
 	be->fd = -1;
@@ -183,6 +184,7 @@ UBM_EXPORT void ubm_sim_destroy(struct ubm_sim *sim)
 	if (sim->tgt.source.ops)
 		sim->tgt.source.ops->close(&sim->tgt.source);
 	free(sim->tgt.source_path);
+	pthread_mutex_destroy(&sim->tgt.mig_lock);
 	free(sim->q.ios);
 	free(sim->done_tag);
 	free(sim->done_res);

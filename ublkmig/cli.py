@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import click
 from ublkmig import __version__, control, log, native
 from ublkmig.errors import UblkmigError, UserError
 from ublkmig.native import DataPath
-from ublkmig.units import format_size, parse_size
+from ublkmig.units import format_duration, format_rate, format_size, parse_rate, parse_size
 
 _DEVICE_RE = re.compile(r"(?:/dev/)?(?:ublkb)?(\d+)")
 
@@ -50,6 +51,20 @@ class Size(click.ParamType):
             return value
         try:
             return parse_size(str(value))
+        except UserError as e:
+            self.fail(str(e), param, ctx)
+
+
+class Rate(click.ParamType):
+    """``100M``, ``100M/s``, ``1.5G/s``... -> bytes per second."""
+
+    name = "BYTES/S"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_rate(str(value))
         except UserError as e:
             self.fail(str(e), param, ctx)
 
@@ -233,6 +248,328 @@ def demo(size: int, in_vm: bool) -> int:
     from ublkmig import demo as demo_mod
 
     return demo_mod.run(size=size, in_vm=in_vm)
+
+
+# --- migration ---------------------------------------------------------------------------------
+
+MODES = ("mirror", "dbt", "snapshot")  # ublkmig.migration.Mode (not imported: it needs anyio)
+ENDED = ("completed", "cancelled", "failed")
+FOLLOW_INTERVAL = 0.5
+
+
+def _node(device: int) -> str:
+    return f"/dev/ublkb{device}"
+
+
+def _ask(device: int, cmd: str, **args: Any) -> dict[str, Any]:
+    """One control request to the daemon of DEVICE; UserError if there is none."""
+    path = control.socket_path(device)
+    try:
+        return control.request(path, cmd, **args)
+    except control.DaemonGone:
+        with contextlib.suppress(OSError):
+            path.unlink()  # a dead daemon's socket
+        raise UserError(f"no ublkmig daemon serves {_node(device)}") from None
+
+
+@cli.command()
+@click.argument("device", type=DeviceId())
+@click.option(
+    "--to",
+    "dest",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Destination: a file (created at the source's size if missing) or a block device.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(MODES),
+    default="mirror",
+    show_default=True,
+    help="mirror: one pass, guest writes mirrored, no pause.  dbt: dirty block tracking, "
+    "passes until few dirty chunks, then a short pause.  snapshot: guest writes go to a delta "
+    "while the base is copied, deltas folded until small, then a short pause.",
+)
+@click.option(
+    "--chunk-size",
+    type=Size(),
+    default="1M",
+    show_default=True,
+    help="Copy unit: a power of two from 64K to 64M.",
+)
+@click.option(
+    "--speed", type=Rate(), default=None, help="Copier speed limit in bytes/s (e.g. 200M); none."
+)
+@click.option(
+    "--no-cutover",
+    is_flag=True,
+    help="Stay in sync instead of switching; `ublkmig cutover DEVICE` switches.",
+)
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Compare the destination with the disk before switching, guest I/O paused (in mirror "
+    "mode too: this adds a pause there).  A difference fails the migration.",
+)
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Follow the migration until it ends (with --no-cutover: until in sync); exit 1 if it "
+    "failed or was cancelled.",
+)
+def migrate(
+    device: int,
+    dest: Path,
+    mode: str,
+    chunk_size: int,
+    speed: int | None,
+    no_cutover: bool,
+    verify: bool,
+    wait: bool,
+) -> int:
+    """Move the data of DEVICE (/dev/ublkbN or N) to DEST while the guest keeps using it.
+
+    When the copy is in sync the device switches to DEST: the same /dev/ublkbN goes on
+    serving, now from DEST.  A cancelled or failed migration leaves the source as it was.
+    """
+    from ublkmig.migration import check_chunk_size, check_speed
+
+    check_chunk_size(chunk_size)
+    check_speed(speed)
+    answer = _ask(
+        device, "migrate", to=os.path.abspath(dest), mode=mode, chunk_size=chunk_size,
+        speed=speed, no_cutover=no_cutover, verify=verify,
+    )  # fmt: skip
+    mig = answer["migration"]
+    limit = f", at most {format_rate(speed)}" if speed else ""
+    click.echo(
+        f"migrating {mig['device']} to {mig['dest']} ({mig['mode']}, chunks of "
+        f"{format_size(mig['chunk_size'])}{limit})"
+    )
+    if not wait:
+        return 0
+    return _finish_follow(device, _follow(device, stop_in_sync=no_cutover))
+
+
+@cli.command()
+@click.argument("device", type=DeviceId())
+@click.option("--json", "as_json", is_flag=True, help="As a JSON object.")
+@click.option("--watch", is_flag=True, help="A live progress bar until the migration ends.")
+def status(device: int, as_json: bool, watch: bool) -> int:
+    """The device and its migration: mode, phase, pass, cursor, bytes copied / to copy, dirty
+    chunks, rate, ETA, guest I/O counters."""
+    st = _ask(device, "status")
+    mig = st.get("migration")
+    if watch and mig is not None and mig["phase"] not in ENDED:
+        return _finish_follow(device, _follow(device, stop_in_sync=False))
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return 0
+    for line in _status_lines(st):
+        click.echo(line)
+    return 0
+
+
+@cli.command()
+@click.argument("device", type=DeviceId())
+@click.option("--no-wait", is_flag=True, help="Return once the daemon accepted the request.")
+def cutover(device: int, no_wait: bool) -> int:
+    """Switch DEVICE to its destination now (a migration started with --no-cutover, in sync)."""
+    _ask(device, "cutover")
+    if no_wait:
+        click.echo(f"cutting over {_node(device)}")
+        return 0
+    return _finish_follow(device, _follow(device, stop_in_sync=False, quiet=True))
+
+
+@cli.command()
+@click.argument("device", type=DeviceId())
+@click.option("--no-wait", is_flag=True, help="Return once the daemon accepted the request.")
+def cancel(device: int, no_wait: bool) -> int:
+    """Stop the migration of DEVICE: the source stays authoritative and untouched."""
+    _ask(device, "cancel")
+    if no_wait:
+        click.echo(f"cancelling the migration of {_node(device)}")
+        return 0
+    mig = _follow(device, stop_in_sync=False, quiet=True)
+    if mig.get("phase") == "cancelled":
+        click.echo(f"cancelled: {mig['device']} keeps serving {mig['source']}")
+        return 0
+    return _finish_follow(device, mig)
+
+
+@cli.command()
+@click.argument("device", type=DeviceId())
+@click.argument("limit", metavar="BYTES/S")
+def speed(device: int, limit: str) -> int:
+    """Change the copier's speed limit of DEVICE's migration (``unlimited`` to lift it)."""
+    from ublkmig.migration import check_speed
+
+    value = None if limit.strip().lower() in ("unlimited", "none") else parse_rate(limit)
+    check_speed(value)
+    _ask(device, "speed", speed=value)
+    click.echo(
+        f"speed of {_node(device)}'s migration: {format_rate(value) if value else 'unlimited'}"
+    )
+    return 0
+
+
+def _percent(mig: dict[str, Any]) -> float:
+    size = mig.get("size") or 0
+    if mig.get("phase") == "completed" or not size:
+        return 100.0 if mig.get("phase") == "completed" else 0.0
+    return max(0.0, min(100.0, 100.0 * (size - mig.get("bytes_to_copy", size)) / size))
+
+
+def _progress_text(mig: dict[str, Any]) -> str:
+    parts = [
+        f"{format_size(max(0, mig['size'] - mig['bytes_to_copy']))} of {format_size(mig['size'])}",
+        f"{mig['dirty_chunks']} dirty",
+    ]
+    if mig["mode"] == "snapshot":
+        parts.append(f"delta {mig['generation']}: {mig['delta_chunks']} chunks")
+    if mig.get("rate"):
+        parts.append(format_rate(mig["rate"]))
+    if mig.get("eta_seconds") and mig["phase"] not in ENDED:
+        parts.append(f"ETA {format_duration(mig['eta_seconds'])}")
+    return ", ".join(parts)
+
+
+def _phase_line(mig: dict[str, Any]) -> str:
+    pass_no = f" (pass {mig['pass']}: {mig['pass_kind']})" if mig.get("pass") else ""
+    return (
+        f"{time.strftime('%H:%M:%S')} {mig['device']} {mig['mode']} {mig['phase']}{pass_no}: "
+        f"{_progress_text(mig)}"
+    )
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else format_duration(value / 1000)
+
+
+def _status_lines(st: dict[str, Any]) -> list[str]:
+    lines = [
+        f"{st['path']}  {st['image']}  {format_size(st['size'])}  {st['state']}",
+    ]
+    io = st.get("stats") or {}
+    mig = st.get("migration")
+    if mig is None:
+        lines.append("no migration")
+    else:
+        pass_no = f", pass {mig['pass']} ({mig['pass_kind']})" if mig.get("pass") else ""
+        lines += [
+            f"migration      {mig['mode']} to {mig['dest']}: {mig['phase']}{pass_no}",
+            f"progress       {_percent(mig):.1f}%: {_progress_text(mig)}",
+            f"copied         {format_size(mig['bytes_copied'])} written, "
+            f"{format_size(mig['bytes_skipped'])} skipped (holes, zeroes), "
+            f"{format_size(mig['bytes_to_copy'])} to copy; cursor {format_size(mig['cursor'])}",
+            f"chunks         {mig['chunks_copied']} of {mig['chunks']} copied "
+            f"({format_size(mig['chunk_size'])} each), {mig['dirty_chunks']} dirty, "
+            f"{mig['hot_chunks']} hot",
+        ]
+        if mig["mode"] == "snapshot":
+            lines.append(
+                f"delta          generation {mig['generation']}, {mig['delta_chunks']} chunks"
+            )
+        limit = format_rate(mig["speed"]) if mig.get("speed") else "unlimited"
+        eta = mig.get("eta_seconds")
+        if mig["phase"] in ENDED:
+            eta = None
+        lines.append(
+            f"rate           {format_rate(mig['rate'])} (limit {limit}), "
+            f"ETA {'-' if eta is None else format_duration(eta)}, "
+            f"elapsed {format_duration(mig['elapsed'])}"
+        )
+        lines.append(
+            f"guest writes   {mig['mirrored_writes']} mirrored, {mig['tracked_writes']} tracked, "
+            f"{mig['parked']} parked; longest I/O {_ms(mig.get('max_latency_ms'))}"
+        )
+        if mig.get("cutover_stall_ms") is not None or mig.get("final_pause_ms") is not None:
+            lines.append(
+                f"switch         cutover stall {_ms(mig.get('cutover_stall_ms'))}, "
+                f"final pause {_ms(mig.get('final_pause_ms'))}"
+            )
+        if mig.get("verify_mismatches") is not None:
+            lines.append(f"verify         {mig['verify_mismatches']} chunks differ")
+        if mig.get("error"):
+            lines.append(f"error          {mig['error']}")
+        io = mig.get("io") or io
+    if io:
+        keys = ("reads", "writes", "flushes", "discards", "write_zeroes", "errors", "inflight",
+                "parked")  # fmt: skip
+        lines.append("guest I/O      " + ", ".join(f"{k} {io[k]}" for k in keys if k in io))
+    return lines
+
+
+def _follow(device: int, *, stop_in_sync: bool, quiet: bool = False) -> dict[str, Any]:
+    """Poll the migration of DEVICE until it ends (or, with stop_in_sync, is in sync): a live
+    progress bar on a terminal, else a line per phase (none with quiet).  Returns its last
+    status."""
+    tty = sys.stdout.isatty() and not quiet
+    last_phase = ""
+    progress = task = None
+    if tty:
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+        progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+            TextColumn("{task.fields[detail]}"),
+        )  # fmt: skip
+        progress.start()
+        task = progress.add_task("", total=100.0, detail="")
+    try:
+        while True:
+            try:
+                st = _ask(device, "status", timeout=10.0)
+            except UserError:
+                raise UserError(f"the daemon of {_node(device)} went away") from None
+            mig = st.get("migration")
+            if mig is None:
+                raise UserError(f"no migration is running on {_node(device)}")
+            phase = mig["phase"]
+            if progress is not None and task is not None:
+                progress.update(
+                    task, completed=_percent(mig), description=f"{mig['mode']} {phase}",
+                    detail=_progress_text(mig),
+                )  # fmt: skip
+                if phase != last_phase:
+                    progress.console.print(_phase_line(mig), markup=False, highlight=False)
+            elif phase != last_phase and not quiet:
+                click.echo(_phase_line(mig))
+            last_phase = phase
+            if phase in ENDED or (stop_in_sync and phase == "in-sync"):
+                return mig
+            time.sleep(FOLLOW_INTERVAL)
+    finally:
+        if progress is not None:
+            progress.stop()
+
+
+def _finish_follow(device: int, mig: dict[str, Any]) -> int:
+    """The end of a followed migration, as one line; UserError if it failed or was cancelled."""
+    phase = mig["phase"]
+    if phase == "completed":
+        details = [f"in {format_duration(mig['elapsed'])}"]
+        if mig.get("cutover_stall_ms") is not None:
+            details.append(f"cutover stall {_ms(mig['cutover_stall_ms'])}")
+        if mig.get("final_pause_ms") is not None:
+            details.append(f"final pause {_ms(mig['final_pause_ms'])}")
+        click.echo(f"completed: {mig['device']} now serves {mig['dest']} ({', '.join(details)})")
+        return 0
+    if phase == "in-sync":
+        click.echo(
+            f"in sync: {mig['device']} is kept in sync with {mig['dest']}; `ublkmig cutover "
+            f"{mig['device']}` switches"
+        )
+        return 0
+    if phase == "cancelled":
+        raise UserError(
+            f"the migration of {mig['device']} was cancelled; it keeps serving {mig['source']}"
+        )
+    raise UserError(
+        f"the migration of {mig['device']} failed: {mig.get('error') or 'unknown error'}; "
+        f"it keeps serving {mig['source']}"
+    )
 
 
 def _one_line(text: str) -> str:

@@ -227,14 +227,16 @@ def sockets() -> list[Path]:
     return sorted(entries, key=dev_id)
 
 
-def list_daemons(timeout: float = 5.0) -> list[dict[str, Any]]:
-    """``info`` of every daemon of this host.
+def list_daemons(timeout: float = 5.0, exclude: Path | None = None) -> list[dict[str, Any]]:
+    """``info`` of every daemon of this host (but the one listening on ``exclude``).
 
     Sockets nobody listens on any more (a daemon that died) are removed; a
     daemon that does not answer gets an entry with ``error``.
     """
     result: list[dict[str, Any]] = []
     for path in sockets():
+        if exclude is not None and path == exclude:
+            continue
         try:
             info = request(path, "info", timeout=timeout)
         except DaemonGone:

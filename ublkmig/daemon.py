@@ -9,6 +9,13 @@ answers a read, print its path as the first stdout line, serve the control
 socket until SIGINT/SIGTERM/SIGHUP or a ``stop`` request, then stop (in-flight I/O
 completes), delete the device and remove the socket.
 
+Live migration (ublkmig.migration) runs as a task of the daemon: the control
+commands ``migrate``, ``status``, ``cutover``, ``cancel`` and ``speed`` drive it.
+A migration running when the daemon stops is cancelled first (the source stays
+authoritative).  After a completed one the daemon serves the destination: it
+holds the destination's flock instead of the old image's, and ``info`` shows
+it as the image.
+
 Every blocking data-plane call runs in a worker thread; the event loop only
 waits for it.
 """
@@ -16,6 +23,7 @@ waits for it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import errno
 import fcntl
@@ -33,7 +41,7 @@ from typing import Any, TextIO
 import anyio
 import anyio.abc
 
-from ublkmig import __version__, control, native
+from ublkmig import __version__, control, migration, native
 from ublkmig.errors import UblkmigError, UserError
 from ublkmig.log import get_logger
 from ublkmig.native import DataPath
@@ -146,10 +154,11 @@ def _lock(image: Image, shown: Path) -> None:
         ) from None
 
 
-def find_server(image: Path) -> dict[str, Any] | None:
-    """The ``info`` of the daemon of this host that serves ``image``, if one answers."""
+def find_server(image: Path, exclude: Path | None = None) -> dict[str, Any] | None:
+    """The ``info`` of the daemon of this host that serves ``image``, if one answers (but the
+    one listening on ``exclude``)."""
     try:
-        daemons = control.list_daemons(timeout=2.0)
+        daemons = control.list_daemons(timeout=2.0, exclude=exclude)
     except UblkmigError:
         return None
     for info in daemons:
@@ -227,6 +236,15 @@ class Daemon:
         self.stop_failed = False
         self.log = get_logger()
         self._stop: anyio.Event | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._socket: Path | None = None
+        # the last migration (running or ended), its destination while it runs, and the
+        # event set once its task has released (or taken over) the destination
+        self.migration: migration.Migration | None = None
+        self._mig_dest: migration.Destination | None = None
+        self._mig_settled: anyio.Event | None = None
+        self._mig_starting = False
+        self.migration_policy = migration.Policy()
 
     # --- control commands: one handler each -------------------------------------------------
     async def cmd_info(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -236,9 +254,136 @@ class Daemon:
         self.request_stop("request")
         return {"state": str(State.STOPPING), "pid": os.getpid()}
 
+    # --- migration commands -----------------------------------------------------------------
+    def _node(self) -> str:
+        """The device's name in messages: /dev/ublkbN."""
+        return f"/dev/ublkb{self.device.id}" if self.device else "the device"
+
+    def _running_migration(self) -> migration.Migration:
+        mig = self.migration
+        if mig is None or mig.ended:
+            raise control.ControlError(f"no migration is running on {self._node()}")
+        return mig
+
+    async def cmd_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
+        dev = self.device
+        if dev is None or self.state != State.RUNNING:
+            raise control.ControlError(f"{self._node()} is not running (it is {self.state})")
+        if self._mig_starting or (self.migration is not None and not self.migration.ended):
+            cur = self.migration
+            what = f" ({cur.opts.mode} to {cur.opts.dest}, {cur.phase})" if cur else ""
+            raise control.ControlError(f"a migration is already running on {self._node()}{what}")
+        if self.migration is not None and self.migration.phase is migration.Phase.COMPLETED:
+            raise control.ControlError(
+                f"{self._node()} was migrated already (it now serves {self.image.path}); "
+                "serve that image again to migrate it further"
+            )
+        opts = parse_migrate_args(args, direct=self.opts.direct)
+        self._mig_starting = True
+        try:
+            dest = await anyio.to_thread.run_sync(self._open_destination, opts.dest, dev)
+            opts = dataclasses.replace(opts, dest_zeroed=dest.created)
+            mig = migration.Migration(
+                dev.target(), opts, device=self._node(), source=str(self.image.path),
+                size=dev.size, io_stats=dev.stats, policy=self.migration_policy,
+            )  # fmt: skip
+            try:
+                await mig.start()
+            except BaseException:
+                dest.close(remove_created=True)
+                raise
+        finally:
+            self._mig_starting = False
+        self.migration = mig
+        self._mig_dest = dest
+        self._mig_settled = anyio.Event()
+        assert self._tg is not None
+        self._tg.start_soon(self._run_migration, mig, dest, self._mig_settled)
+        return {"migration": mig.status()}
+
+    def _open_destination(self, dest: Path, dev: native.Device) -> migration.Destination:
+        def who_holds(path: Path) -> str | None:
+            infos = control.list_daemons(timeout=2.0, exclude=self._socket)
+            return migration.describe_holder(infos, path)
+
+        return migration.open_destination(
+            dest, source=self.image.path, size=dev.size, device_node=dev.block_path,
+            who_holds=who_holds,
+        )  # fmt: skip
+
+    async def _run_migration(
+        self, mig: migration.Migration, dest: migration.Destination, settled: anyio.Event
+    ) -> None:
+        try:
+            phase = await mig.run()
+        except Exception:  # a bug, logged by run() after it let go: the device serves on
+            phase = mig.phase
+        finally:
+            with anyio.CancelScope(shield=True):
+                self._settle_migration(mig, dest)
+                settled.set()
+        if phase is migration.Phase.COMPLETED:
+            self.log.info(
+                "device.image_changed", id=self._dev_id(), image=str(self.image.path),
+                previous=mig.source,
+            )  # fmt: skip
+
+    def _settle_migration(self, mig: migration.Migration, dest: migration.Destination) -> None:
+        self._mig_dest = None
+        if mig.phase is migration.Phase.COMPLETED:
+            # the device serves the destination now: its lock replaces the image's
+            old = self.image
+            self.image = Image(dest.path, dest.fd, dest.size)
+            old.close()
+            return
+        removed = dest.created
+        dest.close(remove_created=True)
+        if removed:
+            self.log.info("migration.destination_removed", dest=str(dest.path))
+
+    async def cmd_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        dev = self.device
+        assert dev is not None
+        return {
+            "id": dev.id,
+            "path": self._node(),
+            "image": str(self.image.path),
+            "size": dev.size,
+            "state": str(self.state),
+            "stats": dev.stats(),
+            "migration": self.migration.status() if self.migration is not None else None,
+        }
+
+    async def cmd_cutover(self, args: dict[str, Any]) -> dict[str, Any]:
+        mig = self._running_migration()
+        mig.request_cutover()
+        return {"migration": mig.status()}
+
+    async def cmd_cancel(self, args: dict[str, Any]) -> dict[str, Any]:
+        mig = self._running_migration()
+        mig.cancel("request")
+        return {"migration": mig.status()}
+
+    async def cmd_speed(self, args: dict[str, Any]) -> dict[str, Any]:
+        mig = self._running_migration()
+        mig.set_speed(_int_arg(args, "speed", optional=True))
+        return {"migration": mig.status()}
+
+    async def _cancel_migration(self) -> None:
+        """Before the device stops: cancel a running migration and wait until it let go of the
+        destination (a migration past its cutover completes instead)."""
+        mig = self.migration
+        if mig is None or self._mig_settled is None:
+            return
+        if not mig.ended:
+            with contextlib.suppress(UblkmigError):
+                mig.cancel(self.stop_reason or "stop")
+        await self._mig_settled.wait()
+
     def info(self) -> dict[str, Any]:
         dev = self.device
         assert dev is not None
+        mig = self.migration
         return {
             "id": dev.id,
             "path": dev.block_path,
@@ -256,6 +401,13 @@ class Daemon:
             "stats": dev.stats(),
             "version": __version__,
             "protocol": control.PROTOCOL_VERSION,
+            "migration": (
+                {"mode": str(mig.opts.mode), "phase": str(mig.phase), "dest": str(mig.opts.dest)}
+                if mig is not None
+                else None
+            ),
+            # the destination this daemon holds locked for a running migration
+            "migration_dest": str(self._mig_dest.path) if self._mig_dest is not None else None,
         }
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -321,10 +473,17 @@ class Daemon:
             read_only=o.read_only, direct=o.direct, path=dev.path_name, flags=hex(dev.flags),
         )  # fmt: skip
         started = False
+        self._tg = tg
         try:
             server = control.ControlServer(control.socket_path(dev.id))
+            self._socket = server.path
             server.register("info", self.cmd_info)
             server.register("stop", self.cmd_stop)
+            server.register("status", self.cmd_status)
+            server.register("migrate", self.cmd_migrate)
+            server.register("cutover", self.cmd_cutover)
+            server.register("cancel", self.cmd_cancel)
+            server.register("speed", self.cmd_speed)
             await tg.start(server.serve)
             self.log.info("control.listening", id=dev.id, socket=str(server.path))
             if self._stop.is_set():
@@ -347,6 +506,7 @@ class Daemon:
 
     async def _shutdown(self, dev: native.Device, started: bool) -> None:
         self.state = State.STOPPING
+        await self._cancel_migration()
         self.log.info("device.stopping", id=dev.id, reason=self.stop_reason or "error")
         if started:
             try:
@@ -390,6 +550,40 @@ class Daemon:
                 os.close(devnull)
 
 
+def _int_arg(args: dict[str, Any], key: str, *, optional: bool = False) -> Any:
+    value = args.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise UserError(f"{key} must be an integer, not {value!r}")
+    return value
+
+
+def parse_migrate_args(args: dict[str, Any], direct: bool = False) -> migration.MigrationOptions:
+    """The ``migrate`` request's fields -> MigrationOptions (UserError, one line, if bad)."""
+    to = args.get("to")
+    if not isinstance(to, str) or not to:
+        raise UserError('migrate needs "to": the destination path')
+    mode = migration.check_mode(str(args.get("mode", migration.Mode.MIRROR)))
+    chunk_size = args.get("chunk_size")
+    chunk_size = (
+        migration.DEFAULT_CHUNK_SIZE if chunk_size is None else _int_arg(args, "chunk_size")
+    )
+    speed = migration.check_speed(_int_arg(args, "speed", optional=True))
+    for flag in ("no_cutover", "verify"):
+        if not isinstance(args.get(flag, False), bool):
+            raise UserError(f"{flag} must be true or false")
+    return migration.MigrationOptions(
+        dest=Path(to),
+        mode=mode,
+        chunk_size=migration.check_chunk_size(chunk_size),
+        speed=speed,
+        no_cutover=bool(args.get("no_cutover", False)),
+        verify=bool(args.get("verify", False)),
+        direct=direct,
+    )
+
+
 def _quiet_benign_races() -> None:
     """Drop asyncio's "Exception in callback Future.set_result(None) ... InvalidStateError".
 
@@ -428,6 +622,10 @@ def serve(opts: ServeOptions, out: TextIO | None = None) -> int:
         check_root()
         ensure_driver()
         check_data_path(opts.data_path)
-        return anyio.run(Daemon(opts, image, out or sys.stdout).run)
+        d = Daemon(opts, image, out or sys.stdout)
+        try:
+            return anyio.run(d.run)
+        finally:
+            d.image.close()  # the destination's, after a completed migration
     finally:
         image.close()

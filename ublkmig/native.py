@@ -150,6 +150,199 @@ def _stats_dict(s: _Stats) -> dict[str, int]:
     return {name: int(getattr(s, name)) for name in STAT_FIELDS}
 
 
+# --- migration (the "migration" section of ubm.h) ------------------------------------------
+
+
+class MigMode(enum.IntEnum):
+    """enum ubm_mig_mode."""
+
+    MIRROR = 0  # writes to clean chunks go to both sides
+    DBT = 1  # writes go to the source; the chunks they touch go dirty
+    SNAPSHOT = 2  # writes go to a delta; the copier folds frozen deltas
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def from_label(cls, label: str) -> MigMode:
+        return cls[label.upper()]
+
+
+class Pass(enum.IntEnum):
+    """enum ubm_pass: which chunks a copy pass takes."""
+
+    ALL = 0  # every chunk not yet copied, and dirty ones
+    DIRTY = 1  # dirty chunks, except hot ones
+    FINAL = 2  # every dirty chunk, hot ones included (guest I/O paused)
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+MIN_CHUNK_SIZE = 64 << 10
+MAX_CHUNK_SIZE = 64 << 20
+
+
+class _MigConfig(ctypes.Structure):
+    _fields_ = [
+        ("dest_path", ctypes.c_char_p),
+        ("mode", ctypes.c_uint32),
+        ("dest_zeroed", ctypes.c_uint32),
+        ("chunk_size", ctypes.c_uint64),
+        ("speed", ctypes.c_uint64),
+        ("direct", ctypes.c_uint32),
+        ("copy_depth", ctypes.c_uint32),
+        ("delta_dir", ctypes.c_char_p),
+    ]
+
+
+_U64, _U32, _I32 = ctypes.c_uint64, ctypes.c_uint32, ctypes.c_int32
+# struct ubm_mig_stats in order (tests/host/test_native_tables.py checks it against ubm.h)
+MIG_STAT_TYPES: tuple[tuple[str, Any], ...] = (
+    ("size", _U64), ("chunk_size", _U64), ("nr_chunks", _U64),
+    ("chunks_copied", _U64), ("cursor", _U64), ("dirty_chunks", _U64), ("hot_chunks", _U64),
+    ("bytes_copied", _U64), ("bytes_skipped", _U64), ("bytes_read", _U64), ("passes", _U64),
+    ("mirrored_writes", _U64), ("tracked_writes", _U64), ("parked", _U64),
+    ("dest_errors", _U64), ("max_latency_ns", _U64), ("cutover_latency_ns", _U64),
+    ("last_pause_ns", _U64), ("error", _I32), ("mode", _U32), ("paused", _U32),
+    ("cut_over", _U32), ("generation", _U32), ("delta_chunks", _U64), ("cow_chunks", _U64),
+)  # fmt: skip
+MIG_STAT_FIELDS = tuple(name for name, _ in MIG_STAT_TYPES)
+
+
+class _MigStats(ctypes.Structure):
+    # a spare tail, as _Stats: a data plane with more counters cannot write past the buffer
+    _fields_ = [*MIG_STAT_TYPES, ("_spare", ctypes.c_uint64 * 16)]
+
+
+@dataclass(frozen=True)
+class MigStats:
+    """struct ubm_mig_stats (a snapshot; chunk counts in chunks, cursor in chunks)."""
+
+    size: int = 0
+    chunk_size: int = 0
+    nr_chunks: int = 0
+    chunks_copied: int = 0
+    cursor: int = 0
+    dirty_chunks: int = 0
+    hot_chunks: int = 0
+    bytes_copied: int = 0
+    bytes_skipped: int = 0
+    bytes_read: int = 0
+    passes: int = 0
+    mirrored_writes: int = 0
+    tracked_writes: int = 0
+    parked: int = 0
+    dest_errors: int = 0
+    max_latency_ns: int = 0
+    cutover_latency_ns: int = 0
+    last_pause_ns: int = 0
+    error: int = 0  # first destination error, -errno
+    mode: int = 0
+    paused: int = 0
+    cut_over: int = 0
+    generation: int = 0
+    delta_chunks: int = 0
+    cow_chunks: int = 0
+
+    @classmethod
+    def _from_c(cls, s: _MigStats) -> MigStats:
+        return cls(**{name: int(getattr(s, name)) for name in MIG_STAT_FIELDS})
+
+
+@dataclass(frozen=True)
+class MigrationConfig:
+    """struct ubm_mig_config."""
+
+    dest: str | os.PathLike[str]
+    mode: MigMode = MigMode.MIRROR
+    dest_zeroed: bool = False  # the destination reads as zeroes (a new sparse file)
+    chunk_size: int = 1 << 20
+    speed: int = 0  # copier bytes/s, 0 = unlimited
+    direct: bool = False
+    copy_depth: int = 0  # chunks in flight (0: the data plane's default)
+    delta_dir: str | os.PathLike[str] | None = None  # snapshot deltas; None: beside the source
+
+    def _to_c(self) -> _MigConfig:
+        return _MigConfig(
+            dest_path=os.fsencode(self.dest),
+            mode=int(self.mode),
+            dest_zeroed=int(self.dest_zeroed),
+            chunk_size=self.chunk_size,
+            speed=self.speed,
+            direct=int(self.direct),
+            copy_depth=self.copy_depth,
+            delta_dir=os.fsencode(self.delta_dir) if self.delta_dir is not None else None,
+        )
+
+
+class Target:
+    """The migration calls of a device or a simulator (struct ubm_target).
+
+    Calls must not overlap, except abort(), set_speed() and stats(), which may run while a
+    copy pass does.  On a Sim, pause/resume/cutover/finish/new_delta/verify/mig_start must
+    be called by the thread that drives the Sim's guest I/O.  Errors are NativeError.
+    """
+
+    def __init__(self, handle: int, owner: Device | Sim) -> None:
+        self._handle = handle
+        self._owner = owner  # keeps the device alive; refuses calls once it is destroyed
+        self._c_config: _MigConfig | None = None  # keeps the paths' bytes alive
+
+    def _t(self) -> int:
+        self._owner._live()
+        return self._handle
+
+    def mig_start(self, config: MigrationConfig) -> None:
+        c_config = config._to_c()
+        _check(_lib().ubm_mig_start(self._t(), ctypes.byref(c_config)), "mig_start")
+        self._c_config = c_config
+
+    def copy_pass(self, kind: Pass) -> int:
+        """One copy pass (blocking); returns the chunks it copied."""
+        n = ctypes.c_uint64(0)
+        _check(_lib().ubm_mig_copy_pass(self._t(), int(kind), ctypes.byref(n)), "copy_pass")
+        return int(n.value)
+
+    def set_mode(self, mode: MigMode) -> None:
+        _check(_lib().ubm_mig_set_mode(self._t(), int(mode)), "set_mode")
+
+    def set_speed(self, bytes_per_second: int) -> None:
+        _check(_lib().ubm_mig_set_speed(self._t(), bytes_per_second), "set_speed")
+
+    def new_delta(self) -> None:
+        _check(_optional("ubm_mig_new_delta")(self._t()), "new_delta")
+
+    def pause(self) -> None:
+        _check(_lib().ubm_mig_pause(self._t()), "pause")
+
+    def resume(self) -> None:
+        _check(_lib().ubm_mig_resume(self._t()), "resume")
+
+    def cutover(self) -> None:
+        _check(_lib().ubm_mig_cutover(self._t()), "cutover")
+
+    def verify(self) -> int:
+        """Compare the destination with the disk (guest I/O paused): chunks that differ."""
+        n = ctypes.c_uint64(0)
+        _check(_optional("ubm_mig_verify")(self._t(), ctypes.byref(n)), "verify")
+        return int(n.value)
+
+    def abort(self) -> None:
+        _check(_lib().ubm_mig_abort(self._t()), "abort")
+
+    def finish(self) -> None:
+        _check(_lib().ubm_mig_finish(self._t()), "finish")
+        self._c_config = None
+
+    def stats(self) -> MigStats:
+        s = _MigStats()
+        _check(_lib().ubm_mig_get_stats(self._t(), ctypes.byref(s)), "mig_stats")
+        return MigStats._from_c(s)
+
+
 class NativeUnavailable(UblkmigError):
     """The shared object is not built (or does not load)."""
 
@@ -227,15 +420,51 @@ def _lib() -> ctypes.CDLL:
         "ubm_sim_size": (ctypes.c_uint64, [_P]),
         "ubm_sim_stats": (None, [_P, ctypes.POINTER(_Stats)]),
         "ubm_sim_destroy": (None, [_P]),
+        "ubm_sim_poll": (ctypes.c_int, [_P]),
+        "ubm_sim_set_delay": (ctypes.c_int, [_P, ctypes.c_uint32, ctypes.c_uint64]),
+        "ubm_sim_target": (_P, [_P]),
+        "ubm_dev_target": (_P, [_P]),
+        "ubm_mig_start": (ctypes.c_int, [_P, ctypes.POINTER(_MigConfig)]),
+        "ubm_mig_copy_pass": (
+            ctypes.c_int, [_P, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint64)]
+        ),
+        "ubm_mig_set_mode": (ctypes.c_int, [_P, ctypes.c_uint32]),
+        "ubm_mig_set_speed": (ctypes.c_int, [_P, ctypes.c_uint64]),
+        "ubm_mig_pause": (ctypes.c_int, [_P]),
+        "ubm_mig_resume": (ctypes.c_int, [_P]),
+        "ubm_mig_cutover": (ctypes.c_int, [_P]),
+        "ubm_mig_abort": (ctypes.c_int, [_P]),
+        "ubm_mig_finish": (ctypes.c_int, [_P]),
+        "ubm_mig_get_stats": (ctypes.c_int, [_P, ctypes.POINTER(_MigStats)]),
     }  # fmt: skip
-    for name, (restype, argtypes) in protos.items():
+    for name, (restype, argtypes) in {**protos, **_OPTIONAL_PROTOS}.items():
         try:
             fn = getattr(lib, name)
         except AttributeError:
+            if name in _OPTIONAL_PROTOS:
+                continue  # called through _optional(), which says what is missing
             raise NativeUnavailable(f"the data plane {path} lacks {name}: rebuild it") from None
         fn.restype = restype
         fn.argtypes = argtypes
     return lib
+
+
+# Newer parts of the API: a data plane built before them still serves devices and runs
+# mirror / DBT migrations; calling one that is missing is a NativeError (ENOSYS).
+_OPTIONAL_PROTOS: dict[str, tuple[Any, list[Any]]] = {
+    "ubm_mig_new_delta": (ctypes.c_int, [_P]),
+    "ubm_mig_verify": (ctypes.c_int, [_P, ctypes.POINTER(ctypes.c_uint64)]),
+}
+
+
+def _optional(name: str) -> Any:
+    fn = getattr(_lib(), name, None)
+    if fn is None:
+        raise NativeError(
+            name.removeprefix("ubm_mig_"), errno_mod.ENOSYS,
+            f"this build of the data plane lacks {name}: rebuild it",
+        )  # fmt: skip
+    return fn
 
 
 def last_error() -> str:
@@ -348,6 +577,10 @@ class Device:
 
     def start(self) -> None:
         _check(_lib().ubm_dev_start(self._live()), "start")
+
+    def target(self) -> Target:
+        """The device's migration calls."""
+        return Target(_lib().ubm_dev_target(self._live()), self)
 
     def stop(self) -> None:
         _check(_lib().ubm_dev_stop(self._live()), "stop")
@@ -524,6 +757,18 @@ class Sim:
         s = _Stats()
         _lib().ubm_sim_stats(self._live(), ctypes.byref(s))
         return _stats_dict(s)
+
+    def target(self) -> Target:
+        """The simulator's migration calls (see Target for which thread may make them)."""
+        return Target(_lib().ubm_sim_target(self._live()), self)
+
+    def poll(self) -> None:
+        """Run the ring without waiting (completions are collected by wait())."""
+        _check(_lib().ubm_sim_poll(self._live()), "sim_poll")
+
+    def set_delay(self, slot: int, ns: int) -> None:
+        """Delay every write/discard/write-zeroes/flush to the source (0) or destination (1)."""
+        _check(_lib().ubm_sim_set_delay(self._live(), slot, ns), "sim_set_delay")
 
     def close(self) -> None:
         if self._handle is not None:

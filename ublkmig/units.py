@@ -39,3 +39,32 @@ def format_size(n: int) -> str:
         if value < 1024 or unit == _UNITS[-1]:
             break
     return f"{value:.1f}".removesuffix(".0") + " " + unit
+
+
+def parse_rate(text: str) -> int:
+    """Bytes per second in ``text``: a size, optionally ending in ``/s`` (``100M``, ``1.5G/s``,
+    ``64MiB/s``).  Raises :class:`UserError` on anything else."""
+    body = text.strip()
+    if body.lower().endswith("/s"):
+        body = body[:-2]
+    try:
+        return parse_size(body)
+    except UserError:
+        raise UserError(f"not a speed: {text!r} (expected e.g. 100M or 100M/s)") from None
+
+
+def format_rate(n: float) -> str:
+    """``33554432`` -> ``32 MiB/s``."""
+    return format_size(round(n)) + "/s"
+
+
+def format_duration(seconds: float) -> str:
+    """``0.0042`` -> ``4.2 ms``; ``3.25`` -> ``3.2 s``; ``75`` -> ``1m15s``; ``3725`` -> 1h02m."""
+    if seconds < 1:
+        return f"{seconds * 1000:.1f}".removesuffix(".0") + " ms"
+    if seconds < 60:
+        return f"{seconds:.1f}".removesuffix(".0") + " s"
+    whole = round(seconds)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"

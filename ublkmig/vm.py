@@ -17,11 +17,21 @@ How a command gets in and its results get out (see shared KERNEL-VM.md):
 - vng's own output (the kernel console, with ``--verbose``) goes to
   ``console.log`` in the rwdir; it is what to read when a VM fails to boot.
 - One VM at a time on this machine: an exclusive ``flock`` on
-  ``/tmp/ublkmig-vm.lock`` is held for the whole boot.
+  ``/tmp/ublkmig-vm.lock`` is held for the whole boot (vng inherits it, so
+  a VM orphaned by a killed caller still holds it).
+- virtme shares the root without caching, which makes every file lookup a
+  9p round trip (~5 ms under TCG): a bare ``python -c pass`` took 6-11 s.
+  So the host root is exported a second time (tag ``ublkmig_root``) and the
+  guest mounts it with ``cache=loose`` and binds the Python trees and the
+  repo from it: ``python -c pass`` then takes under 1 s, importing the CLI's
+  dependencies about 3 s.
 
-Boot cost measured here (2 host cores, TCG, 2 vCPUs, 2 GiB): about 8 s from
-launch to power-off for a trivial command, of which about 6 s before the
-command starts; see ``VmResult.boot_seconds``.
+Measured here (2 shared host cores, TCG, 2 vCPUs, 2 GiB): launch to command
+start 6-9 s on an idle host, up to 14 s when the other cores are busy
+(``VmResult.boot_seconds``); a trivial command powers off 1-2 s later.  The
+VM tests take about 5-7 minutes per kernel.  Boots fail now and then (about
+1 in 20: a hang or an oops while the kernel patches its text under TCG);
+those are retried, since the command had not started.
 
 Also a command line, used by ``ci/test``::
 
@@ -49,6 +59,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ublkmig.errors import UserError
+
 REPO = Path(__file__).resolve().parent.parent
 KERNELS = ("unstable", "lts")
 LOCK_PATH = Path("/tmp/ublkmig-vm.lock")
@@ -58,9 +70,11 @@ GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # files the guest writes into the rwdir
 OUTPUT, STATUS, RELEASE, DMESG, CONSOLE, SCRIPT, UBLK = (
     "output", "status", "release", "dmesg", "console.log", "guest.sh", "ublk")
-# A boot that prints nothing on the console for BOOT_STALL s (or has not
-# started the command after BOOT_TIMEOUT s) is killed and tried again: under
-# TCG a boot here once hung at "Switched to clocksource tsc-early".
+# A boot that prints nothing on the console for BOOT_STALL s, has not started
+# the command after BOOT_TIMEOUT s, or dies before starting it, is tried again:
+# under TCG (2 vCPUs) boots here occasionally hang or oops while the kernel
+# patches its text (seen: a hang at "Switched to clocksource tsc-early", an
+# "Oops: int3" in sched_clock_cpu).
 BOOT_STALL, BOOT_TIMEOUT, BOOT_ATTEMPTS = 60.0, 240.0, 3
 # a second, cached 9p export of the host root (see _cached_binds)
 CACHED_TAG, CACHED_MNT = "ublkmig_root", "/run/ublkmig-root"
@@ -68,15 +82,9 @@ QEMU_CACHED_ROOT = (
     "-fsdev local,id=ublkmig_root,path=/,security_model=none,readonly=on,multidevs=remap"
     f" -device virtio-9p-pci,fsdev=ublkmig_root,mount_tag={CACHED_TAG}")
 
-_ErrorBase: type[Exception]
-try:  # the project's "one clear line, no traceback" error, once it exists
-    from ublkmig.errors import UserError as _ErrorBase
-except ImportError:  # pragma: no cover - depends on the control plane's progress
-    _ErrorBase = Exception
-
-
-class VmError(_ErrorBase):
-    """The VM could not be set up, booted, or did not report a result."""
+class VmError(UserError):
+    """The VM could not be set up, booted, or did not report a result (one line for the
+    CLI's error report, plus the console's tail when a boot failed)."""
 
 
 @dataclass
@@ -87,7 +95,8 @@ class VmResult:
     ublk: bool = False       # /dev/ublk-control existed after modprobe ublk_drv
     boot_seconds: float = 0.0   # vng start -> the command starts in the guest
     total_seconds: float = 0.0  # vng start -> VM powered off
-    files: dict[str, Path] = field(default_factory=dict)  # artefacts in the rwdir
+    # output, dmesg, console.log, guest.sh in the rwdir (kept only if the caller gave it)
+    files: dict[str, Path] = field(default_factory=dict)
 
 
 def cache_dir() -> Path:
@@ -243,7 +252,9 @@ def _cached_binds(cwd: Path, rwdir: Path) -> list[str]:
         if t != Path("/") and not any(t.is_relative_to(u) for u in trees):
             trees.append(t)
     q = shlex.quote
-    lines = [f"  if mkdir -p {CACHED_MNT} && mount -t 9p -o ro,trans=virtio,version=9p2000.L,"
+    # only where the tag exists: never mount anything over a host's folders
+    lines = [f"  if grep -qs {CACHED_TAG} /sys/bus/virtio/drivers/9pnet_virtio/*/mount_tag &&",
+             f"     mkdir -p {CACHED_MNT} && mount -t 9p -o ro,trans=virtio,version=9p2000.L,"
              f"access=any,msize=524288,cache=loose {CACHED_TAG} {CACHED_MNT}; then"]
     lines += [f"    mount --bind {q(f'{CACHED_MNT}{t}')} {q(str(t))} ||"
               f" echo 'ublkmig-vm: cannot bind the cached {t}' >&2" for t in trees]
@@ -299,7 +310,16 @@ def run_in_vm(argv: list[str], kernel: str = "unstable", *, memory: str = "2G", 
 
 
 class _BootStalled(Exception):
-    pass
+    """The VM hung or died before the command started: safe to boot again."""
+
+
+def _crash_line(console: Path) -> str:
+    """The kernel's first oops/panic line in a console log, if any."""
+    with contextlib.suppress(OSError):
+        for line in console.read_text(errors="replace").splitlines():
+            if any(w in line for w in ("Oops", "Kernel panic", "BUG:", "general protection")):
+                return line.strip()
+    return ""
 
 
 def _run(argv: Sequence[str], kernel: str, vmlinuz: Path, vng: Path, rw: Path, *, memory: str,
@@ -315,7 +335,9 @@ def _run(argv: Sequence[str], kernel: str, vmlinuz: Path, vng: Path, rw: Path, *
             try:
                 return _boot(cmd, kernel, rw, lockfd, timeout=timeout, stream=stream)
             except _BootStalled as e:
-                _note(f"{e}; killed it" + ("" if attempt == BOOT_ATTEMPTS else ", booting again"))
+                crash = _crash_line(rw / CONSOLE)
+                _note(f"{e}{f' ({crash})' if crash else ''}"
+                      + ("" if attempt == BOOT_ATTEMPTS else "; booting again"))
                 if attempt == BOOT_ATTEMPTS:
                     raise VmError(f"{e} ({BOOT_ATTEMPTS} attempts); console:\n"
                                   f"{_tail(rw / CONSOLE, 40)}") from None
@@ -382,6 +404,9 @@ def _boot(cmd: list[str], kernel: str, rw: Path, lockfd: int, *, timeout: float,
     total = time.monotonic() - t0
     output = b"".join(chunks).decode(errors="replace")
     status = rw / STATUS
+    if boot is None and not (rw / RELEASE).exists():
+        raise _BootStalled(f"the {kernel} VM exited during boot (vng status {proc.returncode},"
+                           f" {total:.0f} s), before the command started")
     if not status.exists():
         raise VmError(
             f"the VM ({kernel}) exited (vng status {proc.returncode}) after {total:.0f} s"
@@ -442,8 +467,10 @@ def vm_pytest(kernel: str, pytest_args: Sequence[str], *, timeout: float, allow_
         args = list(pytest_args)
         if not any(_looks_like_path(a) for a in args):
             args.append("tests/vm")
+        # faulthandler_timeout: a test stuck for 5 min prints every thread's stack
         argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs",
-                f"--junitxml={junit}", "-o", "junit_family=xunit2", *args]
+                "--durations=10", f"--junitxml={junit}", "-o", "junit_family=xunit2",
+                "-o", "faulthandler_timeout=300", *args]
         try:
             res = run_in_vm(argv, kernel, timeout=timeout, rwdir=rw,
                             env={"UBLKMIG_VM_KERNEL": kernel})
@@ -455,6 +482,8 @@ def vm_pytest(kernel: str, pytest_args: Sequence[str], *, timeout: float, allow_
                 dest = results / kernel
                 shutil.rmtree(dest, ignore_errors=True)
                 shutil.copytree(rw, dest)
+                print(f"vm tests on {kernel}: output, dmesg, console.log, junit.xml in {dest}",
+                      file=sys.stderr)
         head = f"vm tests on {kernel} ({res.kernel_release})"
         if not junit.exists():
             print(f"FAIL {head}: pytest exited {res.returncode} and wrote no report",

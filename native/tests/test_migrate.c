@@ -175,7 +175,7 @@ static void run(const char *dir, uint32_t m, int zeroed, int cancel)
 				      /* snapshot: chunks no smaller than a request */
 				      .chunk_size = m == UBM_MIG_SNAPSHOT ? 4 * CHUNK : CHUNK,
 				      .copy_depth = 4,
-				      .speed = 32u << 20 /* slow enough for races */ };
+				      .speed = getenv("UBM_TEST_SPEED") ? strtoull(getenv("UBM_TEST_SPEED"), NULL, 0) : 32u << 20 /* slow enough for races */ };
 	CHECK(ubm_mig_start(tgt, &cfg) == 0, "mig_start: %s", ubm_last_error());
 	struct ubm_mig_config again = cfg;
 	CHECK(ubm_mig_start(tgt, &again) == -EBUSY, "second migration refused");
@@ -211,24 +211,27 @@ static void run(const char *dir, uint32_t m, int zeroed, int cancel)
 		uint64_t n;
 		int ret;
 
-		while (inflight)
-			reap_one();
-		if (m != UBM_MIG_MIRROR)
-			CHECK(ubm_mig_pause(tgt) == 0, "pause");
+		/* pause with guest requests in flight (they complete first) and
+		 * more submitted: those park until the resume */
+		for (int k = 0; k < DEPTH / 2 && inflight < DEPTH; k++)
+			guest_io();
+		CHECK(ubm_mig_pause(tgt) == 0, "pause");
+		for (int k = 0; k < 4 && inflight < DEPTH; k++)
+			guest_io();
 		CHECK(ubm_mig_copy_pass(tgt, UBM_PASS_FINAL, &n) == 0, "final: %s", ubm_last_error());
+		uint64_t bad;
+		CHECK(ubm_mig_verify(tgt, &bad) == 0 && bad == 0, "verify: %llu chunks differ",
+		      (unsigned long long)bad);
 		ret = ubm_mig_cutover(tgt);
 		if (ret == 0)
 			break;
 		CHECK(ret == -EAGAIN && tries < 5, "cutover: %d %s", ret, ubm_last_error());
+		CHECK(ubm_mig_resume(tgt) == 0, "resume");
 	}
 	CHECK(ubm_mig_get_stats(tgt, &st) == 0, "stats");
 	CHECK(st.cut_over && st.dirty_chunks == 0 && st.chunks_copied == st.nr_chunks,
 	      "in sync after cutover");
-	uint64_t bad;
-	CHECK(ubm_mig_verify(tgt, &bad) == 0 && bad == 0, "verify: %llu chunks differ",
-	      (unsigned long long)bad);
-	if (m != UBM_MIG_MIRROR)
-		CHECK(ubm_mig_resume(tgt) == 0, "resume");
+	CHECK(ubm_mig_resume(tgt) == 0, "resume");
 	printf("test_migrate: %s%s: %llu passes, %llu bytes copied, %llu skipped, %llu mirrored, "
 	       "%llu tracked, %llu parked, %llu COW: ", mode_name(m),
 	       zeroed ? "" : " (old data on the destination)", (unsigned long long)st.passes,
@@ -266,7 +269,7 @@ static void run(const char *dir, uint32_t m, int zeroed, int cancel)
  * write is not tracked: its chunk was not copied when it arrived).  Only
  * the copier's wait for in-flight writes makes this hold.
  */
-static void copier_waits_for_inflight_writes(const char *dir)
+static void copier_waits_for_inflight_writes(const char *dir, int before_start)
 {
 	char src[4096], dst[4096];
 	unsigned char *buf = malloc(CHUNK), *disk = malloc(SIZE);
@@ -286,10 +289,17 @@ static void copier_waits_for_inflight_writes(const char *dir)
 	tgt = ubm_sim_target(sim);
 	struct ubm_mig_config cfg = { .dest_path = dst, .mode = UBM_MIG_DBT, .dest_zeroed = 1,
 				      .chunk_size = CHUNK };
-	CHECK(ubm_mig_start(tgt, &cfg) == 0, "mig_start: %s", ubm_last_error());
 	CHECK(ubm_sim_set_delay(sim, 0, 200000000) == 0, "delay");  /* 200 ms */
-	t = ubm_sim_submit(sim, UBLK_IO_OP_WRITE, 0, 5 * CHUNK, CHUNK, buf);
-	CHECK(t >= 0, "submit");
+	if (before_start) {
+		/* routed before the migration existed: no chunk reference */
+		t = ubm_sim_submit(sim, UBLK_IO_OP_WRITE, 0, 5 * CHUNK, CHUNK, buf);
+		CHECK(t >= 0, "submit");
+	}
+	CHECK(ubm_mig_start(tgt, &cfg) == 0, "mig_start: %s", ubm_last_error());
+	if (!before_start) {
+		t = ubm_sim_submit(sim, UBLK_IO_OP_WRITE, 0, 5 * CHUNK, CHUNK, buf);
+		CHECK(t >= 0, "submit");
+	}
 	mode = UBM_MIG_MIRROR;  /* the copier thread: one pass */
 	copier_done = 0;
 	pthread_t th;
@@ -306,7 +316,8 @@ static void copier_waits_for_inflight_writes(const char *dir)
 	close(fd);
 	CHECK(memcmp(disk + 5 * CHUNK, buf, CHUNK) == 0,
 	      "a write in flight during the chunk's copy is missing on the destination");
-	printf("test_migrate: the copier waited for a write in flight: ok\n");
+	printf("test_migrate: the copier waited for a write in flight%s: ok\n",
+	       before_start ? " since before the start" : "");
 	unlink(src);
 	unlink(dst);
 	free(buf);
@@ -318,7 +329,8 @@ int main(void)
 	const char *dir = getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
 
 	srandom(7);
-	copier_waits_for_inflight_writes(dir);
+	copier_waits_for_inflight_writes(dir, 0);
+	copier_waits_for_inflight_writes(dir, 1);
 	model = malloc(SIZE);
 	for (uint32_t m = UBM_MIG_MIRROR; m <= UBM_MIG_SNAPSHOT; m++) {
 		run(dir, m, 1, 0);

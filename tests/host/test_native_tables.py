@@ -1,6 +1,7 @@
 """The parts of ublkmig.native that need no built data plane: layouts, names, decoding."""
 
 import ctypes
+import dataclasses
 import re
 from pathlib import Path
 
@@ -39,6 +40,32 @@ def test_struct_layouts_match_ubm_h() -> None:
     ptr = ctypes.sizeof(ctypes.c_void_p)
     assert ctypes.sizeof(native._Config) == ptr + 8 * 4
     assert native._Config.dev_id.offset == ptr + 7 * 4
+
+
+def test_migration_struct_layouts_match_ubm_h() -> None:
+    assert [(f, t) for f, t in native._MigConfig._fields_] == header_struct("ubm_mig_config")
+    # ubm_mig_stats: the same fields and types in order, then the binding's spare tail
+    assert [(f, t) for f, t in native._MigStats._fields_][:-1] == header_struct("ubm_mig_stats")
+    assert list(native.MIG_STAT_FIELDS) == [f for f, _ in header_struct("ubm_mig_stats")]
+    assert [f.name for f in dataclasses.fields(native.MigStats)] == list(native.MIG_STAT_FIELDS)
+    ptr = ctypes.sizeof(ctypes.c_void_p)
+    assert native._MigConfig.chunk_size.offset == ptr + 8
+    assert native._MigConfig.delta_dir.offset == ptr + 8 + 16 + 8
+    # error (int32) follows 18 u64s; delta_chunks is 8-aligned after 5 x 32-bit fields
+    assert native._MigStats.error.offset == 18 * 8
+    assert native._MigStats.delta_chunks.offset == 18 * 8 + 5 * 4 + 4
+
+
+def test_migration_enums_match_ubm_h() -> None:
+    text = UBM_H.read_text()
+    for mode in native.MigMode:
+        assert re.search(rf"UBM_MIG_{mode.name}\s*=\s*{int(mode)},", text), mode
+    for kind in native.Pass:
+        assert re.search(rf"UBM_PASS_{kind.name}\s*=\s*{int(kind)},", text), kind
+    assert [m.label for m in native.MigMode] == ["mirror", "dbt", "snapshot"]
+    assert native.MigMode.from_label("dbt") is native.MigMode.DBT
+    assert (native.MIN_CHUNK_SIZE, native.MAX_CHUNK_SIZE) == (64 << 10, 64 << 20)
+    assert "power of two, 64 KiB .. 64 MiB" in text
 
 
 def test_data_path_labels() -> None:

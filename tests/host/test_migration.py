@@ -1,0 +1,519 @@
+"""The migration controller (ublkmig.migration) against the real data plane, through the
+simulator: guest I/O runs concurrently on the simulator's thread (tests/host/sim_guest.py)
+while the controller runs its passes; every run ends with a byte-for-byte comparison with a
+model of the disk (the destination after a cutover, the source after a cancel or a failure)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shlex
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from sim_guest import SimGuest, SimTarget
+
+from ublkmig import native
+from ublkmig.migration import Migration, MigrationOptions, Mode, Phase, Policy
+from ublkmig.native import Sim
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="data plane not built")
+
+SIZE = 16 << 20
+CHUNK = 64 << 10
+SNAPSHOT_CHUNK = 256 << 10
+FAST = Policy(
+    sample_interval=0.05,
+    cutover_window=0.2,
+    in_sync_dirty_interval=0.1,
+    in_sync_fold_interval=0.2,
+    rate_window=2.0,
+)
+
+
+def snapshot_supported() -> bool:
+    """Whether this build of the data plane runs snapshot migrations (being written)."""
+    tmp = Path(tempfile.mkdtemp(prefix="ubm-snap-", dir="/var/tmp"))
+    try:
+        (tmp / "s").write_bytes(bytes(1 << 20))
+        (tmp / "d").write_bytes(bytes(1 << 20))
+        with Sim(tmp / "s") as sim:
+            t = sim.target()
+            try:
+                t.mig_start(native.MigrationConfig(tmp / "d", native.MigMode.SNAPSHOT))
+            except native.NativeError:
+                return False
+            ok = hasattr(native._lib(), "ubm_mig_new_delta")
+            t.finish()
+            return ok
+    finally:
+        shutil.rmtree(tmp)
+
+
+SNAPSHOT = native.available() and snapshot_supported()
+needs_snapshot = pytest.mark.skipif(not SNAPSHOT, reason="the data plane lacks snapshot mode")
+MODES = [
+    Mode.MIRROR,
+    Mode.DBT,
+    pytest.param(Mode.SNAPSHOT, marks=needs_snapshot),
+]
+
+
+def chunk_size(mode: Mode) -> int:
+    # snapshot mode: a request spans at most two chunks (the simulator's largest is 256 KiB)
+    return SNAPSHOT_CHUNK if mode is Mode.SNAPSHOT else CHUNK
+
+
+# The guest stays out of the last MiB, which stays a hole in the source: the
+# copier must skip it (on a destination that reads as zeroes) whatever the
+# guest did elsewhere.
+GUEST_REGION = (0, SIZE - (1 << 20))
+
+
+def make_source(path: Path, seed: int, size: int = SIZE) -> bytearray:
+    """Random data in 3 of every 4 stretches of 256 KiB (never in the last MiB), holes
+    elsewhere."""
+    rng = random.Random(seed)
+    model = bytearray(size)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off in range(0, size - (1 << 20), 256 << 10):
+            if rng.randrange(4) == 0:
+                continue
+            data = rng.randbytes(128 << 10)
+            model[off : off + len(data)] = data
+            f.seek(off)
+            f.write(data)
+    return model
+
+
+def open_fds_to(path: Path) -> list[str]:
+    """This process's file descriptors open on ``path``."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+                found.append(fd)
+        except OSError:
+            continue
+    return found
+
+
+@dataclass
+class Run:
+    """One migration of a simulated disk with a guest writing meanwhile."""
+
+    tmp: Path
+    mode: Mode
+    seed: int = 1
+    speed: int | None = 48 << 20
+    no_cutover: bool = False
+    verify: bool = False
+    dest: Path | None = None
+    dest_zeroed: bool = True
+    guest_io: bool = True
+    policy: Policy = FAST
+    source: Path = field(init=False)
+    model: bytearray = field(init=False)
+    sim: Sim = field(init=False)
+    guest: SimGuest = field(init=False)
+    target: SimTarget = field(init=False)
+    mig: Migration = field(init=False)
+    statuses: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.source = self.tmp / "source.img"
+        self.model = make_source(self.source, self.seed)
+        if self.dest is None:
+            self.dest = self.tmp / "dest.img"
+        if not self.dest.exists():
+            with open(self.dest, "wb") as f:
+                f.truncate(SIZE)
+        self.sim = Sim(self.source, depth=16)
+        self.guest = SimGuest(
+            self.sim, self.model, seed=self.seed, io=self.guest_io, region=GUEST_REGION
+        ).start()
+        self.target = SimTarget(self.guest)
+        opts = MigrationOptions(
+            dest=self.dest, mode=self.mode, chunk_size=chunk_size(self.mode), speed=self.speed,
+            no_cutover=self.no_cutover, verify=self.verify, dest_zeroed=self.dest_zeroed,
+            delta_dir=self.tmp,
+        )  # fmt: skip
+        self.mig = Migration(
+            self.target, opts, device="/dev/ublkb-sim", source=str(self.source), size=SIZE,
+            io_stats=self.sim.stats, policy=self.policy,
+        )  # fmt: skip
+
+    def run(self, during: Callable[[Run], Any] | None = None, timeout: float = 120) -> Phase:
+        """start + run; ``during(self)`` (async) runs alongside, e.g. to cancel."""
+
+        async def main() -> Phase:
+            with anyio.fail_after(timeout):
+                await self.mig.start()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._watch)
+                    if during is not None:
+                        tg.start_soon(during, self)
+                    phase = await self.mig.run()
+                    tg.cancel_scope.cancel()
+                self.statuses.append(self.mig.status())
+                return phase
+
+        return anyio.run(main)
+
+    async def _watch(self) -> None:
+        while True:
+            self.statuses.append(self.mig.status())
+            await anyio.sleep(0.02)
+
+    def phases(self) -> list[str]:
+        seen: list[str] = []
+        for s in self.statuses:
+            if not seen or seen[-1] != s["phase"]:
+                seen.append(s["phase"])
+        return seen
+
+    def stop(self, after_io: float = 0.0) -> None:
+        """More guest I/O for ``after_io`` seconds, then stop the guest and close the sim."""
+        time.sleep(after_io)
+        try:
+            self.guest.stop()
+        finally:
+            self.sim.close()
+        assert self.guest.errors == [], self.guest.errors[:5]
+
+    def assert_file_is_model(self, path: Path) -> None:
+        data = path.read_bytes()[:SIZE]
+        assert len(data) == SIZE
+        if data != self.model:
+            first = next(i for i in range(SIZE) if data[i] != self.model[i])
+            raise AssertionError(f"{path.name} differs from the model at byte {first}")
+
+
+@pytest.fixture
+def tmp() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="ubm-mig-", dir="/var/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def phase_events(capsys: pytest.CaptureFixture[str]) -> list[dict[str, str]]:
+    out = []
+    for line in capsys.readouterr().err.splitlines():
+        if "event=migration.phase" not in line:
+            continue
+        fields = dict(f.split("=", 1) for f in shlex.split(line) if "=" in f)
+        out.append(fields)
+    return out
+
+
+# --- every mode, to completion ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_completes_with_guest_io(tmp: Path, mode: Mode, capsys: pytest.CaptureFixture[str]) -> None:
+    r = Run(tmp, mode, seed=11)
+    phase = r.run()
+    status = r.mig.status()
+    assert phase is Phase.COMPLETED, status
+    done_during = r.guest.counters.completed
+    r.stop(after_io=0.2)  # guest I/O after the cutover goes to the destination
+    assert r.guest.counters.completed > done_during
+    assert done_during > 200, "the guest did I/O during the migration"
+    r.assert_file_is_model(r.dest)  # type: ignore[arg-type]
+    assert not open_fds_to(r.dest), "the sim is gone: nothing holds the destination"  # type: ignore[arg-type]
+
+    assert status["phase"] == "completed" and status["error"] is None
+    assert status["bytes_to_copy"] == 0 and status["eta_seconds"] == 0.0
+    assert status["chunks_copied"] == status["chunks"] == SIZE // chunk_size(mode)
+    assert status["cutover_stall_ms"] is not None
+    assert status["bytes_skipped"] >= 1 << 20, "holes in the source were copied"
+    expected = {
+        Mode.MIRROR: ["starting", "copying", "cutover", "completed"],
+        Mode.DBT: ["starting", "copying", "dirty-passes", "final-pass", "cutover", "completed"],
+        Mode.SNAPSHOT: ["starting", "copying", "folding", "final-pass", "cutover", "completed"],
+    }[mode]
+    events = phase_events(capsys)
+    seen = [e["phase"] for e in events]
+    # dirty passes / folding are skipped when the first pass left little to do
+    assert [p for p in expected if p in seen] == seen, seen
+    assert seen[:2] == ["starting", "copying"] and seen[-2:] == ["cutover", "completed"], seen
+    for e in events:
+        assert e["device"] == "/dev/ublkb-sim" and e["mode"] == mode.value
+        for key in ("pass", "cursor", "chunks_copied", "chunks_total", "dirty", "bytes_copied"):
+            assert key in e, (key, e)
+    if mode is Mode.MIRROR:
+        assert status["final_pause_ms"] is None, "mirror cuts over without a pause"
+        assert "pause" not in r.target.calls
+        assert status["mirrored_writes"] > 0
+    else:
+        assert status["final_pause_ms"] is not None and status["final_pause_ms"] >= 0
+        assert r.target.calls.count("pause") == 1 and r.target.calls.count("resume") == 1
+    if mode is Mode.DBT:
+        assert status["tracked_writes"] > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_old_data_on_the_destination_is_overwritten(tmp: Path, mode: Mode) -> None:
+    dest = tmp / "old.img"
+    dest.write_bytes(b"\xa5" * SIZE)
+    r = Run(tmp, mode, seed=12, dest=dest, dest_zeroed=False, speed=None)
+    assert r.run() is Phase.COMPLETED, r.mig.status()
+    r.stop()
+    r.assert_file_is_model(dest)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_verify_before_cutover(tmp: Path, mode: Mode, capsys: pytest.CaptureFixture[str]) -> None:
+    r = Run(tmp, mode, seed=13, verify=True)
+    if not hasattr(native._lib(), "ubm_mig_verify"):
+        pytest.skip("the data plane lacks ubm_mig_verify")
+    assert r.run() is Phase.COMPLETED, r.mig.status()
+    status = r.mig.status()
+    r.stop()
+    r.assert_file_is_model(r.dest)  # type: ignore[arg-type]
+    assert status["verify_mismatches"] == 0
+    calls = r.target.calls
+    assert calls.index("pause") < calls.index("verify") < calls.index("cutover")
+    assert calls.index("cutover") < calls.index("resume")
+    seen = [e["phase"] for e in phase_events(capsys)]
+    assert seen[-3:] == ["verifying", "cutover", "completed"], seen
+
+
+# --- --no-cutover: in sync until asked ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_cutover_waits_for_the_request(tmp: Path, mode: Mode) -> None:
+    r = Run(tmp, mode, seed=14, no_cutover=True)
+    held: dict[str, Any] = {}
+
+    async def during(run: Run) -> None:
+        mig = run.mig
+        with pytest.raises(Exception, match="not in sync yet"):
+            mig.request_cutover()
+        while mig.phase is not Phase.IN_SYNC:
+            assert not mig.ended, mig.status()
+            await anyio.sleep(0.01)
+        passes = mig.status()["pass"]
+        await anyio.sleep(0.6)  # stays in sync, the guest writing, for a while
+        held["passes"] = mig.status()["pass"] - passes
+        held["phase"] = mig.phase
+        mig.request_cutover()
+
+    assert r.run(during) is Phase.COMPLETED, r.mig.status()
+    r.stop()
+    r.assert_file_is_model(r.dest)  # type: ignore[arg-type]
+    assert held["phase"] is Phase.IN_SYNC
+    if mode is Mode.MIRROR:
+        assert held["passes"] == 0, "mirror keeps mirroring: no more passes"
+    else:
+        assert held["passes"] >= 1, "dbt/snapshot keep copying while in sync"
+    assert r.phases()[-2:] == ["cutover", "completed"]
+    assert "in-sync" in r.phases()
+
+
+# --- cancel -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("when", ["copying", "in-sync"])
+def test_cancel_leaves_the_source_authoritative(tmp: Path, mode: Mode, when: str) -> None:
+    in_sync = when == "in-sync"
+    r = Run(tmp, mode, seed=15, speed=(32 if in_sync else 8) << 20, no_cutover=in_sync)
+    seen: dict[str, Any] = {}
+
+    async def during(run: Run) -> None:
+        mig = run.mig
+        def ready() -> bool:
+            if when == "in-sync":
+                return mig.phase is Phase.IN_SYNC
+            # midway: a quarter into the first pass, or (a guest that writes everything makes
+            # a snapshot's first pass short) in the passes that follow it
+            if mig.phase is Phase.COPYING:
+                return mig.status()["cursor"] >= SIZE / 4
+            return mig.phase in (Phase.DIRTY_PASSES, Phase.FOLDING)
+
+        while not ready():
+            assert not mig.ended, mig.status()
+            await anyio.sleep(0.005)
+        seen["cursor"] = mig.status()["cursor"]
+        mig.cancel()
+        seen["phase"] = mig.phase
+
+    assert r.run(during) is Phase.CANCELLED, r.mig.status()
+    assert seen["phase"] is Phase.CANCELLING
+    status = r.mig.status()
+    assert status["phase"] == "cancelled" and status["error"] is None
+    assert not open_fds_to(r.dest), "the destination is closed"  # type: ignore[arg-type]
+    if when == "copying":
+        assert SIZE / 4 <= seen["cursor"] <= SIZE
+    done = r.guest.counters.completed
+    r.stop(after_io=0.2)  # the guest goes on, on the source
+    assert r.guest.counters.completed > done
+    r.assert_file_is_model(r.source)
+    assert r.target.calls[-1] == "finish" and "cutover" not in r.target.calls
+    with pytest.raises(Exception, match="no migration is running"):
+        r.mig.cancel()
+
+
+def test_cancel_after_cutover_is_refused(tmp: Path) -> None:
+    r = Run(tmp, Mode.MIRROR, seed=16, speed=None, policy=Policy(cutover_window=0.5))
+    refused: list[str] = []
+
+    async def during(run: Run) -> None:
+        while run.mig.phase is not Phase.CUTOVER:
+            await anyio.sleep(0.005)
+        while "cutover" not in run.target.calls:
+            await anyio.sleep(0.005)
+        await anyio.sleep(0.1)
+        try:
+            run.mig.cancel()
+        except Exception as e:
+            refused.append(str(e))
+
+    assert r.run(during) is Phase.COMPLETED
+    r.stop()
+    r.assert_file_is_model(r.dest)  # type: ignore[arg-type]
+    assert refused == [
+        "the migration of /dev/ublkb-sim has cut over already: it cannot be cancelled"
+    ]
+
+
+# --- a failing destination ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_tmpfs() -> Iterator[Path]:
+    """A 2 MiB tmpfs: a 16 MiB destination file on it fills it up (ENOSPC)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    d = Path(tempfile.mkdtemp(prefix="ubm-tiny-", dir="/var/tmp"))
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(d)],
+                       capture_output=True, text=True)  # fmt: skip
+    if r.returncode != 0:
+        d.rmdir()
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+    yield d
+    subprocess.run(["umount", "-l", str(d)], check=False)
+    d.rmdir()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_destination_failure(
+    tmp: Path, tiny_tmpfs: Path, mode: Mode, capsys: pytest.CaptureFixture[str]
+) -> None:
+    r = Run(tmp, mode, seed=17, dest=tiny_tmpfs / "dest.img", speed=None)
+    assert r.run() is Phase.FAILED
+    status = r.mig.status()
+    # ENOSPC, or EIO when the file system took part of a write before it was full (the file
+    # backend counts a short write as an I/O error)
+    assert status["error"] in (
+        "the destination failed: No space left on device (ENOSPC)",
+        "the destination failed: Input/output error (EIO)",
+    ), status["error"]
+    assert not open_fds_to(tiny_tmpfs / "dest.img")
+    assert "cutover" not in r.target.calls and r.target.calls[-1] == "finish"
+    done = r.guest.counters.completed
+    r.stop(after_io=0.2)  # no guest error (checked by stop), the guest goes on
+    assert r.guest.counters.completed > done
+    r.assert_file_is_model(r.source)
+    failed = [e for e in phase_events(capsys) if e["phase"] == "failed"]
+    assert len(failed) == 1 and failed[0]["error"].startswith("the destination failed: ")
+    assert failed[0]["level"] == "error"
+
+
+def test_pass_error_without_a_recorded_error_fails(tmp: Path) -> None:
+    r = Run(tmp, Mode.DBT, seed=18)
+    r.target.fail_next["copy_pass"] = native.NativeError("copy_pass", errno.EIO, "copy failed")
+    assert r.run() is Phase.FAILED
+    r.stop()
+    assert r.mig.error == "the copy failed: copy failed"
+    r.assert_file_is_model(r.source)
+
+
+def test_verify_mismatch_fails_without_cutover(tmp: Path) -> None:
+    r = Run(tmp, Mode.DBT, seed=19, verify=True)
+    r.target.verify = lambda: 3  # type: ignore[method-assign]
+    assert r.run() is Phase.FAILED
+    r.stop()
+    assert r.mig.error == "verification failed: 3 chunks of the destination differ from the disk"
+    assert "cutover" not in r.target.calls
+    r.assert_file_is_model(r.source)
+
+
+def test_cutover_refused_then_retried(tmp: Path) -> None:
+    r = Run(tmp, Mode.MIRROR, seed=20)
+    r.target.fail_next["cutover"] = native.NativeError("cutover", errno.EAGAIN, "not in sync")
+    assert r.run() is Phase.COMPLETED
+    r.stop()
+    r.assert_file_is_model(r.dest)  # type: ignore[arg-type]
+
+
+def test_start_refused(tmp: Path) -> None:
+    r = Run(tmp, Mode.MIRROR, dest=tmp / "small.img")
+    r.guest.stop()
+    r.sim.close()
+    # a fresh sim whose destination is too small: the data plane's own check
+    (tmp / "small.img").write_bytes(bytes(1 << 20))
+    sim = Sim(r.source)
+    guest = SimGuest(sim, r.model, io=False).start()
+    mig = Migration(SimTarget(guest), MigrationOptions(tmp / "small.img"), device="d",
+                    source=str(r.source), size=SIZE)  # fmt: skip
+    with pytest.raises(Exception, match="cannot start the migration to .*smaller than the source"):
+        anyio.run(mig.start)
+    assert mig.phase is Phase.FAILED and mig.ended
+    guest.stop()
+    sim.close()
+
+
+# --- speed and status ---------------------------------------------------------------------------
+
+
+def test_speed_limit_and_status(tmp: Path) -> None:
+    r = Run(tmp, Mode.MIRROR, seed=21, speed=4 << 20, guest_io=False)
+    seen: dict[str, Any] = {}
+
+    async def during(run: Run) -> None:
+        mig = run.mig
+        await anyio.sleep(0.8)
+        seen["slow"] = mig.status()
+        mig.set_speed(None)  # lift the limit: it finishes quickly
+        seen["lifted"] = time.monotonic()
+
+    t0 = time.monotonic()
+    assert r.run(during) is Phase.COMPLETED
+    r.stop()
+    slow = seen["slow"]
+    assert slow["phase"] == "copying" and slow["pass"] == 1 and slow["pass_kind"] == "all"
+    assert slow["speed"] == 4 << 20
+    assert 1 << 20 < slow["rate"] < 8 << 20, slow["rate"]  # about the limit
+    assert slow["eta_seconds"] is not None and slow["eta_seconds"] > 0
+    assert 0 < slow["cursor"] < SIZE and slow["cursor"] % CHUNK == 0
+    assert slow["bytes_to_copy"] == SIZE - slow["chunks_copied"] * CHUNK
+    assert slow["elapsed"] >= 0.7
+    for key in ("reads", "writes", "parked", "inflight"):
+        assert key in slow["io"]
+    assert time.monotonic() - t0 < 2.5 + FAST.cutover_window
+    json.dumps(r.mig.status())  # the status is JSON as is
+    r.assert_file_is_model(r.dest)  # type: ignore[arg-type]
+    assert r.mig.status()["io"] == {}, "no guest I/O counters once the sim is gone"
+
+
+def test_snapshot_mode_names_itself_when_unsupported(tmp: Path) -> None:
+    if SNAPSHOT:
+        pytest.skip("the data plane supports snapshot mode")
+    r = Run(tmp, Mode.SNAPSHOT, guest_io=False)
+    with pytest.raises(Exception, match="cannot start the migration"):
+        anyio.run(r.mig.start)
+    r.stop()

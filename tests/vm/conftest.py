@@ -1,0 +1,116 @@
+"""Fixtures of the real-device tests (tests/vm); the helpers are in vmlib.py.
+
+They run where a ublk driver is, normally inside a kernel VM started by
+``python -m ublkmig.vm pytest`` (``ci/test``), which sets UBLKMIG_IN_VM=1 and
+UBLKMIG_VM_KERNEL ("unstable": zero copy; "lts": copy mode only):
+
+- Inside such a VM a missing /dev/ublk-control, or not being root, FAILS
+  every test: CI must never pass by skipping them.  Elsewhere the tests
+  skip, saying how to run them.
+- Every test here carries the ``vm`` marker.
+- Images live on /dev/shm (the VM's root is read-only, and 9p is slow).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from vmlib import CONTROL, HERE, IN_VM, MakeImage, ServeFactory, run_cli, run_fio
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.is_relative_to(HERE):
+            item.add_marker(pytest.mark.vm)
+
+
+def _why_no_ublk() -> str | None:
+    if os.geteuid() != 0:
+        return "the real-device tests need root"
+    if not CONTROL.exists():
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(["modprobe", "ublk_drv"], capture_output=True, timeout=60)
+        for _ in range(40):
+            if CONTROL.exists():
+                return None
+            time.sleep(0.05)
+        return f"no ublk driver here ({CONTROL} missing, Linux {os.uname().release})"
+    return None
+
+
+@pytest.fixture(scope="session")
+def _ublk_state() -> str | None:
+    return _why_no_ublk()
+
+
+@pytest.fixture(autouse=True)
+def _need_ublk(_ublk_state: str | None) -> None:
+    if _ublk_state is None:
+        return
+    if IN_VM:
+        pytest.fail(f"{_ublk_state}: inside the test VM this is a failure, not a skip")
+    pytest.skip(f"{_ublk_state}; run them in a kernel VM: python -m ublkmig.vm pytest")
+
+
+# ---- scratch space and images ---------------------------------------------------------
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """A fresh folder on /dev/shm (tmpfs), removed afterwards."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    d = Path(tempfile.mkdtemp(prefix="ubm-test-", dir=base))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def make_image(scratch: Path) -> MakeImage:
+    """``make_image(size, name="disk.img", data=None)``: a sparse image of ``size`` bytes,
+    with ``data`` written at offset 0 if given."""
+    count = 0
+
+    def make(size: int, name: str | None = None, data: bytes | None = None) -> Path:
+        nonlocal count
+        count += 1
+        path = scratch / (name or f"disk{count}.img")
+        with open(path, "wb") as f:
+            f.truncate(size)
+            if data:
+                f.write(data)
+        return path
+
+    return make
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[ServeFactory]:
+    """Start daemons: ``dev = serve(image, "--queues", "2")``; ``dev.device`` is the path."""
+    factory = ServeFactory(tmp_path / "serve")
+    yield factory
+    factory.teardown()
+
+
+@pytest.fixture
+def cli() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``cli("list", "--json")``: run ``python -m ublkmig ARGS`` (captured, text)."""
+    return run_cli
+
+
+@pytest.fixture
+def fio(scratch: Path) -> Callable[..., dict[str, Any]]:
+    """``fio(device, rw="randwrite", bs="4k", ...)`` -> fio's JSON report (see run_fio)."""
+
+    def call(filename: str, **options: Any) -> dict[str, Any]:
+        return run_fio(filename, cwd=scratch, **options)
+
+    return call

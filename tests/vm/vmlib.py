@@ -1,0 +1,336 @@
+"""Helpers of the real-device tests (tests/vm): the daemon, the CLI, fio, data.
+
+Used by conftest.py's fixtures and imported by the tests (``from vmlib import ...``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mmap
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+IN_VM = os.environ.get("UBLKMIG_IN_VM") == "1"
+KERNEL = os.environ.get("UBLKMIG_VM_KERNEL", "")
+CONTROL = Path("/dev/ublk-control")
+
+SERVE_TIMEOUT = 120.0  # python start + ADD_DEV + first read, under emulation
+STOP_TIMEOUT = 60.0
+CLI_TIMEOUT = 120.0
+UBLKMIG = [sys.executable, "-m", "ublkmig"]
+
+ALL_PATHS = ("auto-zc", "zc", "copy")
+# what each kernel the CI boots must offer, and what `auto` must pick there
+KERNEL_PATHS: dict[str, tuple[str, ...]] = {"unstable": ALL_PATHS, "lts": ("copy",)}
+KERNEL_AUTO: dict[str, str] = {"unstable": "auto-zc", "lts": "copy"}
+
+MakeImage = Callable[..., Path]  # the make_image fixture
+
+
+def data_paths() -> tuple[str, ...]:
+    """The data paths the running kernel offers (for parametrizing; no driver call needed
+    in CI, where the kernel's name says it)."""
+    if KERNEL in KERNEL_PATHS:
+        return KERNEL_PATHS[KERNEL]
+    if CONTROL.exists():
+        r = subprocess.run([*UBLKMIG, "features", "--json"], capture_output=True, text=True,
+                           timeout=CLI_TIMEOUT)
+        if r.returncode == 0:
+            return tuple(json.loads(r.stdout)["data_paths"])
+    return ("auto",)
+
+
+def pattern(seed: int, size: int) -> bytes:
+    """Deterministic, incompressible bytes."""
+    return random.Random(seed).randbytes(size)
+
+
+def drop_caches(device: str) -> None:
+    """Forget the page cache of ``device`` so that reads go to the daemon."""
+    subprocess.run(["blockdev", "--flushbufs", device], check=True, capture_output=True)
+
+
+# ---- the daemon ---------------------------------------------------------------------
+
+
+class ServeFailed(AssertionError):
+    pass
+
+
+@dataclass
+class Served:
+    """One ``ublkmig serve`` child."""
+
+    image: Path
+    argv: list[str]
+    proc: subprocess.Popen[bytes]
+    out_path: Path
+    err_path: Path
+    device: str = ""
+    returncode: int | None = None
+    extra_stdout: list[str] = field(default_factory=list)
+
+    @property
+    def dev_id(self) -> int:
+        return int(self.device.removeprefix("/dev/ublkb"))
+
+    def stderr(self) -> str:
+        return self.err_path.read_text(errors="replace")
+
+    def stdout(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    def describe(self) -> str:
+        return (f"`{' '.join(self.argv)}` (pid {self.proc.pid}, rc {self.proc.poll()})\n"
+                f"--- stdout:\n{self.stdout()[-4000:]}\n--- stderr:\n{self.stderr()[-8000:]}")
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = STOP_TIMEOUT) -> int:
+        try:
+            self.returncode = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise ServeFailed(f"the daemon did not exit within {timeout:.0f} s:\n"
+                              f"{self.describe()}") from None
+        return self.returncode
+
+    def stop(self, how: str = "SIGTERM", timeout: float = STOP_TIMEOUT) -> int:
+        """Stop it ("SIGTERM", "SIGINT" or "cli": `ublkmig stop DEVICE`) and check that it
+        exits 0 and its device nodes disappear."""
+        if self.proc.poll() is None:
+            if how == "cli":
+                r = run_cli("stop", self.device, timeout=timeout)
+                assert r.returncode == 0, f"ublkmig stop failed: {r.stderr}\n{self.describe()}"
+            else:
+                self.signal(signal.Signals[how])
+        rc = self.wait(timeout)
+        assert rc == 0, f"the daemon exited {rc} after {how}:\n{self.describe()}"
+        assert "Traceback" not in self.stderr(), self.describe()
+        wait_gone(self.device)
+        return rc
+
+
+def wait_gone(device: str, timeout: float = 10.0) -> None:
+    """Assert that /dev/ublkbN and /dev/ublkcN are gone (within ``timeout``)."""
+    char = device.replace("ublkb", "ublkc")
+    deadline = time.monotonic() + timeout
+    while os.path.exists(device) or os.path.exists(char):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{device} or {char} still exists after the daemon exited")
+        time.sleep(0.05)
+
+
+def start_serve(image: Path, *opts: str, logdir: Path,
+                timeout: float = SERVE_TIMEOUT) -> Served:
+    """Start ``ublkmig serve IMAGE OPTS...`` and wait for its first stdout line."""
+    logdir.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix="serve-", suffix=".out", dir=logdir)
+    os.close(fd)
+    out_path = Path(name)
+    err_path = out_path.with_suffix(".err")
+    argv = [*UBLKMIG, "serve", str(image), *opts]
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    s = Served(image, argv, proc, out_path, err_path)
+    deadline = time.monotonic() + timeout
+    while True:
+        text = out_path.read_text(errors="replace")
+        if "\n" in text:
+            break
+        if proc.poll() is not None:
+            raise ServeFailed(f"serve exited before printing a device:\n{s.describe()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise ServeFailed(f"serve printed no device within {timeout:.0f} s:\n{s.describe()}")
+        time.sleep(0.05)
+    s.device = text.split("\n", 1)[0].strip()
+    if not s.device.startswith("/dev/ublkb") or not s.device[len("/dev/ublkb"):].isdigit():
+        s.signal(signal.SIGKILL)
+        raise ServeFailed(f"serve's first line is not a device path: {s.device!r}\n"
+                          f"{s.describe()}")
+    # the contract: printed once the device accepts I/O, so the node is there
+    assert Path(s.device).is_block_device(), f"{s.device} is not a block device yet"
+    return s
+
+
+class ServeFactory:
+    """``serve(image, *opts)`` -> Served; every daemon still running at teardown is stopped
+    with SIGTERM and must exit 0 with its device gone."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.started: list[Served] = []
+
+    def __call__(self, image: Path, *opts: str, timeout: float = SERVE_TIMEOUT) -> Served:
+        s = start_serve(image, *opts, logdir=self.logdir, timeout=timeout)
+        self.started.append(s)
+        return s
+
+    def teardown(self) -> None:
+        problems = []
+        for s in self.started:
+            if s.proc.poll() is None:
+                try:
+                    s.stop("SIGTERM")
+                except AssertionError as e:
+                    problems.append(str(e))
+                    with contextlib.suppress(ProcessLookupError):
+                        s.proc.kill()
+                    s.proc.wait()
+        if problems:
+            raise AssertionError("\n".join(problems))
+
+
+# ---- the CLI, as a user runs it ----------------------------------------------------------
+
+
+def run_cli(*args: str, timeout: float = CLI_TIMEOUT, as_nobody: bool = False,
+            ) -> subprocess.CompletedProcess[str]:
+    argv: list[str] = [*UBLKMIG, *args]
+    if as_nobody:
+        argv = as_nobody_argv(argv)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def as_nobody_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` run as nobody (uid/gid 65534, no groups, no capabilities).
+
+    This interpreter may live where nobody cannot reach it (pyenv under /root,
+    mode 0700): then the command runs in a private mount namespace where /root
+    is an overlay of itself with mode 0755; nothing else changes.
+    """
+    drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+            "--inh-caps=-all", "--bounding-set=-all", "--"]
+    if _reachable_by_others(Path(sys.executable)):
+        return [*drop, *argv]
+    script = (
+        "set -e; u=$(mktemp -d /run/ubm-nobody.XXXXXX); "
+        "mkdir $u/up $u/work; "
+        "mount -t overlay overlay -o lowerdir=/root,upperdir=$u/up,workdir=$u/work /root; "
+        'chmod 0755 /root; exec "$@"'
+    )
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+            *drop, *argv]
+
+
+def _reachable_by_others(path: Path) -> bool:
+    for p in [*reversed(path.absolute().parents), path.absolute()]:
+        try:
+            mode = p.stat().st_mode
+        except OSError:
+            return False
+        if not mode & 0o001:
+            return False
+    return True
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess[str], what: str) -> str:
+    """A user error: non-zero exit, exactly one line on stderr, no traceback."""
+    detail = f"{what}: rc {r.returncode}\n--- stdout:\n{r.stdout}\n--- stderr:\n{r.stderr}"
+    assert r.returncode != 0, detail
+    assert "Traceback" not in r.stderr + r.stdout, detail
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one line on stderr; {detail}"
+    return lines[0]
+
+
+# ---- fio ---------------------------------------------------------------------------------
+
+
+class FioFailed(AssertionError):
+    pass
+
+
+def run_fio(filename: str, *, cwd: Path, name: str = "job", timeout: float = 300.0,
+            check: bool = True, **options: Any) -> dict[str, Any]:
+    """Run one fio job on ``filename`` and return its JSON report.
+
+    Options map to ``--key=value`` (True -> ``--key``; False/None dropped).
+    With ``check``, a non-zero exit or a job error raises FioFailed with the
+    whole output.
+    """
+    report = cwd / f"fio-{name}-{time.monotonic_ns()}.json"
+    argv = ["fio", f"--name={name}", f"--filename={filename}", "--output-format=json",
+            f"--output={report}", "--verify_state_save=0"]
+    for k, v in options.items():
+        if v is True:
+            argv.append(f"--{k}")
+        elif v is not False and v is not None:
+            argv.append(f"--{k}={v}")
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    except subprocess.TimeoutExpired as e:
+        raise FioFailed(f"fio did not finish within {timeout:.0f} s: {' '.join(argv)}\n"
+                        f"{e.stdout!r}\n{e.stderr!r}") from None
+    text = report.read_text(errors="replace") if report.exists() else ""
+    try:
+        data = json.loads(text[text.index("{"):]) if "{" in text else {}
+    except ValueError:
+        data = {}
+    errors = [(j.get("jobname"), j.get("error")) for j in data.get("jobs", []) if j.get("error")]
+    if check and (r.returncode != 0 or not data or errors):
+        raise FioFailed(f"fio failed (rc {r.returncode}, job errors {errors}): {' '.join(argv)}\n"
+                        f"--- stdout:\n{r.stdout}\n--- stderr:\n{r.stderr}\n--- report:\n{text}")
+    data["_returncode"] = r.returncode
+    data["_stderr"] = r.stderr
+    return data
+
+
+
+
+def device_info(device: str) -> dict[str, Any]:
+    """The served device's entry of ``ublkmig list --json`` (AssertionError if absent)."""
+    r = run_cli("list", "--json")
+    assert r.returncode == 0, f"ublkmig list --json failed: {r.stderr}"
+    for d in json.loads(r.stdout):
+        if d.get("path") == device:
+            return dict(d)
+    raise AssertionError(f"{device} is not in `ublkmig list --json`: {r.stdout}")
+
+
+def write_device(device: str, offset: int, data: bytes) -> None:
+    """Write ``data`` at ``offset`` with O_DIRECT and fsync (offset, length: 4 KiB aligned)."""
+    buf = mmap.mmap(-1, len(data))  # page aligned, as O_DIRECT wants
+    buf.write(data)
+    fd = os.open(device, os.O_WRONLY | os.O_DIRECT)
+    try:
+        done = 0
+        while done < len(data):
+            done += os.pwritev(fd, [memoryview(buf)[done:]], offset + done)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+def read_device(device: str, offset: int, length: int) -> bytes:
+    """Read with O_DIRECT (the daemon answers, not the page cache)."""
+    buf = mmap.mmap(-1, length)
+    fd = os.open(device, os.O_RDONLY | os.O_DIRECT)
+    try:
+        done = 0
+        while done < length:
+            n = os.preadv(fd, [memoryview(buf)[done:]], offset + done)
+            if n == 0:
+                raise AssertionError(f"short read of {device} at {offset + done}")
+            done += n
+        return bytes(buf[:length])
+    finally:
+        os.close(fd)
+        buf.close()
