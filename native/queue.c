@@ -293,6 +293,22 @@ static void route_io(struct ubm_queue *q, unsigned tag)
 		ubm_queue_backends_done(q, tag);
 }
 
+/* Explicit zero copy: (un)register the request's pages at its buffer index. */
+static void prep_buf_cmd(struct ubm_queue *q, unsigned tag, unsigned cmd_op, unsigned kind)
+{
+	struct io_uring_sqe *sqe = ubm_queue_sqe(q);
+	struct ublksrv_io_cmd *cmd = (struct ublksrv_io_cmd *)sqe->cmd;
+
+	io_uring_prep_read(sqe, FILE_UBLKC, NULL, 0, 0);  /* clears the fields */
+	sqe->opcode = IORING_OP_URING_CMD;
+	sqe->flags |= IOSQE_FIXED_FILE;
+	sqe->cmd_op = cmd_op;
+	cmd->q_id = q->q_id;
+	cmd->tag = tag;
+	cmd->addr = q->ios[tag].req.buf_index;
+	io_uring_sqe_set_data64(sqe, ubm_ud(tag, kind, 0));
+}
+
 /* Start handling the request now in q->ios[tag].req. */
 void ubm_queue_start_io(struct ubm_queue *q, unsigned tag)
 {
@@ -302,17 +318,7 @@ void ubm_queue_start_io(struct ubm_queue *q, unsigned tag)
 	__atomic_store_n(&q->stats.inflight, q->ios_inflight, __ATOMIC_RELAXED);
 	if (q->path == UBM_PATH_ZC && io->req.buf_index >= 0) {
 		/* explicit zero copy: register the request's pages first */
-		struct io_uring_sqe *sqe = ubm_queue_sqe(q);
-		struct ublksrv_io_cmd *cmd = (struct ublksrv_io_cmd *)sqe->cmd;
-
-		io_uring_prep_read(sqe, FILE_UBLKC, NULL, 0, 0);
-		sqe->opcode = IORING_OP_URING_CMD;
-		sqe->flags |= IOSQE_FIXED_FILE;
-		sqe->cmd_op = UBLK_U_IO_REGISTER_IO_BUF;
-		cmd->q_id = q->q_id;
-		cmd->tag = tag;
-		cmd->addr = io->req.buf_index;
-		io_uring_sqe_set_data64(sqe, ubm_ud(tag, UD_REG, 0));
+		prep_buf_cmd(q, tag, UBLK_U_IO_REGISTER_IO_BUF, UD_REG);
 		io->state = IO_REG;
 		return;
 	}
@@ -326,17 +332,7 @@ void ubm_queue_backends_done(struct ubm_queue *q, unsigned tag)
 	if (io->mig)
 		ubm_mig_io_done(io->mig, q, tag);
 	if (q->path == UBM_PATH_ZC && io->req.buf_index >= 0) {
-		struct io_uring_sqe *sqe = ubm_queue_sqe(q);
-		struct ublksrv_io_cmd *cmd = (struct ublksrv_io_cmd *)sqe->cmd;
-
-		io_uring_prep_read(sqe, FILE_UBLKC, NULL, 0, 0);
-		sqe->opcode = IORING_OP_URING_CMD;
-		sqe->flags |= IOSQE_FIXED_FILE;
-		sqe->cmd_op = UBLK_U_IO_UNREGISTER_IO_BUF;
-		cmd->q_id = q->q_id;
-		cmd->tag = tag;
-		cmd->addr = io->req.buf_index;
-		io_uring_sqe_set_data64(sqe, ubm_ud(tag, UD_UNREG, 0));
+		prep_buf_cmd(q, tag, UBLK_U_IO_UNREGISTER_IO_BUF, UD_UNREG);
 		io->state = IO_UNREG;
 		return;
 	}

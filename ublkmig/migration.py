@@ -33,7 +33,7 @@ import errno
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -483,47 +483,56 @@ class Migration:
         raise _Failed(f"the mirror did not converge: {s.dirty_chunks} chunks still dirty")
 
     async def _converge_dbt(self) -> None:
-        p = self.policy
-        best: int | None = None
-        flat = 0
-        for n in range(p.max_dirty_passes):
-            dirty = self._checked_stats().dirty_chunks
-            if dirty <= p.dirty_threshold:
-                return
-            if best is None or dirty < best:
-                best, flat = dirty, 0
-            else:
-                flat += 1
-                if flat >= p.stall_passes:
-                    self.log.info("migration.not_converging", device=self.device, dirty=dirty)
-                    return
-            if n == 0:
-                self._set_phase(Phase.DIRTY_PASSES)
+        """Dirty passes until few chunks are dirty (or it stops shrinking, or the limit)."""
+
+        async def dirty_pass() -> bool:
             await self._pass(Pass.DIRTY)
-        self.log.info(
-            "migration.pass_limit", device=self.device, passes=p.max_dirty_passes,
-            dirty=self._last.dirty_chunks,
+            return True
+
+        await self._converge(
+            "dirty", lambda s: s.dirty_chunks, self.policy.max_dirty_passes, Phase.DIRTY_PASSES,
+            dirty_pass,
         )  # fmt: skip
 
     async def _converge_snapshot(self) -> None:
+        """New deltas folded until the active one is small (or as for DBT)."""
+        await self._converge(
+            "delta", lambda s: s.delta_chunks, self.policy.max_generations, Phase.FOLDING,
+            self._fold,
+        )  # fmt: skip
+
+    async def _converge(
+        self,
+        what: str,
+        remaining: Callable[[native.MigStats], int],
+        limit: int,
+        phase: Phase,
+        step: Callable[[], Awaitable[bool]],
+    ) -> None:
+        """Repeat ``step`` while ``remaining`` chunks are above the threshold, until it
+        stops shrinking for ``stall_passes`` steps, ``limit`` steps, or ``step`` says no."""
         p = self.policy
         best: int | None = None
         flat = 0
-        for n in range(p.max_generations):
-            delta = self._checked_stats().delta_chunks
-            if delta <= p.dirty_threshold:
+        for n in range(limit):
+            left = remaining(self._checked_stats())
+            if left <= p.dirty_threshold:
                 return
-            if best is None or delta < best:
-                best, flat = delta, 0
+            if best is None or left < best:
+                best, flat = left, 0
             else:
                 flat += 1
                 if flat >= p.stall_passes:
-                    self.log.info("migration.not_converging", device=self.device, delta=delta)
+                    self.log.info("migration.not_converging", device=self.device, **{what: left})
                     return
             if n == 0:
-                self._set_phase(Phase.FOLDING)
-            if not await self._fold():
+                self._set_phase(phase)
+            if not await step():
                 return
+        self.log.info(
+            "migration.pass_limit", device=self.device, passes=limit,
+            **{what: remaining(self._last)},
+        )  # fmt: skip
 
     async def _fold(self) -> bool:
         """Freeze the active delta and fold it into the destination; False when the data

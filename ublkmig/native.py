@@ -313,7 +313,7 @@ class Target:
         _check(_lib().ubm_mig_set_speed(self._t(), bytes_per_second), "set_speed")
 
     def new_delta(self) -> None:
-        _check(_optional("ubm_mig_new_delta")(self._t()), "new_delta")
+        _check(_lib().ubm_mig_new_delta(self._t()), "new_delta")
 
     def pause(self) -> None:
         _check(_lib().ubm_mig_pause(self._t()), "pause")
@@ -327,7 +327,7 @@ class Target:
     def verify(self) -> int:
         """Compare the destination with the disk (guest I/O paused): chunks that differ."""
         n = ctypes.c_uint64(0)
-        _check(_optional("ubm_mig_verify")(self._t(), ctypes.byref(n)), "verify")
+        _check(_lib().ubm_mig_verify(self._t(), ctypes.byref(n)), "verify")
         return int(n.value)
 
     def abort(self) -> None:
@@ -436,35 +436,17 @@ def _lib() -> ctypes.CDLL:
         "ubm_mig_abort": (ctypes.c_int, [_P]),
         "ubm_mig_finish": (ctypes.c_int, [_P]),
         "ubm_mig_get_stats": (ctypes.c_int, [_P, ctypes.POINTER(_MigStats)]),
+        "ubm_mig_new_delta": (ctypes.c_int, [_P]),
+        "ubm_mig_verify": (ctypes.c_int, [_P, ctypes.POINTER(ctypes.c_uint64)]),
     }  # fmt: skip
-    for name, (restype, argtypes) in {**protos, **_OPTIONAL_PROTOS}.items():
+    for name, (restype, argtypes) in protos.items():
         try:
             fn = getattr(lib, name)
         except AttributeError:
-            if name in _OPTIONAL_PROTOS:
-                continue  # called through _optional(), which says what is missing
             raise NativeUnavailable(f"the data plane {path} lacks {name}: rebuild it") from None
         fn.restype = restype
         fn.argtypes = argtypes
     return lib
-
-
-# Newer parts of the API: a data plane built before them still serves devices and runs
-# mirror / DBT migrations; calling one that is missing is a NativeError (ENOSYS).
-_OPTIONAL_PROTOS: dict[str, tuple[Any, list[Any]]] = {
-    "ubm_mig_new_delta": (ctypes.c_int, [_P]),
-    "ubm_mig_verify": (ctypes.c_int, [_P, ctypes.POINTER(ctypes.c_uint64)]),
-}
-
-
-def _optional(name: str) -> Any:
-    fn = getattr(_lib(), name, None)
-    if fn is None:
-        raise NativeError(
-            name.removeprefix("ubm_mig_"), errno_mod.ENOSYS,
-            f"this build of the data plane lacks {name}: rebuild it",
-        )  # fmt: skip
-    return fn
 
 
 def last_error() -> str:

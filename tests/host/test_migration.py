@@ -41,31 +41,10 @@ FAST = Policy(
 )
 
 
-def snapshot_supported() -> bool:
-    """Whether this build of the data plane runs snapshot migrations (being written)."""
-    tmp = Path(tempfile.mkdtemp(prefix="ubm-snap-", dir="/var/tmp"))
-    try:
-        (tmp / "s").write_bytes(bytes(1 << 20))
-        (tmp / "d").write_bytes(bytes(1 << 20))
-        with Sim(tmp / "s") as sim:
-            t = sim.target()
-            try:
-                t.mig_start(native.MigrationConfig(tmp / "d", native.MigMode.SNAPSHOT))
-            except native.NativeError:
-                return False
-            ok = hasattr(native._lib(), "ubm_mig_new_delta")
-            t.finish()
-            return ok
-    finally:
-        shutil.rmtree(tmp)
-
-
-SNAPSHOT = native.available() and snapshot_supported()
-needs_snapshot = pytest.mark.skipif(not SNAPSHOT, reason="the data plane lacks snapshot mode")
 MODES = [
     Mode.MIRROR,
     Mode.DBT,
-    pytest.param(Mode.SNAPSHOT, marks=needs_snapshot),
+    Mode.SNAPSHOT,
 ]
 
 
@@ -276,8 +255,6 @@ def test_old_data_on_the_destination_is_overwritten(tmp: Path, mode: Mode) -> No
 @pytest.mark.parametrize("mode", MODES)
 def test_verify_before_cutover(tmp: Path, mode: Mode, capsys: pytest.CaptureFixture[str]) -> None:
     r = Run(tmp, mode, seed=13, verify=True)
-    if not hasattr(native._lib(), "ubm_mig_verify"):
-        pytest.skip("the data plane lacks ubm_mig_verify")
     assert r.run() is Phase.COMPLETED, r.mig.status()
     status = r.mig.status()
     r.stop()
@@ -510,10 +487,3 @@ def test_speed_limit_and_status(tmp: Path) -> None:
     assert r.mig.status()["io"] == {}, "no guest I/O counters once the sim is gone"
 
 
-def test_snapshot_mode_names_itself_when_unsupported(tmp: Path) -> None:
-    if SNAPSHOT:
-        pytest.skip("the data plane supports snapshot mode")
-    r = Run(tmp, Mode.SNAPSHOT, guest_io=False)
-    with pytest.raises(Exception, match="cannot start the migration"):
-        anyio.run(r.mig.start)
-    r.stop()
