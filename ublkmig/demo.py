@@ -2,9 +2,14 @@
 
 Create a sparse image on /dev/shm, serve it (``python -m ublkmig serve`` as a
 child, reading the device path from its first stdout line), mkfs.ext4, mount,
-write files, remount, check their sha256, unmount, ``fsck -fn``, stop the
-daemon with ``ublkmig stop``, remove the image.  Without a ublk driver on this
-host it re-runs itself inside a kernel VM (ublkmig.vm) and relays the result.
+write files, remount, check their sha256, unmount, ``fsck -fn``.  Then the
+live migration: mount again, and while a writer keeps writing files, move the
+device to a new file with ``ublkmig migrate DEVICE --to DEST --wait`` (mirror
+mode); check every file's sha256 on the device (now served from DEST), ``fsck
+-fn``, compare DEST with the device byte for byte, and report the migration's
+time and cutover stall.  Finally stop the daemon with ``ublkmig stop`` and
+remove the images.  Without a ublk driver on this host it re-runs itself inside
+a kernel VM (ublkmig.vm) and relays the result.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from rich.console import Console
 from rich.markup import escape
@@ -32,6 +39,8 @@ from ublkmig.units import format_size
 
 SERVE_TIMEOUT = 120.0  # kernel VMs under emulation are slow
 STOP_TIMEOUT = 120.0
+MIGRATE_TIMEOUT = 600.0
+WRITER_FILES_AFTER = 8  # files the writer writes after the cutover, before it stops
 TOOLS = ("mkfs.ext4", "fsck.ext4", "mount", "umount")
 
 
@@ -83,6 +92,7 @@ class Demo:
         self.mnt: Path | None = None
         self.mounted = False
         self.files: dict[str, str] = {}  # name -> sha256
+        self.dest: Path | None = None
         self.reported = False  # a failed step printed its error
 
     @contextlib.contextmanager
@@ -150,6 +160,7 @@ class Demo:
             self._umount()
         with self.step(f"fsck.ext4 -fn {self.dev}"):
             _run(["fsck.ext4", "-fn", self.dev])
+        self._migration()
         stats = control.request(control.socket_path(self.dev_id), "info")["stats"]
         self.note(
             f"the daemon served {stats['reads']} reads ({format_size(stats['read_bytes'])}), "
@@ -168,10 +179,62 @@ class Demo:
                 raise DemoFailed(f"the daemon exited with status {rc}")
             if os.path.exists(self.dev):
                 raise DemoFailed(f"{self.dev} still exists")
-        with self.step("remove the image"):
+        with self.step("remove the images"):
             assert self.tmp is not None
             shutil.rmtree(self.tmp)
             self.tmp = None
+
+    def _migration(self) -> None:
+        """Live migration to a new file while a writer keeps writing files."""
+        assert self.tmp is not None and self.mnt is not None
+        self.dest = self.tmp / "dest.img"
+        with self.step(f"mount {self.dev} again and start a writer"):
+            self._mount()
+            writer = FileWriter(self.mnt / "live", budget=min(self.size // 8, 24 << 20))
+            writer.start()
+            writer.wait_files(4)
+        try:
+            cmd = f"ublkmig migrate {self.dev} --to {self.dest.name} --wait"
+            with self.step(f"migrate while the writer writes: {cmd}"):
+                written_before = writer.count
+                r = subprocess.run(
+                    [sys.executable, "-m", "ublkmig", "migrate", self.dev, "--to",
+                     str(self.dest), "--wait"],
+                    capture_output=True, text=True, timeout=MIGRATE_TIMEOUT,
+                )  # fmt: skip
+                if r.returncode != 0:
+                    out = (r.stderr.strip() or r.stdout.strip()).splitlines()
+                    raise DemoFailed(out[-1] if out else f"migrate exited {r.returncode}")
+                during = writer.count - written_before
+                writer.stop(after=WRITER_FILES_AFTER)
+            status = control.request(control.socket_path(self.dev_id), "status")
+            mig = status["migration"]
+            self.note(
+                f"{mig['mode']} migration completed in {mig['elapsed']:.1f} s, cutover stall "
+                f"{_ms(mig['cutover_stall_ms'])} (longest guest I/O around it "
+                f"{_ms(mig['max_latency_ms'])}); {format_size(mig['bytes_copied'])} copied, "
+                f"{format_size(mig['bytes_skipped'])} skipped (holes)"
+            )
+            self.note(
+                f"the writer wrote {during} files during the migration and "
+                f"{WRITER_FILES_AFTER} after it; {self.dev} now serves {status['image']}"
+            )
+        finally:
+            writer.halt()
+        if writer.error is not None:
+            raise DemoFailed(f"the writer failed: {writer.error}")
+        self.files.update({f"live/{n}": d for n, d in writer.sums.items()})
+        with self.step("sync, unmount and mount again, check every file's sha256"):
+            _run(["sync"])
+            self._umount()
+            self._mount()
+            self._check_files()
+        self.note(f"{len(self.files)} files, read from {self.dest.name}")
+        with self.step(f"unmount, fsck.ext4 -fn {self.dev}"):
+            self._umount()
+            _run(["fsck.ext4", "-fn", self.dev])
+        with self.step(f"compare {self.dest.name} with {self.dev} byte for byte"):
+            _compare(self.dev, self.dest, self.size)
 
     def _serve(self, image: Path) -> None:
         assert self.tmp is not None
@@ -255,6 +318,94 @@ def _run(argv: list[str]) -> None:
         raise DemoFailed(
             f"{' '.join(argv)} exited with status {r.returncode}" + (f": {out[-1]}" if out else "")
         )
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
+
+
+def _compare(device: str, path: Path, size: int) -> None:
+    """The device's bytes are the file's (DemoFailed naming the first differing MiB)."""
+    _run(["blockdev", "--flushbufs", device])  # read what the daemon serves
+    step = 1 << 20
+    with open(device, "rb", buffering=0) as a, open(path, "rb", buffering=0) as b:
+        for off in range(0, size, step):
+            if _read(a, step) != _read(b, step):
+                raise DemoFailed(f"{path} and {device} differ in the MiB at {off >> 20} MiB")
+
+
+def _read(f: BinaryIO, n: int) -> bytes:
+    parts = []
+    while n > 0:
+        block = f.read(n)
+        if not block:
+            break
+        parts.append(block)
+        n -= len(block)
+    return b"".join(parts)
+
+
+class FileWriter(threading.Thread):
+    """Writes files of random sizes with random bytes into ``root`` in a loop, each fsynced,
+    remembering their sha256; deletes the oldest to stay under ``budget`` bytes."""
+
+    def __init__(self, root: Path, budget: int) -> None:
+        super().__init__(daemon=True, name="demo-writer")
+        self.root = root
+        self.budget = budget
+        self.sums: dict[str, str] = {}
+        self.sizes: dict[str, int] = {}
+        self.count = 0
+        self.error: BaseException | None = None
+        self._halt = threading.Event()
+        self._until: int | None = None
+        self._cond = threading.Condition()
+
+    def run(self) -> None:
+        rng = random.Random(0x6D6967)
+        try:
+            self.root.mkdir(exist_ok=True)
+            while not self._halt.is_set():
+                name = f"w{self.count:05d}.bin"
+                data = os.urandom(rng.choice([1, 4096, 65536 + 7, 200_000, 1 << 20]))
+                with open(self.root / name, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                self.sums[name] = hashlib.sha256(data).hexdigest()
+                self.sizes[name] = len(data)
+                while sum(self.sizes.values()) > self.budget:
+                    old = min(self.sizes)
+                    (self.root / old).unlink()
+                    del self.sums[old], self.sizes[old]
+                with self._cond:
+                    self.count += 1
+                    if self._until is not None and self.count >= self._until:
+                        self._halt.set()
+                    self._cond.notify_all()
+        except BaseException as e:  # noqa: BLE001 - the demo reports it
+            self.error = e
+            with self._cond:
+                self._cond.notify_all()
+
+    def wait_files(self, n: int, timeout: float = 120.0) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self.count >= n or self.error is not None, timeout)
+        if self.error is not None:
+            raise DemoFailed(f"the writer failed: {self.error}")
+
+    def stop(self, after: int, timeout: float = 120.0) -> None:
+        """Stop once ``after`` more files are written."""
+        with self._cond:
+            self._until = self.count + after
+        self.join(timeout)
+        if self.is_alive():
+            raise DemoFailed(f"the writer did not stop within {timeout:.0f} s")
+
+    def halt(self) -> None:
+        self._halt.set()
+        if self.is_alive():
+            self.join(STOP_TIMEOUT)
 
 
 def _first_line(proc: subprocess.Popen[bytes], timeout: float) -> str:

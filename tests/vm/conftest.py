@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vmlib import CONTROL, HERE, IN_VM, MakeImage, ServeFactory, run_cli, run_fio
+from vmlib import CONTROL, HERE, IN_VM, FioLoop, MakeImage, ServeFactory, run_cli, run_fio
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -114,3 +114,21 @@ def fio(scratch: Path) -> Callable[..., dict[str, Any]]:
         return run_fio(filename, cwd=scratch, **options)
 
     return call
+
+
+@pytest.fixture
+def fio_loop(serve: ServeFactory, scratch: Path) -> Iterator[Callable[..., FioLoop]]:
+    """``fio_loop(device, offset, length, **fio_options)``: a started vmlib.FioLoop; any
+    still running at teardown is halted (before the daemons stop: this fixture depends on
+    ``serve``, so its teardown comes first)."""
+    loops: list[FioLoop] = []
+
+    def start(device: str, offset: int, length: int, **options: Any) -> FioLoop:
+        loop = FioLoop(device, offset, length, cwd=scratch, **options)
+        loops.append(loop)
+        loop.start()
+        return loop
+
+    yield start
+    for loop in loops:
+        loop.halt()

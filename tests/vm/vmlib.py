@@ -6,6 +6,7 @@ Used by conftest.py's fixtures and imported by the tests (``from vmlib import ..
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import mmap
 import os
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -334,3 +336,282 @@ def read_device(device: str, offset: int, length: int) -> bytes:
     finally:
         os.close(fd)
         buf.close()
+
+
+# ---- migration -----------------------------------------------------------------------------
+
+MIGRATE_TIMEOUT = 300.0  # `migrate --wait` of a small image under emulation
+
+
+MODES = ("mirror", "dbt", "snapshot")
+
+
+def run_ok(*argv: str, timeout: float = 300.0) -> str:
+    """Run a command; AssertionError with its output unless it exits 0.  Returns stdout."""
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, f"{' '.join(argv)}: rc {r.returncode}\n{r.stdout}\n{r.stderr}"
+    return r.stdout
+
+
+def start_migrate(device: str, dest: Path, *args: str) -> subprocess.Popen[str]:
+    """``ublkmig migrate DEVICE --to DEST ARGS --wait`` in the background."""
+    return subprocess.Popen([*UBLKMIG, "migrate", device, "--to", str(dest), *args, "--wait"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+
+
+def wait_migrate(proc: subprocess.Popen[str]) -> subprocess.CompletedProcess[str]:
+    """Wait for a ``migrate --wait`` started by start_migrate (AssertionError if it hangs)."""
+    try:
+        out, err = proc.communicate(timeout=MIGRATE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"migrate --wait did not end in {MIGRATE_TIMEOUT:.0f} s:\n"
+                             f"{out}\n{err}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def finish_migrate(proc: subprocess.Popen[str], expect: str = "completed:") -> str:
+    """Wait for a ``migrate --wait``; AssertionError unless it exited 0 saying ``expect``
+    (``in sync:`` with --no-cutover).  Its stdout."""
+    r = wait_migrate(proc)
+    assert r.returncode == 0, f"migrate failed (rc {r.returncode}):\n{r.stdout}\n{r.stderr}"
+    assert expect in r.stdout, r.stdout
+    return r.stdout
+
+
+def check_completed(device: str, dest: Path, mode: str) -> dict[str, Any]:
+    st = cli_status(device)
+    mig = st["migration"]
+    assert mig["phase"] == "completed", mig
+    assert mig["mode"] == mode and mig["dest"] == str(dest), mig
+    assert mig["error"] is None and mig["dest_errors"] == 0, mig
+    assert st["image"] == str(dest), f"the device serves {st['image']}, not {dest}"
+    assert st["stats"]["errors"] == 0, st["stats"]
+    if mode == "mirror":
+        assert mig["cutover_stall_ms"] is not None, mig
+    else:
+        assert mig["final_pause_ms"] is not None, mig
+    return dict(mig)
+
+
+def device_status(device: str) -> dict[str, Any]:
+    """The daemon's ``status`` answer (what ``ublkmig status DEVICE --json`` prints), asked
+    on its control socket: a CLI process costs seconds under emulation, this milliseconds."""
+    from ublkmig import control
+
+    dev_id = int(device.removeprefix("/dev/ublkb"))
+    answer = control.request(control.socket_path(dev_id), "status", timeout=30.0)
+    answer.pop("ok", None)
+    return dict(answer)
+
+
+def cli_status(device: str) -> dict[str, Any]:
+    """``ublkmig status DEVICE --json``, run as a user runs it."""
+    r = run_cli("status", device, "--json")
+    assert r.returncode == 0, f"ublkmig status {device} --json failed: {r.stderr}"
+    return dict(json.loads(r.stdout))
+
+
+def migration_status(device: str) -> dict[str, Any]:
+    mig = device_status(device)["migration"]
+    assert mig is not None, f"{device} has no migration"
+    return dict(mig)
+
+
+def wait_migration(device: str, until: Callable[[dict[str, Any]], bool], *,
+                   timeout: float = MIGRATE_TIMEOUT, what: str = "") -> dict[str, Any]:
+    """Poll the migration's status until ``until(status)`` holds (AssertionError if it ends
+    or the time runs out first); no migration yet counts as not holding."""
+    deadline = time.monotonic() + timeout
+    while True:
+        mig = device_status(device)["migration"]
+        if mig is not None and until(mig):
+            return dict(mig)
+        if mig is not None and mig["phase"] in ("completed", "cancelled", "failed"):
+            raise AssertionError(f"the migration ended before {what or 'the condition held'}: "
+                                 f"{mig}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not {what} within {timeout:.0f} s: {mig}")
+        time.sleep(0.1)
+
+
+def sha256_of(path: str | Path, length: int | None = None) -> str:
+    """sha256 of the first ``length`` bytes (default: all) of a file or block device; a block
+    device's page cache is dropped first."""
+    path = str(path)
+    if Path(path).is_block_device():
+        drop_caches(path)
+    h = hashlib.sha256()
+    left = length if length is not None else -1
+    with open(path, "rb", buffering=0) as f:
+        while left != 0:
+            block = f.read(4 << 20 if left < 0 else min(4 << 20, left))
+            if not block:
+                break
+            h.update(block)
+            if left > 0:
+                left -= len(block)
+    return h.hexdigest()
+
+
+def assert_same_bytes(a: str | Path, b: str | Path, length: int, *, unit: int = 1 << 20) -> str:
+    """The first ``length`` bytes of ``a`` and ``b`` (files or block devices) are equal; if
+    not, name the first differing ``unit``-sized blocks (the migration's chunks, by default).
+    Returns their sha256."""
+    a, b = str(a), str(b)
+    for p in (a, b):
+        if Path(p).is_block_device():
+            drop_caches(p)
+    bad: list[str] = []
+    n_bad = 0
+    h = hashlib.sha256()
+    with open(a, "rb", buffering=0) as fa, open(b, "rb", buffering=0) as fb:
+        off = 0
+        while off < length:
+            n = min(unit, length - off)
+            x, y = _read_full(fa, n), _read_full(fb, n)
+            h.update(x)
+            if x != y:
+                n_bad += 1
+                if len(bad) < 8:
+                    first = next((i for i in range(min(len(x), len(y)))
+                                  if x[i] != y[i]), min(len(x), len(y)))
+                    bad.append(f"block {off // unit} (first difference at byte {off + first}"
+                               f"{', ' + a + ' zero' if not any(x) else ''}"
+                               f"{', ' + b + ' zero' if not any(y) else ''})")
+            off += n
+    assert n_bad == 0, (f"{a} and {b} differ in {n_bad} of {-(-length // unit)} blocks of "
+                        f"{unit} bytes: {'; '.join(bad)}")
+    return h.hexdigest()
+
+
+def _read_full(f: Any, n: int) -> bytes:
+    parts = []
+    while n > 0:
+        block = f.read(n)
+        if not block:
+            break
+        parts.append(block)
+        n -= len(block)
+    return b"".join(parts)
+
+
+class FioLoop(threading.Thread):
+    """Guest writes in the background: fio jobs, one after another, each writing every block
+    of ``[offset, offset + length)`` once at random (two jobs, one per half, so both vCPUs
+    and queues see I/O; 4k-128k at depth 16, direct, crc32c) and verifying what it wrote,
+    interleaved (verify_backlog) and at the end.  Every job uses a new seed, so after the
+    loop stopped ``verify()`` checks the whole range against the last job.
+
+    ``mark()`` then ``stop()``: stop after the first job that started after the mark
+    (writes before, during and after whatever happened in between)."""
+
+    def __init__(self, device: str, offset: int, length: int, *, cwd: Path, seed: int = 1000,
+                 max_seconds: float = 600.0, **extra: Any) -> None:
+        super().__init__(daemon=True, name=f"fio-loop-{device}")
+        self.device = device
+        self.cwd = cwd
+        self.offset, self.length = offset, length
+        self.seed = seed
+        self.extra = extra
+        self.max_seconds = max_seconds
+        self.runs = 0  # jobs finished
+        self.started_runs = 0
+        self.last_seed: int | None = None
+        self.written = 0
+        self.error: BaseException | None = None
+        self._halt = threading.Event()
+        self._marked_at: int | None = None
+        self._cond = threading.Condition()
+
+    def job(self, seed: int) -> dict[str, Any]:
+        half = self.length // 2
+        return dict(name=f"loop{seed}", rw="randwrite", bsrange="4k-128k", blockalign="4k",
+                    iodepth=16, ioengine="io_uring", direct=1, verify="crc32c",
+                    verify_fatal=1, verify_backlog=64, numjobs=2, offset=self.offset,
+                    size=half, offset_increment=half, randseed=seed, group_reporting=False,
+                    **self.extra)
+
+    def run(self) -> None:
+        t0 = time.monotonic()
+        try:
+            while not self._halt.is_set():
+                if time.monotonic() - t0 > self.max_seconds:
+                    raise AssertionError(f"the fio loop ran for {self.max_seconds:.0f} s")
+                if not Path(self.device).is_block_device():  # fio would create a file
+                    raise AssertionError(f"{self.device} is gone: the fio loop stops")
+                seed = self.seed + self.started_runs
+                with self._cond:
+                    self.started_runs += 1
+                    my_run = self.started_runs
+                report = run_fio(self.device, cwd=self.cwd, **self.job(seed))
+                self.written += sum(j["write"]["io_bytes"] for j in report["jobs"])
+                with self._cond:
+                    self.runs += 1
+                    self.last_seed = seed
+                    if self._marked_at is not None and my_run > self._marked_at:
+                        self._halt.set()
+                    self._cond.notify_all()
+        except BaseException as e:  # noqa: BLE001 - reported by stop()
+            self.error = e
+            with self._cond:
+                self._cond.notify_all()
+
+    def wait_runs(self, n: int = 1, timeout: float = 300.0) -> None:
+        """Wait until ``n`` jobs have finished."""
+        with self._cond:
+            ok = self._cond.wait_for(lambda: self.runs >= n or self.error is not None
+                                     or not self.is_alive(), timeout)
+        self.check()
+        assert ok, f"the fio loop finished {self.runs} jobs in {timeout:.0f} s, not {n}"
+
+    def mark(self) -> None:
+        with self._cond:
+            self._marked_at = self.started_runs
+
+    def stop(self, timeout: float = 300.0) -> None:
+        """Stop after the job that started after mark() (or now, if not marked) and
+        re-raise the loop's failure, if any."""
+        with self._cond:
+            if self._marked_at is None:
+                self._halt.set()
+        self.join(timeout)
+        assert not self.is_alive(), f"the fio loop did not stop within {timeout:.0f} s"
+        self.check()
+        assert self.runs > 0 and self.last_seed is not None, "the fio loop finished no job"
+
+    def halt(self, timeout: float = 300.0) -> None:
+        """Stop after the current job, whatever happens (fixture teardown)."""
+        self._halt.set()
+        if self.is_alive():
+            self.join(timeout)
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def verify(self) -> None:
+        """Verify the whole range against the last finished job (fio verify_only)."""
+        assert self.last_seed is not None
+        job = self.job(self.last_seed)
+        job["name"] = f"verify{self.last_seed}"
+        report = run_fio(self.device, cwd=self.cwd, verify_only=1, **job)
+        read = sum(j["read"]["io_bytes"] for j in report["jobs"])
+        assert read >= self.length, f"fio verified {read} bytes of {self.length}"
+
+
+class Steps:
+    """Prints how long each step of a test took (``pytest -s`` shows it): ``t("fio")``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.t0 = self.last = time.monotonic()
+
+    def __call__(self, step: str) -> None:
+        now = time.monotonic()
+        print(f"[{self.name}] {step}: {now - self.last:.1f} s (at {now - self.t0:.1f} s)",
+              flush=True)
+        self.last = now

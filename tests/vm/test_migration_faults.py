@@ -1,0 +1,260 @@
+"""Migrations that do not complete: cancelled midway, or a destination that fails midway
+(out of space; a device that starts returning I/O errors).  Each time fio keeps writing and
+verifying without an error, the device goes on serving from the source, and the source
+holds exactly what the device shows (compared byte for byte)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from vmlib import (
+    MODES,
+    FioLoop,
+    MakeImage,
+    ServeFactory,
+    Steps,
+    assert_one_line_error,
+    assert_same_bytes,
+    cli_status,
+    device_status,
+    finish_migrate,
+    pattern,
+    read_device,
+    run_cli,
+    run_ok,
+    sha256_of,
+    start_migrate,
+    wait_migrate,
+    wait_migration,
+)
+
+MiB = 1 << 20
+SIZE = 64 * MiB
+DATA = 48 * MiB  # [0, DATA) holds a pattern; the rest is a hole
+BUSY = (16 * MiB, 16 * MiB)  # (offset, length): fio's loop, inside the pattern
+FioLoopFactory = Callable[..., FioLoop]
+
+
+def _check_source_serves(dev_device: str, image: Path, busy: FioLoop, data: bytes) -> str:
+    """After a migration that did not complete: the device serves the source, unharmed."""
+    st = device_status(dev_device)
+    assert st["image"] == str(image), f"the device serves {st['image']}, not {image}"
+    assert st["stats"]["errors"] == 0, st["stats"]
+    busy.verify()
+    assert read_device(dev_device, 0, BUSY[0]) == data[:BUSY[0]], "the pattern changed"
+    assert read_device(dev_device, sum(BUSY), DATA - sum(BUSY)) == data[sum(BUSY):DATA]
+    return assert_same_bytes(dev_device, image, SIZE)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cancel_midway(mode: str, make_image: MakeImage, serve: ServeFactory,
+                       fio_loop: FioLoopFactory, scratch: Path) -> None:
+    t = Steps(f"cancel-{mode}")
+    data = pattern(3, DATA)
+    image = make_image(SIZE, data=data)
+    dest = scratch / "dest.img"
+    dev = serve(image, "--queues", "2")
+    busy = fio_loop(dev.device, *BUSY)
+    busy.wait_runs(1)
+    t("serve, first fio job")
+
+    r = run_cli("migrate", dev.device, "--to", str(dest), "--mode", mode, "--speed", "8M")
+    assert r.returncode == 0, r
+    mig = wait_migration(dev.device, lambda m: m["chunks_copied"] >= m["chunks"] // 8,
+                         timeout=60, what="an eighth copied")
+    assert mig["chunks_copied"] < mig["chunks"], f"copied already, too fast to cancel: {mig}"
+    t("migration started")
+    r = run_cli("cancel", dev.device)
+    assert r.returncode == 0, f"cancel failed: {r.stdout}\n{r.stderr}"
+    assert f"cancelled: {dev.device} keeps serving {image}" in r.stdout, r.stdout
+    t("cancelled")
+    busy.mark()
+    busy.stop()  # writes after the cancel too
+    mig = cli_status(dev.device)["migration"]  # status --json, as a user sees it
+    assert mig["phase"] == "cancelled" and mig["error"] is None, mig
+    assert not dest.exists(), "the destination the migration created is still there"
+
+    digest = _check_source_serves(dev.device, image, busy, data)
+    t("verify, compare")
+    dev.stop()
+    assert sha256_of(image) == digest, "the source differs from what the device showed"
+
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    where.mkdir()
+    run_ok("mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where))
+    try:
+        yield where
+    finally:
+        if subprocess.run(["umount", str(where)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@contextlib.contextmanager
+def dm_device(scratch: Path, size: int, name: str) -> Iterator[Path]:
+    """A device-mapper device (linear over a loop device over a file on /dev/shm) whose
+    table ``dm_fail(name)`` replaces with the ``error`` target."""
+    backing = scratch / "dm-backing.img"
+    with open(backing, "wb") as f:
+        f.truncate(size)
+    subprocess.run(["modprobe", "-a", "loop", "dm_mod"], capture_output=True)
+    loop = run_ok("losetup", "--find", "--show", str(backing)).strip()
+    try:
+        run_ok("dmsetup", "create", name, "--noudevsync", "--table",
+               f"0 {size // 512} linear {loop} 0")
+        try:
+            kname = run_ok("dmsetup", "info", "-c", "--noheadings", "-o", "blkdevname",
+                           name).strip()
+            node = Path("/dev") / kname
+            deadline = time.monotonic() + 10
+            while not node.is_block_device():
+                assert time.monotonic() < deadline, f"{node} did not appear"
+                time.sleep(0.05)
+            yield node
+        finally:
+            _dm_remove(name)
+    finally:
+        subprocess.run(["losetup", "-d", loop], capture_output=True)
+
+
+def _dm_remove(name: str) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        r = subprocess.run(["dmsetup", "remove", "--noudevsync", name], capture_output=True,
+                           text=True)
+        if r.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            info = subprocess.run(["dmsetup", "info", name], capture_output=True, text=True)
+            holders = subprocess.run(["sh", "-c", "ls -l /proc/[0-9]*/fd 2>/dev/null | "
+                                      "grep -B0 dm- ; ls /sys/block/dm-*/holders"],
+                                     capture_output=True, text=True)
+            raise AssertionError(f"dmsetup remove {name} failed: {r.stderr}\n{info.stdout}\n"
+                                 f"{holders.stdout}")
+        time.sleep(0.2)
+
+
+def dm_fail(name: str, size: int) -> None:
+    """From now on every I/O to the device fails (EIO)."""
+    run_ok("dmsetup", "suspend", "--noudevsync", name)
+    try:
+        run_ok("dmsetup", "load", name, "--table", f"0 {size // 512} error")
+    finally:
+        run_ok("dmsetup", "resume", "--noudevsync", name)
+
+
+def _failed(r: subprocess.CompletedProcess[str], dev_device: str, image: Path,
+            why: str) -> None:
+    line = assert_one_line_error(r, "migrate --wait to a failing destination")
+    assert f"the migration of {dev_device} failed" in line, line
+    assert why in line and f"it keeps serving {image}" in line, line
+
+
+def releases_promptly() -> bool:
+    """Whether the data plane lets go of a failed destination while the device serves on.
+
+    It unregisters the destination from its io_uring fixed-file tables when the migration
+    ends.  Before Linux 6.13 io_uring puts an unregistered file only once every request
+    issued before the update has completed, and the idle FETCH commands of a ublk queue's
+    unused tags stay in flight until the device stops: measured on 6.12 with depth 128, the
+    destination stays open until the daemon stops (with depth 8 it is released at once).
+    From 6.13 on (7.2 measured) it is released at once."""
+    major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    return (major, minor) >= (6, 13)
+
+
+def wait_until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"not {what} within {timeout:.0f} s"
+        time.sleep(0.1)
+
+
+def tmpfs_used(path: Path) -> int:
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def dm_open_count(name: str) -> int:
+    return int(run_ok("dmsetup", "info", "-c", "--noheadings", "-o", "open", name).strip())
+
+
+def test_destination_out_of_space(make_image: MakeImage, serve: ServeFactory,
+                                  fio_loop: FioLoopFactory, scratch: Path) -> None:
+    """Mirror mode to a DEST on a tmpfs of 16 MiB: the copy of 48 MiB of data, and the
+    guest writes mirrored to it, run out of space.  Then the device migrates to a
+    destination with room."""
+    t = Steps("enospc-mirror")
+    data = pattern(4, DATA)
+    image = make_image(SIZE, data=data)
+    dev = serve(image, "--queues", "2")
+    busy = fio_loop(dev.device, *BUSY)
+    busy.wait_runs(1)
+    t("serve, first fio job")
+    with small_tmpfs(scratch / "small", "16M") as small:
+        dest = small / "dest.img"
+        r = wait_migrate(start_migrate(dev.device, dest, "--speed", "24M"))
+        t("migration")
+        _failed(r, dev.device, image, "No space left on device (ENOSPC)")
+        busy.mark()
+        busy.stop()
+        mig = device_status(dev.device)["migration"]
+        assert mig["phase"] == "failed" and "ENOSPC" in mig["error"], mig
+        assert not dest.exists(), "the destination the migration created is still there"
+        if releases_promptly():  # and its space is free again
+            wait_until(lambda: tmpfs_used(small) < MiB, "the destination's space freed")
+        digest = _check_source_serves(dev.device, image, busy, data)
+        t("verify, compare")
+        # the device can still migrate, to a destination with room
+        good = scratch / "good.img"
+        finish_migrate(start_migrate(dev.device, good))
+        assert_same_bytes(dev.device, good, SIZE)
+        dev.stop()
+        assert tmpfs_used(small) < MiB, "the failed destination's space is still in use"
+    assert sha256_of(good) == digest, "DEST differs from what the device showed"
+    t("migrate again, compare")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_destination_starts_failing(mode: str, make_image: MakeImage, serve: ServeFactory,
+                                    fio_loop: FioLoopFactory, scratch: Path) -> None:
+    """DEST a device-mapper device whose table turns into ``error`` midway.  The copier's
+    writes go through the destination's page cache, so the failure shows when they are
+    written back or, at the latest, when the destination is flushed before the cutover."""
+    t = Steps(f"eio-{mode}")
+    data = pattern(6, DATA)
+    image = make_image(SIZE, data=data)
+    dev = serve(image, "--queues", "2")
+    busy = fio_loop(dev.device, *BUSY)
+    name = f"ubm-dest-{os.getpid()}-{mode}"
+    with dm_device(scratch, SIZE, name) as dest:
+        busy.wait_runs(1)
+        t("dm device, serve, first fio job")
+        proc = start_migrate(dev.device, dest, "--mode", mode, "--speed", "8M")
+        wait_migration(dev.device, lambda m: m["chunks_copied"] >= m["chunks"] // 4,
+                       timeout=60, what="a quarter copied")
+        dm_fail(name, SIZE)
+        t("copied a quarter, then the destination fails")
+        r = wait_migrate(proc)
+        t("migration")
+        _failed(r, dev.device, image, "Input/output error")
+        busy.mark()
+        busy.stop()
+        mig = device_status(dev.device)["migration"]
+        assert mig["phase"] == "failed" and "Input/output error" in mig["error"], mig
+        # the daemon let go of the destination's exclusive claim ...
+        os.close(os.open(dest, os.O_RDONLY | os.O_EXCL))
+        if releases_promptly():  # ... and of the destination itself
+            wait_until(lambda: dm_open_count(name) == 0, "the destination closed")
+        digest = _check_source_serves(dev.device, image, busy, data)
+        t("verify, compare")
+        dev.stop()
+        assert dm_open_count(name) == 0, "the destination is still open"
+    assert sha256_of(image) == digest, "the source differs from what the device showed"
