@@ -210,9 +210,10 @@ class Demo:
             status = control.request(control.socket_path(self.dev_id), "status")
             mig = status["migration"]
             self.note(
-                f"{mig['mode']} migration completed in {mig['elapsed']:.1f} s, cutover stall "
-                f"{_ms(mig['cutover_stall_ms'])} (longest guest I/O around it "
-                f"{_ms(mig['max_latency_ms'])}); {format_size(mig['bytes_copied'])} copied, "
+                f"{mig['mode']} migration completed in {mig['elapsed']:.1f} s; cutover stall "
+                f"(longest guest I/O within 1 s of the switch) {_ms(mig['cutover_stall_ms'])}, "
+                f"longest guest I/O during the migration {_ms(mig['max_latency_ms'])}; "
+                f"{format_size(mig['bytes_copied'])} copied, "
                 f"{format_size(mig['bytes_skipped'])} skipped (holes)"
             )
             self.note(
