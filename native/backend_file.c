@@ -67,8 +67,8 @@ static int zeroes_mode(const struct ubm_backend *be, const struct ubm_req *req)
 
 static void prep_sync(struct ubm_backend *be, struct io_uring_sqe *sqe)
 {
-	io_uring_prep_fsync(sqe, be->file_index, IORING_FSYNC_DATASYNC);
-	sqe->flags |= IOSQE_FIXED_FILE;
+	io_uring_prep_fsync(sqe, ubm_be_fd(be), IORING_FSYNC_DATASYNC);
+	ubm_be_sqe_flags(be, sqe);
 }
 
 static int file_queue_io(struct ubm_backend *be, struct ubm_queue *q, unsigned tag, unsigned slot,
@@ -99,33 +99,33 @@ static int file_queue_io(struct ubm_backend *be, struct ubm_queue *q, unsigned t
 			void *at = (void *)(uintptr_t)req->buf_off;
 
 			if (wr)
-				io_uring_prep_write_fixed(sqe, be->file_index, at, req->len,
+				io_uring_prep_write_fixed(sqe, ubm_be_fd(be), at, req->len,
 							  req->offset, req->buf_index);
 			else
-				io_uring_prep_read_fixed(sqe, be->file_index, at, req->len,
+				io_uring_prep_read_fixed(sqe, ubm_be_fd(be), at, req->len,
 							 req->offset, req->buf_index);
 		} else if (wr) {
-			io_uring_prep_write(sqe, be->file_index, req->buf, req->len, req->offset);
+			io_uring_prep_write(sqe, ubm_be_fd(be), req->buf, req->len, req->offset);
 		} else {
-			io_uring_prep_read(sqe, be->file_index, req->buf, req->len, req->offset);
+			io_uring_prep_read(sqe, ubm_be_fd(be), req->buf, req->len, req->offset);
 		}
 		if (wr && (req->flags & UBLK_IO_F_FUA))
 			sqe->rw_flags = RWF_DSYNC;
-		sqe->flags |= IOSQE_FIXED_FILE;
+		ubm_be_sqe_flags(be, sqe);
 		break;
 	}
 	case UBLK_IO_OP_FLUSH:
 		prep_sync(be, sqe);
 		break;
 	case UBLK_IO_OP_DISCARD:
-		io_uring_prep_fallocate(sqe, be->file_index, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+		io_uring_prep_fallocate(sqe, ubm_be_fd(be), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
 					req->offset, req->len);
-		sqe->flags |= IOSQE_FIXED_FILE;
+		ubm_be_sqe_flags(be, sqe);
 		break;
 	case UBLK_IO_OP_WRITE_ZEROES:
-		io_uring_prep_fallocate(sqe, be->file_index, zeroes_mode(be, req), req->offset,
+		io_uring_prep_fallocate(sqe, ubm_be_fd(be), zeroes_mode(be, req), req->offset,
 					req->len);
-		sqe->flags |= IOSQE_FIXED_FILE;
+		ubm_be_sqe_flags(be, sqe);
 		break;
 	default:
 		return -EOPNOTSUPP;
@@ -149,21 +149,21 @@ static struct io_uring_sqe *prep_rest(struct ubm_backend *be, struct ubm_queue *
 		void *at = (void *)(uintptr_t)(req->buf_off + done);
 
 		if (wr)
-			io_uring_prep_write_fixed(sqe, be->file_index, at, req->len - done,
+			io_uring_prep_write_fixed(sqe, ubm_be_fd(be), at, req->len - done,
 						  req->offset + done, req->buf_index);
 		else
-			io_uring_prep_read_fixed(sqe, be->file_index, at, req->len - done,
+			io_uring_prep_read_fixed(sqe, ubm_be_fd(be), at, req->len - done,
 						 req->offset + done, req->buf_index);
 	} else if (wr) {
-		io_uring_prep_write(sqe, be->file_index, (char *)req->buf + done, req->len - done,
+		io_uring_prep_write(sqe, ubm_be_fd(be), (char *)req->buf + done, req->len - done,
 				    req->offset + done);
 	} else {
-		io_uring_prep_read(sqe, be->file_index, (char *)req->buf + done, req->len - done,
+		io_uring_prep_read(sqe, ubm_be_fd(be), (char *)req->buf + done, req->len - done,
 				   req->offset + done);
 	}
 	if (wr && (req->flags & UBLK_IO_F_FUA))
 		sqe->rw_flags = RWF_DSYNC;
-	sqe->flags |= IOSQE_FIXED_FILE;
+	ubm_be_sqe_flags(be, sqe);
 	return sqe;
 }
 
@@ -213,10 +213,10 @@ static int file_complete(struct ubm_backend *be, struct ubm_queue *q, unsigned t
 			be->no_zero_range = true;
 			sqe = ubm_queue_sqe(q);
 			if (sqe) {
-				io_uring_prep_fallocate(sqe, be->file_index,
+				io_uring_prep_fallocate(sqe, ubm_be_fd(be),
 							FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
 							req->offset, req->len);
-				sqe->flags |= IOSQE_FIXED_FILE;
+				ubm_be_sqe_flags(be, sqe);
 			}
 			return follow_up(tag, slot, sqe, res);
 		}

@@ -85,7 +85,8 @@ struct ubm_backend_ops {
 struct ubm_backend {
 	const struct ubm_backend_ops *ops;
 	int fd;
-	int file_index;         /* fixed-file slot in every ring: backend slot + 1 */
+	int file_index;         /* fixed-file slot in every ring (backend slot + 1), or -1:
+				 * I/O names the plain fd (see ubm_fixed_migration_files) */
 	uint64_t size;
 	uint32_t logical_bs;
 	bool read_only, direct, is_blockdev;
@@ -95,6 +96,26 @@ struct ubm_backend {
 };
 
 extern const struct ubm_backend_ops ubm_file_backend_ops;
+
+/* The descriptor an SQE names for backend `be`, and the flag that goes with it. */
+static inline int ubm_be_fd(const struct ubm_backend *be)
+{
+	return be->file_index >= 0 ? be->file_index : be->fd;
+}
+
+static inline void ubm_be_sqe_flags(const struct ubm_backend *be, struct io_uring_sqe *sqe)
+{
+	if (be->file_index >= 0)
+		sqe->flags |= IOSQE_FIXED_FILE;
+}
+
+/* Whether the destination and the deltas go in the rings' fixed-file tables.
+ * Before Linux 6.13 io_uring drops an unregistered file only once every
+ * request issued before the update has completed, and a queue's idle FETCH
+ * commands never do: a cancelled migration would keep its destination open
+ * until the device stops.  There they are named by plain fds.  -1 (the
+ * default) decides by the running kernel; tests set 0 or 1. */
+extern int ubm_fixed_migration_files;
 
 /* Backend slots of a target. */
 enum { SLOT_SOURCE = 0, SLOT_DEST = 1, SLOT_DELTA0 = 2 };
@@ -216,7 +237,8 @@ static inline void ubm_stat_inc(uint64_t *c, uint64_t v)
 
 /* migrate.c: the routing of requests while a migration runs */
 int ubm_mig_route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag);
-void ubm_mig_io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag);
+/* 1: the request failed on a snapshot delta and must be routed again (park it) */
+int ubm_mig_io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag);
 
 /* dev.c: a FETCH / COMMIT_AND_FETCH completed on a ublk queue */
 void ubm_dev_cmd_cqe(struct ubm_queue *q, const struct io_uring_cqe *cqe);

@@ -31,9 +31,11 @@
  * a cancel folds them back into the source.
  */
 #include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/utsname.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -79,6 +81,7 @@ struct ubm_migration {
 	uint32_t abort;
 	uint32_t cut_over;
 	int32_t error;
+	uint32_t delta_failed;     /* snapshot: DELTA_FAILED or DELTA_UNFOLDABLE, else 0 */
 	bool dest_zeroed;
 	uint64_t speed;
 	uint64_t inflight;         /* guest requests routed by the migration */
@@ -122,6 +125,28 @@ static void set_error(struct ubm_migration *m, int err)
 
 	A_ADD(&m->dest_errors, 1);
 	__atomic_compare_exchange_n(&m->error, &zero, err, false, __ATOMIC_SEQ_CST,
+				    __ATOMIC_SEQ_CST);
+}
+
+/*
+ * Snapshot: a delta (beside the source) failed, e.g. its filesystem is full.
+ * The guest must not see that: the migration fails, and guest writes wait
+ * (parked) until ubm_mig_finish() has folded the deltas back into the
+ * source, then go there.
+ */
+enum {
+	DELTA_FAILED = 1,      /* guest writes wait for the fold-back */
+	DELTA_UNFOLDABLE = 2,  /* the fold-back failed too: they go on (and fail as they would) */
+};
+
+static void fail_deltas(struct ubm_migration *m, int err)
+{
+	int32_t zero = 0;
+	uint32_t ok = 0;
+
+	__atomic_compare_exchange_n(&m->error, &zero, err, false, __ATOMIC_SEQ_CST,
+				    __ATOMIC_SEQ_CST);
+	__atomic_compare_exchange_n(&m->delta_failed, &ok, DELTA_FAILED, false, __ATOMIC_SEQ_CST,
 				    __ATOMIC_SEQ_CST);
 }
 
@@ -244,8 +269,12 @@ static int snapshot_route(struct ubm_migration *m, struct ubm_io *io, uint64_t c
 		if (A_LOAD(&m->newest[c]) == active)
 			continue;
 		ret = snapshot_cow(m, c);
+		if (ret < 0) {
+			fail_deltas(m, ret);
+			ret = 1;
+		}
 		if (ret)
-			return ret;  /* 1: another queue is copying it (park), or -errno */
+			return ret;  /* another queue is copying it, or the deltas failed: park */
 	}
 	io->mflags |= MIG_IO_TRACKED;
 	A_ADD(&m->unmirrored, 1);
@@ -282,6 +311,9 @@ int ubm_mig_route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 		c1 = (req->offset + req->len - 1) >> m->chunk_shift;
 	}
 	if (mode == UBM_MIG_SNAPSHOT) {
+		if ((is_write(req->op) || req->op == UBLK_IO_OP_FLUSH) &&
+		    ubm_unlikely(A_LOAD(&m->delta_failed) == DELTA_FAILED))
+			goto park;  /* until the deltas are folded back into the source */
 		if (is_write(req->op) && req->len) {
 			if (!chunks_get(m, c0, c1))
 				goto park;
@@ -334,12 +366,20 @@ park:
 	return 1;
 }
 
-void ubm_mig_io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
+int ubm_mig_io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 {
 	struct ubm_io *io = &q->ios[tag];
 	const struct ubm_req *req = &io->req;
 	uint64_t now = now_ns(), lat = now - io->t_start, cut;
 	bool cut_over = A_LOAD(&m->cut_over);
+	/* a snapshot write or flush that failed on a delta is tried again
+	 * once the deltas are folded back into the source (fail_deltas) */
+	bool retry = io->result < 0 && !cut_over && A_LOAD(&m->mode) == UBM_MIG_SNAPSHOT &&
+		     (is_write(req->op) || req->op == UBLK_IO_OP_FLUSH) &&
+		     A_LOAD(&m->delta_failed) != DELTA_UNFOLDABLE;
+
+	if (retry)
+		fail_deltas(m, io->result);
 
 	if (io->mflags & MIG_IO_REFS) {
 		uint64_t c0 = req->offset >> m->chunk_shift;
@@ -366,12 +406,18 @@ void ubm_mig_io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 	} else if (req->op == UBLK_IO_OP_FLUSH && io->dest_result < 0 && !cut_over) {
 		set_error(m, io->dest_result);
 	}
+	if (retry) {
+		A_SUB(&m->inflight, 1);
+		A_ADD(&m->parked, 1);
+		return 1;  /* t_start stays: the latency counts from the first try */
+	}
 	atomic_max(&m->max_latency_ns, lat);
 	cut = A_LOAD(&m->cutover_ns);
 	if (cut && now + 1000000000ull > cut && now < cut + 1000000000ull)
 		atomic_max(&m->cutover_latency_ns, lat);
 	io->t_start = 0;
 	A_SUB(&m->inflight, 1);
+	return 0;
 }
 
 /* ---- control ----------------------------------------------------------------- */
@@ -426,13 +472,34 @@ static void mig_free(struct ubm_migration *m)
 	free(m);
 }
 
-/* Install backend `be` at `slot` in every ring (queues and copier). */
+int ubm_fixed_migration_files = -1;
+
+/* The fixed-file index for a migration backend at `slot`, or -1 for a plain fd. */
+static int migration_file_index(unsigned slot)
+{
+	static int from_kernel = -1;
+	struct utsname u;
+	unsigned major = 0, minor = 0;
+
+	if (ubm_fixed_migration_files >= 0)
+		return ubm_fixed_migration_files ? (int)FILE_OF_SLOT(slot) : -1;
+	if (from_kernel < 0) {
+		/* the io_uring resource rework of 6.13 puts files per request */
+		from_kernel = uname(&u) == 0 && sscanf(u.release, "%u.%u", &major, &minor) == 2 &&
+			(major > 6 || (major == 6 && minor >= 13));
+	}
+	return from_kernel ? (int)FILE_OF_SLOT(slot) : -1;
+}
+
+/* Install backend `be` at `slot` in every ring (queues and copier), or with
+ * be NULL empty the slot; a backend named by its plain fd leaves it empty. */
 static int install(struct ubm_migration *m, unsigned slot, struct ubm_backend *be)
 {
-	int ret = ubm_queue_set_file(&m->cq, FILE_OF_SLOT(slot), be ? be->fd : -1);
+	int fd = be && be->file_index >= 0 ? be->fd : -1;
+	int ret = ubm_queue_set_file(&m->cq, FILE_OF_SLOT(slot), fd);
 
 	if (ret == 0)
-		ret = ubm_target_set_file(m->t, slot, be ? be->fd : -1);
+		ret = ubm_target_set_file(m->t, slot, fd);
 	return ret;
 }
 
@@ -457,7 +524,7 @@ static int open_delta(struct ubm_migration *m, unsigned g)
 	d->fd = fd;
 	d->size = m->size;
 	d->logical_bs = m->t->source.logical_bs;
-	d->file_index = FILE_OF_SLOT(SLOT_DELTA0 + g - 1);
+	d->file_index = migration_file_index(SLOT_DELTA0 + g - 1);
 	d->can_discard = true;
 	m->t->be[SLOT_DELTA0 + g - 1] = d;
 	return install(m, SLOT_DELTA0 + g - 1, d);
@@ -571,7 +638,7 @@ UBM_EXPORT int ubm_mig_start(struct ubm_target *t, const struct ubm_mig_config *
 	memset(dest, 0, sizeof(*dest));
 	dest->ops = &ubm_file_backend_ops;
 	dest->fd = -1;
-	dest->file_index = FILE_OF_SLOT(SLOT_DEST);
+	dest->file_index = migration_file_index(SLOT_DEST);
 	dest->logical_bs = t->source.logical_bs;
 	dest->direct = cfg->direct;
 	ret = dest->ops->open(dest, cfg->dest_path);
@@ -807,12 +874,21 @@ UBM_EXPORT int ubm_mig_finish(struct ubm_target *t)
 			ret = cow_len ? copy_range(m->delta[g - 1].fd, t->source.fd,
 						   c << m->chunk_shift, chunk_len(m, c), cow_buf)
 				      : -ENOMEM;
-			if (ret == 0)
-				A_STORE(&m->newest[c], 0);
+			if (ret < 0)
+				break;
+			A_STORE(&m->newest[c], 0);
+			/* free the chunk's room in every delta: the source may need
+			 * it for the next chunk (their filesystem may be full) */
+			for (unsigned d = 0; d < A_LOAD(&m->gen); d++)
+				fallocate(m->delta[d].fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+					  (off_t)(c << m->chunk_shift), chunk_len(m, c));
 		}
 		if (ret == 0 && fdatasync(t->source.fd) < 0)
 			ret = -errno;
 		if (ret < 0) {
+			/* serve on through the layers; writes no longer wait for a
+			 * fold-back that cannot happen (they fail as they would) */
+			A_STORE(&m->delta_failed, DELTA_UNFOLDABLE);
 			ubm_mig_resume(t);
 			return ubm_fail(ret, "folding the deltas back into the source failed: %s",
 					strerror(-ret));
@@ -912,6 +988,7 @@ UBM_EXPORT int ubm_mig_get_stats(struct ubm_target *t, struct ubm_mig_stats *out
 	out->generation = A_LOAD(&m->gen);
 	out->delta_chunks = A_LOAD(&m->delta_chunks);
 	out->cow_chunks = A_LOAD(&m->cow_chunks);
+	out->delta_failed = A_LOAD(&m->delta_failed);
 	pthread_mutex_unlock(&t->mig_lock);
 	return 0;
 }
@@ -1050,10 +1127,36 @@ static int copy_cqe(struct ubm_migration *m, const struct io_uring_cqe *cqe)
 	return 0;
 }
 
+/*
+ * The speed limit, a token bucket: a pass may have copied speed x (time since
+ * *origin) bytes.  Credit saved while the copier was held up (guest writes on
+ * its chunks, a busy machine) is capped at a tenth of a second's worth (at
+ * least the chunks in flight): a copier that fell behind does not then burst
+ * to catch up with the average, and a new speed applies from now on.
+ */
+static bool within_speed(struct ubm_migration *m, double *origin, uint64_t pass_bytes)
+{
+	double speed = (double)A_LOAD(&m->speed), now, credit, cap;
+
+	if (speed == 0)
+		return true;
+	now = (double)now_ns() / 1e9;
+	credit = speed * (now - *origin) - (double)pass_bytes;
+	cap = speed / 10;
+	if (cap < (double)(m->chunk_size * m->copy_depth))
+		cap = (double)(m->chunk_size * m->copy_depth);
+	if (credit > cap) {
+		*origin = now - ((double)pass_bytes + cap) / speed;
+		credit = cap;
+	}
+	return credit >= 0;
+}
+
 UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *chunks)
 {
 	struct ubm_migration *m = t->mig;
-	uint64_t next = 0, copied = 0, start = now_ns(), pass_bytes = 0, speed;
+	uint64_t next = 0, copied = 0, pass_bytes = 0;
+	double origin = (double)now_ns() / 1e9;  /* the speed limit's clock, in seconds */
 	unsigned busy = 0, locking, i;
 	int ret = 0, r;
 
@@ -1086,9 +1189,7 @@ UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *
 
 			if (cs->state != CS_FREE)
 				continue;
-			speed = A_LOAD(&m->speed);
-			if (speed && (double)pass_bytes >
-					     (double)speed * (double)(now_ns() - start) / 1e9)
+			if (!within_speed(m, &origin, pass_bytes))
 				break;  /* over the speed limit: wait for time to pass */
 			while (next < m->nr_chunks && !wanted(m, next, pass))
 				next++;

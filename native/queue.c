@@ -237,6 +237,17 @@ static void finish_io(struct ubm_queue *q, unsigned tag)
 	q->io_done(q, tag, io->result);
 }
 
+/* Hold a request until the doorbell says ACT_RETRY_PARKED: routed again then. */
+static void park_io(struct ubm_queue *q, unsigned tag)
+{
+	struct ubm_io *io = &q->ios[tag];
+
+	io->state = IO_PARKED;
+	io->next_parked = q->parked_head;
+	q->parked_head = (uint16_t)tag;
+	ubm_stat_inc(&q->stats.parked, 1);
+}
+
 static void route_io(struct ubm_queue *q, unsigned tag)
 {
 	struct ubm_io *io = &q->ios[tag];
@@ -257,11 +268,7 @@ static void route_io(struct ubm_queue *q, unsigned tag)
 		/* the migration fills io->slots and io->sreq[] */
 		n = ubm_mig_route(m, q, tag);
 		if (n > 0) {
-			/* parked: routed again when the doorbell says so */
-			io->state = IO_PARKED;
-			io->next_parked = q->parked_head;
-			q->parked_head = (uint16_t)tag;
-			ubm_stat_inc(&q->stats.parked, 1);
+			park_io(q, tag);
 			return;
 		}
 		io->mig = m;
@@ -329,8 +336,10 @@ void ubm_queue_backends_done(struct ubm_queue *q, unsigned tag)
 {
 	struct ubm_io *io = &q->ios[tag];
 
-	if (io->mig)
-		ubm_mig_io_done(io->mig, q, tag);
+	if (io->mig && ubm_mig_io_done(io->mig, q, tag)) {
+		park_io(q, tag);
+		return;
+	}
 	if (q->path == UBM_PATH_ZC && io->req.buf_index >= 0) {
 		prep_buf_cmd(q, tag, UBLK_U_IO_UNREGISTER_IO_BUF, UD_UNREG);
 		io->state = IO_UNREG;

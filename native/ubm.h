@@ -149,6 +149,8 @@ struct ubm_mig_stats {
 	uint32_t generation;       /* snapshot: the active delta (1, 2, ...) */
 	uint64_t delta_chunks;     /* snapshot: chunks whose newest data is in the active delta */
 	uint64_t cow_chunks;       /* snapshot: chunks copied into a delta before a write */
+	uint32_t delta_failed;     /* snapshot: a delta failed (error says how); guest writes
+				    * wait until ubm_mig_finish() folds the deltas back */
 };
 
 /* Open the destination, check it, and start routing guest I/O through the

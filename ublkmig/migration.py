@@ -691,8 +691,16 @@ class Migration:
     def _failure_text(self, e: native.NativeError) -> str:
         s = self._stats()
         if s.error:
-            return f"the destination failed: {errno_text(s.error)}"
+            return self._error_text(s)
         return f"the copy failed: {e.detail}"
+
+    def _error_text(self, s: MigStats) -> str:
+        if s.delta_failed:
+            # guest writes wait (parked) for finish to fold the deltas back into the source
+            where = self.opts.delta_dir or Path(self.source).parent
+            return (f"a snapshot delta in {where} failed: {errno_text(s.error)}; the guest's "
+                    "writes since the start go back into the source")
+        return f"the destination failed: {errno_text(s.error)}"
 
     def _check_cancel(self) -> None:
         if self._cancel.is_set():
@@ -701,7 +709,7 @@ class Migration:
     def _checked_stats(self) -> MigStats:
         s = self._stats()
         if s.error:
-            raise _Failed(f"the destination failed: {errno_text(s.error)}")
+            raise _Failed(self._error_text(s))
         return s
 
     async def _sampler(self) -> None:

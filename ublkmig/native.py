@@ -208,6 +208,7 @@ MIG_STAT_TYPES: tuple[tuple[str, Any], ...] = (
     ("dest_errors", _U64), ("max_latency_ns", _U64), ("cutover_latency_ns", _U64),
     ("last_pause_ns", _U64), ("error", _I32), ("mode", _U32), ("paused", _U32),
     ("cut_over", _U32), ("generation", _U32), ("delta_chunks", _U64), ("cow_chunks", _U64),
+    ("delta_failed", _U32),
 )  # fmt: skip
 MIG_STAT_FIELDS = tuple(name for name, _ in MIG_STAT_TYPES)
 
@@ -246,6 +247,7 @@ class MigStats:
     generation: int = 0
     delta_chunks: int = 0
     cow_chunks: int = 0
+    delta_failed: int = 0  # snapshot: the error was a delta's (beside the source)
 
     @classmethod
     def _from_c(cls, s: _MigStats) -> MigStats:

@@ -16,6 +16,7 @@
 
 #include <linux/ublk_cmd.h>
 
+#include "internal.h"  /* ubm_fixed_migration_files */
 #include "ubm.h"
 
 #define SIZE (16u << 20)
@@ -337,6 +338,12 @@ int main(void)
 		run(dir, m, 0, 0);
 		run(dir, m, 1, 1);
 	}
+	/* the destination and deltas as plain fds, as on kernels before 6.13
+	 * (the runs above used what this kernel picks) */
+	ubm_fixed_migration_files = 0;
+	printf("test_migrate: again, the destination and deltas as plain fds\n");
+	for (uint32_t m = UBM_MIG_MIRROR; m <= UBM_MIG_SNAPSHOT; m++)
+		run(dir, m, 0, 0);
 	free(model);
 	return 0;
 }
