@@ -250,6 +250,29 @@ def demo(size: int, in_vm: bool) -> int:
     return demo_mod.run(size=size, in_vm=in_vm)
 
 
+@cli.command()
+@click.option("--scenario", "scenario", multiple=True, metavar="NAME",
+              help="datapath, idle, load or qemu (repeatable); default: all.")
+@click.option("--quick", is_flag=True, help="The small smoke run (what CI runs).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where results.json, report.md and the plots go.  [default: "
+              "bench-results/<time>]")
+@click.option("--inside", is_flag=True, hidden=True, help="Run here (the VM side).")
+@click.option("--command", "command", hidden=True, default=None)
+def bench(scenario: tuple[str, ...], quick: bool, out: Path | None, inside: bool,
+          command: str | None) -> int:  # fmt: skip
+    """Benchmark the data path and migration against the raw file, kublk and dd.
+
+    Without a ublk driver on this host, runs inside the kernel VM.  A full run (without
+    --quick) also rewrites docs/BENCHMARKS.md.
+    """
+    from ublkmig.bench import run as bench_run
+
+    out = out or Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
+    return bench_run.main(scenario, quick, out.absolute(), inside,
+                          command or bench_run.default_command())
+
+
 # --- migration ---------------------------------------------------------------------------------
 
 MODES = ("mirror", "dbt", "snapshot")  # ublkmig.migration.Mode (not imported: it needs anyio)

@@ -349,6 +349,7 @@ class Daemon:
             "path": self._node(),
             "image": str(self.image.path),
             "size": dev.size,
+            "data_path": dev.path_name,
             "state": str(self.state),
             "stats": dev.stats(),
             "migration": self.migration.status() if self.migration is not None else None,

@@ -220,6 +220,7 @@ class Migration:
         self._cut_over = False
         self._started = time.monotonic()
         self._ended: float | None = None
+        self._cutover_after: float | None = None  # seconds from the start to the cutover
         self._created = time.time()
         self._cancel = anyio.Event()
         self._cancel_reason = ""
@@ -355,6 +356,9 @@ class Migration:
             "rate": round(rate),
             "eta_seconds": None if eta is None else round(eta, 1),
             "elapsed": round(end - self._started, 3),
+            # the migration's own time: start to cutover (elapsed also counts the stall
+            # measurement after it)
+            "cutover_after": None if self._cutover_after is None else round(self._cutover_after, 3),
             "started_at": self._created,
             "speed": self.speed,
             "no_cutover": self.opts.no_cutover,
@@ -622,6 +626,7 @@ class Migration:
                 await self._pass(Pass.FINAL if self._paused else Pass.ALL)
                 continue
             self._cut_over = True
+            self._cutover_after = time.monotonic() - self._started
             return
         raise _Failed(f"the cutover failed: not in sync after {self.policy.cutover_tries} tries")
 

@@ -483,6 +483,9 @@ def test_speed_limit_and_status(tmp: Path) -> None:
         assert key in slow["io"]
     assert time.monotonic() - t0 < 2.5 + FAST.cutover_window
     json.dumps(r.mig.status())  # the status is JSON as is
+    end = r.mig.status()
+    # the migration's time runs to the cutover; elapsed also counts the stall window after
+    assert 0.7 < end["cutover_after"] <= end["elapsed"] - FAST.cutover_window, end
     r.assert_file_is_model(r.dest)  # type: ignore[arg-type]
     assert r.mig.status()["io"] == {}, "no guest I/O counters once the sim is gone"
 

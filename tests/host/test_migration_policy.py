@@ -379,6 +379,7 @@ def test_status_fields() -> None:
     assert seen["bytes_to_copy"] == (750 + 50) * CHUNK
     assert seen["speed"] == 7 << 20 and seen["mode"] == "dbt"
     assert seen["source"] == "/src" and seen["dest"] == "/dest"
+    assert seen["cutover_after"] is None  # not cut over yet
     assert set(seen) >= {"rate", "eta_seconds", "elapsed", "dirty_chunks", "hot_chunks",
                          "generation", "delta_chunks", "io", "error", "final_pause_ms",
                          "cutover_stall_ms", "max_latency_ms", "size"}  # fmt: skip

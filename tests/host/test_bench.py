@@ -1,0 +1,144 @@
+"""The benchmark harness's own parts, on this host: fio command lines and their parsing
+(real fio on a temporary file), the windows a migration run is cut into, the report."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from ublkmig.bench import fio, report, scenarios
+from ublkmig.bench.fio import FioJob
+
+needs_fio = pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
+
+
+def test_job_argv_is_reproducible(tmp_path: Path) -> None:
+    job = FioJob("j", "randwrite", "4k", 32, numjobs=2, runtime=3, ramp=1, size=1 << 20,
+                 rate_iops=500, lat_log=True)  # fmt: skip
+    argv = job.argv("/dev/x", tmp_path)
+    assert argv == job.argv("/dev/x", tmp_path)
+    for want in ("--randrepeat=1", f"--randseed={fio.SEED}", "--ramp_time=1s", "--runtime=3s",
+                 "--numjobs=2", "--rate_iops=500", "--size=1048576", "--direct=1",
+                 "--log_unix_epoch=1", f"--write_lat_log={tmp_path / 'j'}"):  # fmt: skip
+        assert want in argv
+
+
+@needs_fio
+def test_run_and_parse_real_fio(tmp_path: Path) -> None:
+    target = tmp_path / "file"
+    target.write_bytes(b"\0" * (4 << 20))
+    job = FioJob("rw", "randrw", "4k", 4, runtime=1, ramp=0, rwmixread=50)
+    try:
+        r = fio.run(job, str(target), tmp_path)
+    except fio.FioError as e:
+        if "O_DIRECT" in str(e) or "Invalid argument" in str(e):
+            pytest.skip(f"this filesystem has no O_DIRECT: {e}")
+        raise
+    assert r.read["iops"] > 0 and r.write["iops"] > 0
+    assert r.iops == pytest.approx(r.read["iops"] + r.write["iops"])
+    assert r.ios > 0 and 0.5 < r.seconds < 5
+    for d in (r.read, r.write):
+        assert 0 < d["lat_p50_us"] <= d["lat_p99_us"] <= d["lat_p99.9_us"] <= d["lat_max_us"]
+    assert r.argv[0] == "fio"
+
+
+@needs_fio
+def test_loaded_logs_every_io_on_the_callers_clock(tmp_path: Path) -> None:
+    target = tmp_path / "file"
+    target.write_bytes(b"\0" * (4 << 20))
+    job = FioJob("load", "randwrite", "4k", 4, runtime=3600, ramp=0, size=4 << 20,
+                 rate_iops=200, lat_log=True)  # fmt: skip
+    try:
+        with scenarios.loaded(job, str(target), tmp_path) as f:
+            time.sleep(1.5)
+    except fio.FioError as e:
+        if "Invalid argument" in str(e):
+            pytest.skip(f"this filesystem has no O_DIRECT: {e}")
+        raise
+    s = f["samples"]
+    assert 100 < len(s) < 600, len(s)  # 200 IOPS for about 1.5 s
+    assert all(w for _, _, w in s)
+    assert -0.5 < s[0][0] < 1.0 and s[-1][0] < 3.0, (s[0], s[-1])
+    w = scenarios.windows(s, {"all": (0.0, 1.5)})["all"]
+    assert 100 < w["iops"] < 300 and w["lat_p50_ms"] > 0
+
+
+def test_windows_and_series() -> None:
+    # 1000 I/Os over [0, 1): latency 1..1000 us, every other one a write
+    samples = [(i / 1000, float(i + 1), i % 2 == 1) for i in range(1000)]
+    w = scenarios.windows(samples, {"a": (0.0, 0.5), "b": (0.5, 1.0), "none": (2.0, 3.0)})
+    assert w["a"]["iops"] == pytest.approx(1000) and w["b"]["iops"] == pytest.approx(1000)
+    assert w["none"] == {"iops": 0.0}
+    # writes in [0.5, 1): latencies 502, 504, ..., 1000 us
+    assert w["b"]["lat_max_ms"] == pytest.approx(1.0)
+    assert w["b"]["lat_p50_ms"] == pytest.approx(0.752)
+    series = scenarios._series(samples, 0.25)
+    assert [round(t, 2) for t, _, _ in series] == [0.0, 0.25, 0.5, 0.75]
+    assert all(iops == pytest.approx(1000) for _, iops, _ in series)
+
+
+def _results() -> dict:
+    row = {"job": "randread-4k-qd32-q1", "queues": 1, "mbps": 1.0, "lat_mean_us": 10.0,
+           "lat_p99_us": 20.0, "lat_p99.9_us": 30.0, "fio": [["fio", "--name=x"]]}  # fmt: skip
+    return {
+        "command": "ublkmig bench --quick", "quick": True, "started": "now", "seconds": 1.0,
+        "settings": {"reps": 1},
+        "environment": {"cpu": "cpu", "cpus": 2, "memory_gib": 2.0, "kernel": "7.2",
+                        "where": "in the kernel VM", "data_path": "auto-zc", "emulated": True},
+        "scenarios": {"datapath": {"rows": [
+            {**row, "target": "raw file", "kind": "raw file",
+             "iops": {"median": 100.0, "min": 90.0, "max": 110.0, "n": 1},
+             "server_cpu_us_per_io": None},
+            {**row, "target": "ublkmig auto-zc", "kind": "ublkmig",
+             "iops": {"median": 90.0, "min": 90.0, "max": 90.0, "n": 1},
+             "server_cpu_us_per_io": 5.0},
+            {**row, "target": "kublk auto-zc", "kind": "kublk auto-zc",
+             "iops": {"median": 95.0, "min": 95.0, "max": 95.0, "n": 1},
+             "server_cpu_us_per_io": 4.0},
+        ]}},
+    }  # fmt: skip
+
+
+def test_report_sets_ublkmig_against_raw_and_kublk(tmp_path: Path) -> None:
+    md = report.write(_results(), tmp_path)
+    assert (tmp_path / "results.json").is_file() and (tmp_path / "report.md").read_text() == md
+    assert "| ublkmig auto-zc | 90 (90–90) |" in md and "| 0.90 |" in md  # vs raw
+    assert "ublkmig / kublk auto-zc (kublk's best): 0.95" in md
+    assert "emulation" in md
+
+
+def _load_rep(seconds: float, before: float, during: float, pause: float | None) -> dict:
+    win = {"iops": 0.0, "lat_p50_ms": 1.0, "lat_p99_ms": 2.0, "lat_p99.9_ms": 3.0,
+           "lat_max_ms": 4.0}  # fmt: skip
+    return {"job": "randwrite-4k-qd32", "mode": "dbt", "fio": ["fio"], "seconds": seconds,
+            "windows": {"before": {**win, "iops": before}, "during": {**win, "iops": during},
+                        "after": {**win, "iops": before}},
+            "bytes_copied": 10, "passes": 3, "cutover_stall_ms": None, "final_pause_ms": pause,
+            "converged": True, "events": [(0.0, "start")], "series": [(0.0, 1.0, 2.0)]}  # fmt: skip
+
+
+def test_load_repetitions_combine_into_medians_with_spread(tmp_path: Path) -> None:
+    run = scenarios.combine([_load_rep(2.0, 100, 50, 10.0), _load_rep(4.0, 100, 80, 30.0),
+                             _load_rep(3.0, 100, 60, 20.0)])  # fmt: skip
+    assert run["reps"] == 3 and run["seconds"] == 3.0
+    assert run["seconds_spread"] == {"median": 3.0, "min": 2.0, "max": 4.0, "n": 3}
+    assert run["during_vs_before"]["median"] == pytest.approx(0.6)
+    assert run["windows"]["during"]["iops"] == 60 and run["final_pause_ms"] == 20.0
+    r = {**_results(), "scenarios": {"load": {"size": 256 << 20, "span": 64 << 20,
+                                               "runs": [run]}}}  # fmt: skip
+    md = report.write(r, tmp_path)
+    assert "| randwrite-4k-qd32 | dbt | 3.00 (2.00–4.00) | 100 / 60 / 100 | 0.60 (0.50–0.80) |" \
+        in md  # fmt: skip
+    assert (tmp_path / run["plot"]).stat().st_size > 1000  # the PNG
+
+
+@pytest.mark.parametrize("mode", scenarios.MODES)
+def test_migrate_request_is_one_the_daemon_takes(mode: str, tmp_path: Path) -> None:
+    from ublkmig import daemon
+
+    opts = daemon.parse_migrate_args(scenarios.migrate_args(tmp_path / "d.img", mode))
+    assert str(opts.mode) == mode and opts.chunk_size == scenarios.CHUNK_BYTES
+    assert opts.speed is None and not opts.no_cutover and not opts.verify

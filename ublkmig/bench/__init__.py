@@ -1,0 +1,1 @@
+"""Benchmark harness: ublkmig against other live-migration peers (QEMU mirror)."""

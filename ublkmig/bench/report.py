@@ -1,0 +1,179 @@
+"""results.json → report.md (tables) and PNG plots (one per migration run under load)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+MiB = 1 << 20
+
+
+def _f(v: float | None, fmt: str = ".0f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if not a or not b else f"{a / b:.2f}"
+
+
+def header(r: dict[str, Any]) -> list[str]:
+    env = r["environment"]
+    lines = [
+        "# ublkmig benchmarks",
+        "",
+        f"- Command: `{r['command']}` ({'quick smoke run' if r['quick'] else 'full run'}), "
+        f"{r['started']}, {r['seconds']:.0f} s",
+        f"- Machine: {env['cpu']}, {env['cpus']} CPUs, {env['memory_gib']:.1f} GiB",
+        f"- Kernel: Linux {env['kernel']}, {env['where']}",
+        f"- ublkmig data path: {env['data_path']}",
+    ]
+    if env["emulated"]:
+        lines += ["",
+                  "Under emulation (TCG) absolute figures mean little: read the ratios, "
+                  "measured in the same boot."]  # fmt: skip
+    return lines
+
+
+def datapath_md(d: dict[str, Any], reps: int) -> list[str]:
+    rows = d["rows"]
+    out = ["", "## 1. Data path (no migration)", "",
+           "fio, io_uring, direct, on a tmpfs file in the guest (both servers open it with "
+           f"O_DIRECT too); median of {reps} "
+           "(min–max); latency in µs; CPU: the server's user+system time per I/O "
+           "(µs, ramp included).", ""]  # fmt: skip
+    jobs = sorted({(r["queues"], r["job"]) for r in rows})
+    for q, job in jobs:
+        mine = [r for r in rows if r["job"] == job and r["queues"] == q]
+        raw = next((r for r in mine if r["kind"] == "raw file"), None)
+        ub = next((r for r in mine if r["kind"] == "ublkmig"), None)
+        out += [f"**{job}** ({q} queue{'s' if q > 1 else ''})", "",
+                "| target | IOPS (min–max) | MB/s | mean | p99 | p99.9 | CPU/IO | vs raw |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for r in mine:
+            i = r["iops"]
+            out.append(
+                f"| {r['target']} | {i['median']:.0f} ({i['min']:.0f}–{i['max']:.0f}) "
+                f"| {r['mbps']:.1f} | {r['lat_mean_us']:.0f} | {r['lat_p99_us']:.0f} "
+                f"| {r['lat_p99.9_us']:.0f} | {_f(r['server_cpu_us_per_io'], '.1f')} "
+                f"| {_ratio(i['median'], raw['iops']['median'] if raw else None)} |"
+            )
+        kub = [r for r in mine if r["kind"].startswith("kublk")]
+        if ub and kub:
+            best = max(kub, key=lambda r: r["iops"]["median"])
+            out.append("")
+            out.append(f"ublkmig / {best['target']} (kublk's best): "
+                       f"{_ratio(ub['iops']['median'], best['iops']['median'])}")  # fmt: skip
+        out.append("")
+    out += ["fio command (first target of each job):", ""]
+    for q, job in jobs:
+        r = next(r for r in rows if r["job"] == job and r["queues"] == q)
+        out.append(f"    {' '.join(r['fio'][0])}")
+    return out
+
+
+def idle_md(d: dict[str, Any]) -> list[str]:
+    out = ["", "## 2. Migration of an idle disk", "",
+           "Time from the start to the completion (the daemon's clock), against `dd` of the "
+           "same image to the same filesystem with the same block size (best dd of the "
+           "boot); median of the repetitions.", "",
+           "| disk | mode | seconds (min–max) | vs dd | copied | skipped | final pause |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for disk in d["disks"]:
+        alloc = f"{disk['disk']}, {disk['size'] // MiB} MiB ({disk['allocated'] // MiB} MiB data)"
+        for mode, m in disk["modes"].items():
+            sec = m["seconds"]
+            pause = m["final_pause_ms"] if m["final_pause_ms"] is not None else \
+                m["cutover_stall_ms"]  # fmt: skip
+            out.append(f"| {alloc} | {mode} | {sec['median']:.2f} ({sec['min']:.2f}–"
+                       f"{sec['max']:.2f}) | {m['vs_dd']:.2f} | "
+                       f"{m['bytes_copied'] / MiB:.0f} MiB | {m['bytes_skipped'] / MiB:.0f} MiB "
+                       f"| {_f(pause, '.1f')} ms |")  # fmt: skip
+        out.append(f"| {alloc} | dd bs={disk['dd_bs']} | {disk['dd_seconds']['min']:.2f} "
+                   "| 1.00 | | | |")  # fmt: skip
+    return out
+
+
+def load_md(d: dict[str, Any], title: str) -> list[str]:
+    out = ["", title, "",
+           f"fio on the first {d['span'] // MiB} MiB of a {d['size'] // MiB} MiB disk "
+           "of random data; windows: before the migration, during it, after it. Latency "
+           "(writes) in ms, from every I/O's completion record. Medians of the "
+           "repetitions; the plot shows the first.", "",
+           "| load | mode | seconds (min–max) | IOPS before / during / after "
+           "| during/before (min–max) | p50 / p99 / p99.9 / max during | stall or pause "
+           "| plot |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in d["runs"]:
+        b, w, a = r["windows"]["before"], r["windows"]["during"], r["windows"]["after"]
+        stall = r["final_pause_ms"] if r["final_pause_ms"] is not None else r["cutover_stall_ms"]
+        lat = " / ".join(_f(w.get(k), ".1f") for k in
+                         ("lat_p50_ms", "lat_p99_ms", "lat_p99.9_ms", "lat_max_ms"))  # fmt: skip
+        sp, rt = r["seconds_spread"], r["during_vs_before"]
+        ratio = "-" if not rt else \
+            f"{rt['median']:.2f} ({rt['min']:.2f}–{rt['max']:.2f})"  # fmt: skip
+        if not r["converged"]:
+            ratio += " (did not converge: cancelled)"
+        out.append(f"| {r['job']} | {r['mode']} | {r['seconds']:.2f} ({sp['min']:.2f}–"
+                   f"{sp['max']:.2f}) | {b['iops']:.0f} / {w['iops']:.0f} / {a['iops']:.0f} "
+                   f"| {ratio} | {lat} | {_f(stall, '.1f')} ms "
+                   f"| ![]({r.get('plot', '')}) |")  # fmt: skip
+    return out
+
+
+def markdown(r: dict[str, Any]) -> str:
+    lines = header(r)
+    sc = r["scenarios"]
+    if "datapath" in sc:
+        lines += datapath_md(sc["datapath"], r["settings"]["reps"])
+    if "idle" in sc:
+        lines += idle_md(sc["idle"])
+    if "load" in sc:
+        lines += load_md(sc["load"], "## 3. Migration under load")
+    if "qemu" in sc:
+        lines += load_md(sc["qemu"], "## 4. The peer: QEMU's blockdev-mirror, same load")
+        lines += ["", sc["qemu"].get("differences", "")]
+    return "\n".join(lines) + "\n"
+
+
+def plot(run: dict[str, Any], path: Path) -> None:
+    """Guest IOPS and p99 latency over time, the migration's phases marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [p[0] for p in run["series"]]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.plot(t, [p[1] for p in run["series"]], color="tab:blue", lw=1)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("guest IOPS", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(t, [p[2] for p in run["series"]], color="tab:red", lw=1)
+    ax2.set_ylabel("p99 latency (ms)", color="tab:red")
+    ax2.set_yscale("log")
+    start = next((at for at, label in run["events"] if label == "start"), None)
+    if start is not None:  # the migration, to its cutover
+        ax.axvspan(start, start + run["seconds"], color="tab:orange", alpha=0.12, lw=0)
+    for at, label in run["events"]:
+        ax.axvline(at, color="grey", lw=0.6, ls="--")
+        ax.annotate(label, (at, 1), xycoords=("data", "axes fraction"), rotation=90,
+                    fontsize=6, va="top", ha="right", color="grey")  # fmt: skip
+    ax.set_title(f"{run['mode']} under {run['job']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write(r: dict[str, Any], out: Path) -> str:
+    """results.json, the plots and report.md into ``out``; returns the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    for key in ("load", "qemu"):
+        for run in r["scenarios"].get(key, {}).get("runs", []):
+            name = f"{key}-{run['job']}-{run['mode'].replace(' ', '-')}.png"
+            plot(run, out / name)
+            run["plot"] = name
+    (out / "results.json").write_text(json.dumps(r, indent=1) + "\n")
+    md = markdown(r)
+    (out / "report.md").write_text(md)
+    return md
