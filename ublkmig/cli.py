@@ -263,8 +263,8 @@ def bench(scenario: tuple[str, ...], quick: bool, out: Path | None, inside: bool
           command: str | None) -> int:  # fmt: skip
     """Benchmark the data path and migration against the raw file, kublk and dd.
 
-    Without a ublk driver on this host, runs inside the kernel VM.  A full run (without
-    --quick) also rewrites docs/BENCHMARKS.md.
+    Without a ublk driver on this host, runs inside the kernel VM.  A full run (every
+    scenario, without --quick) also rewrites docs/BENCHMARKS.md.
     """
     from ublkmig.bench import run as bench_run
 

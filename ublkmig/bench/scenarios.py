@@ -76,7 +76,7 @@ class Settings:
     def make(cls, quick: bool) -> Settings:
         if quick:
             return cls(quick, 128 * MiB, 2.0, 1.0, 1, (1,), True, 2.0, 32 * MiB, 60.0)
-        return cls(quick, 1024 * MiB, 5.0, 1.0, 3, (1, 2), True, 5.0, 128 * MiB, 300.0)
+        return cls(quick, 1024 * MiB, 4.0, 1.0, 3, (1, 2), True, 5.0, 128 * MiB, 90.0)
 
 
 # ---- shared helpers ------------------------------------------------------------------------
@@ -223,24 +223,29 @@ def datapath(s: Settings, work: Path, features: dict[str, Any]) -> dict[str, Any
                 if mode in features.get("data_paths", []) or mode == "copy":
                     kinds.append((f"kublk {mode}", lambda q=queues, m=mode: targets.kublk(
                         image, queues=q, depth=128, mode=m)))  # fmt: skip
-        for job in datapath_jobs(s, queues):
-            per: dict[str, list[fio.FioResult]] = {}
-            names: dict[str, str] = {}
-            cpu: dict[str, list[float]] = {}
-            for _rep in range(s.reps):
-                for kind, make in kinds:
-                    with make() as tgt:
+        jobs = datapath_jobs(s, queues)
+        per: dict[tuple[str, str], list[fio.FioResult]] = {}
+        cpu: dict[tuple[str, str], list[float]] = {}
+        names: dict[str, str] = {}
+        for rep in range(s.reps):
+            # each server started once per repetition, every job run against it
+            for kind, make in kinds:
+                with make() as tgt:
+                    names[kind] = tgt.name
+                    for job in jobs:
                         c0 = tgt.cpu_seconds()
                         r = fio.run(job, tgt.path, work)
                         c1 = tgt.cpu_seconds()
-                    names[kind] = tgt.name
-                    per.setdefault(kind, []).append(r)
-                    if tgt.pid is not None and r.ios:
-                        # the ramp's I/O counts too: an upper bound (see the report)
-                        cpu.setdefault(kind, []).append((c1 - c0) / r.ios * 1e6)
-            for kind, results in per.items():
-                rows.append(_datapath_row(job, queues, names[kind], kind, results,
-                                          cpu.get(kind)))  # fmt: skip
+                        per.setdefault((job.name, kind), []).append(r)
+                        if tgt.pid is not None and r.ios:
+                            # the ramp's I/O counts too: an upper bound (see the report)
+                            cpu.setdefault((job.name, kind), []).append((c1 - c0) / r.ios * 1e6)
+                say(f"{queues} queue(s), repetition {rep + 1}/{s.reps}, {tgt.name}: "
+                    + ", ".join(f"{j.name} {per[(j.name, kind)][-1].iops:.0f}" for j in jobs))
+        for job in jobs:
+            for kind, _ in kinds:
+                rows.append(_datapath_row(job, queues, names[kind], kind, per[(job.name, kind)],
+                                          cpu.get((job.name, kind))))  # fmt: skip
             say(_datapath_line(rows, job.name))
     image.unlink()
     return {"rows": rows}
