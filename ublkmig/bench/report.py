@@ -74,7 +74,7 @@ def datapath_md(d: dict[str, Any], reps: int) -> list[str]:
 
 def idle_md(d: dict[str, Any]) -> list[str]:
     out = ["", "## 2. Migration of an idle disk", "",
-           "Time from the start to the completion (the daemon's clock), against `dd` of the "
+           "Time from the start to the cutover (the daemon's clock), against `dd` of the "
            "same image to the same filesystem with the same block size (best dd of the "
            "boot); median of the repetitions.", "",
            "| disk | mode | seconds (min–max) | vs dd | copied | skipped | final pause |",
