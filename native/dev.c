@@ -5,6 +5,7 @@
  * requests from the driver and commit their results.
  */
 #include <fcntl.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -126,6 +127,13 @@ static void *queue_thread(void *arg)
 	pthread_sigmask(SIG_BLOCK, &all, NULL);
 	snprintf(name, sizeof(name), "ubm-q%u", q->q_id);
 	pthread_setname_np(pthread_self(), name);
+	if (q->cpu >= 0) {
+		cpu_set_t one;
+
+		CPU_ZERO(&one);
+		CPU_SET(q->cpu, &one);
+		pthread_setaffinity_np(pthread_self(), sizeof(one), &one);  /* best effort */
+	}
 
 	q->init_err = queue_init(dev, q);
 	sem_post(&dev->ready);
@@ -353,6 +361,28 @@ static void wake_and_join(struct ubm_dev *dev)
 	dev->nr_threads = 0;
 }
 
+/*
+ * The CPU a queue's thread stays on: the first of the CPUs the block layer
+ * maps to the queue (GET_QUEUE_AFFINITY).  The driver completes a request
+ * in the task that fetched it, and its submitters run on those CPUs: a
+ * thread that stays put there avoids cross-CPU wake-ups and migrations
+ * (kublk, the kernel's selftest server, does the same).  -1: no pinning.
+ */
+static int queue_cpu(struct ubm_dev *dev, unsigned q_id)
+{
+	cpu_set_t set;
+
+	CPU_ZERO(&set);
+	if (ubm_ctrl_cmd(&dev->ctrl, UBLK_U_CMD_GET_QUEUE_AFFINITY, dev->info.dev_id, &set,
+			 sizeof(set), q_id) < 0)
+		return -1;
+	for (int cpu = 0; cpu < CPU_SETSIZE; cpu++) {
+		if (CPU_ISSET(cpu, &set))
+			return cpu;
+	}
+	return -1;
+}
+
 UBM_EXPORT int ubm_dev_start(struct ubm_dev *dev)
 {
 	unsigned i;
@@ -361,6 +391,7 @@ UBM_EXPORT int ubm_dev_start(struct ubm_dev *dev)
 	if (dev->started)
 		return 0;
 	for (i = 0; i < dev->nr_queues; i++) {
+		dev->queues[i].cpu = queue_cpu(dev, i);
 		ret = -pthread_create(&dev->queues[i].thread, NULL, queue_thread, &dev->queues[i]);
 		if (ret < 0) {
 			ubm_fail(ret, "cannot start queue thread: %s", strerror(-ret));

@@ -190,6 +190,7 @@ struct ubm_queue {
 	struct ubm_dev *dev;     /* NULL in simulation */
 	struct ubm_target *tgt;
 	unsigned q_id, depth;
+	int cpu;                 /* the queue thread runs on this CPU (-1: anywhere) */
 	int path;                /* enum ubm_data_path */
 	struct io_uring ring;
 	bool ring_ok;

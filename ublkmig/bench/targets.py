@@ -101,7 +101,7 @@ def kublk(image: Path, *, queues: int, depth: int, mode: str) -> Iterator[Target
     dev_id = int(m.group(1))
     device = f"/dev/ublkb{dev_id}"
     try:
-        pid = _kublk_pid(exe, dev_id)
+        pid = _kublk_pid(exe)
         _wait_node(device)
         set_scheduler_none(device)
         yield Target(f"kublk {mode}", device, pid, mode)
@@ -109,9 +109,8 @@ def kublk(image: Path, *, queues: int, depth: int, mode: str) -> Iterator[Target
         subprocess.run([str(exe), "del", "-n", str(dev_id)], capture_output=True, timeout=60)
 
 
-def _kublk_pid(exe: Path, dev_id: int) -> int | None:
+def _kublk_pid(exe: Path) -> int | None:
     """The daemon ``kublk add`` left behind (the benchmark runs one at a time)."""
-    del dev_id
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
