@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# the daemon's status over its control socket (a CLI process costs seconds under emulation)
+from ublkmig.bench.scenarios import device_status
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 IN_VM = os.environ.get("UBLKMIG_IN_VM") == "1"
@@ -397,15 +400,6 @@ def check_completed(device: str, dest: Path, mode: str) -> dict[str, Any]:
     return dict(mig)
 
 
-def device_status(device: str) -> dict[str, Any]:
-    """The daemon's ``status`` answer (what ``ublkmig status DEVICE --json`` prints), asked
-    on its control socket: a CLI process costs seconds under emulation, this milliseconds."""
-    from ublkmig import control
-
-    dev_id = int(device.removeprefix("/dev/ublkb"))
-    answer = control.request(control.socket_path(dev_id), "status", timeout=30.0)
-    answer.pop("ok", None)
-    return dict(answer)
 
 
 def cli_status(device: str) -> dict[str, Any]:
