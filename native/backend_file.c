@@ -238,6 +238,22 @@ static int file_complete(struct ubm_backend *be, struct ubm_queue *q, unsigned t
 	return 0;
 }
 
+static int file_sync_io(struct ubm_backend *be, int op, void *buf, uint32_t len, uint64_t off)
+{
+	if (op == UBLK_IO_OP_FLUSH)
+		return fdatasync(be->fd) < 0 ? -errno : 0;
+	if (op != UBLK_IO_OP_READ)
+		return -EOPNOTSUPP;
+	for (uint32_t done = 0; done < len;) {
+		ssize_t n = pread(be->fd, (char *)buf + done, len - done, (off_t)(off + done));
+
+		if (n <= 0)
+			return n < 0 ? -errno : -EIO;
+		done += (uint32_t)n;
+	}
+	return 0;
+}
+
 static void file_close(struct ubm_backend *be)
 {
 	if (be->fd >= 0)
@@ -251,4 +267,5 @@ const struct ubm_backend_ops ubm_file_backend_ops = {
 	.queue_io = file_queue_io,
 	.complete = file_complete,
 	.close = file_close,
+	.sync_io = file_sync_io,
 };

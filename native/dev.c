@@ -448,6 +448,9 @@ UBM_EXPORT void ubm_dev_destroy(struct ubm_dev *dev)
 	wake_and_join(dev);
 	if (dev->tgt.mig)
 		ubm_mig_finish(&dev->tgt);  /* nothing is in flight: a cancel */
+	/* (before the queues go: a backend may hold per-queue state) */
+	if (dev->tgt.dest.ops && dev->tgt.dest.fd >= 0)
+		dev->tgt.dest.ops->close(&dev->tgt.dest);
 	for (i = 0; dev->queues && i < dev->nr_queues; i++) {
 		struct ubm_queue *q = &dev->queues[i];
 
@@ -469,8 +472,6 @@ UBM_EXPORT void ubm_dev_destroy(struct ubm_dev *dev)
 				strerror(-ret));
 	}
 	ubm_ctrl_close(&dev->ctrl);
-	if (dev->tgt.dest.ops && dev->tgt.dest.fd >= 0)
-		dev->tgt.dest.ops->close(&dev->tgt.dest);
 	if (dev->tgt.source.ops)
 		dev->tgt.source.ops->close(&dev->tgt.source);
 	sem_destroy(&dev->ready);

@@ -37,6 +37,7 @@ enum ubm_ud_kind {
 	UD_UNREG = 4,    /* UBLK_U_IO_UNREGISTER_IO_BUF */
 	UD_WAKE = 5,     /* the queue's doorbell eventfd became readable */
 	UD_IGNORE = 6,   /* a CQE nobody waits for (a test delay's timeout) */
+	UD_CONN = 7,     /* a backend's connection (not one io's): ops->conn_cqe */
 };
 
 static inline uint64_t ubm_ud(unsigned tag, unsigned kind, unsigned slot)
@@ -80,6 +81,20 @@ struct ubm_backend_ops {
 	int (*complete)(struct ubm_backend *be, struct ubm_queue *q, unsigned tag, unsigned slot,
 			const struct ubm_req *req, int cqe_res, int *res);
 	void (*close)(struct ubm_backend *be);
+	/* optional, for backends with per-ring state (connections): set up
+	 * q->be_ctx[slot] before ring q first uses the backend, and drop it */
+	int (*attach)(struct ubm_backend *be, struct ubm_queue *q, unsigned slot);
+	void (*detach)(struct ubm_backend *be, struct ubm_queue *q);
+	/* a UD_CONN CQE on ring q; a request it ends goes to q->be_done() */
+	void (*conn_cqe)(struct ubm_backend *be, struct ubm_queue *q,
+			 const struct io_uring_cqe *cqe);
+	/* the control thread, blocking: UBLK_IO_OP_READ len bytes at off into
+	 * buf, or UBLK_IO_OP_FLUSH; 0 or -errno */
+	int (*sync_io)(struct ubm_backend *be, int op, void *buf, uint32_t len, uint64_t off);
+	/* connections: how many are lost, and dial those again (each ring
+	 * takes its new one when it next queues I/O) */
+	unsigned (*down)(struct ubm_backend *be);
+	int (*reconnect)(struct ubm_backend *be);
 };
 
 struct ubm_backend {
@@ -88,14 +103,19 @@ struct ubm_backend {
 	int file_index;         /* fixed-file slot in every ring (backend slot + 1), or -1:
 				 * I/O names the plain fd (see ubm_fixed_migration_files) */
 	uint64_t size;
+	uint32_t max_io;        /* largest single transfer the backend takes (0: any) */
 	uint32_t logical_bs;
 	bool read_only, direct, is_blockdev;
 	bool can_discard;       /* the backend can deallocate (punch holes / discard) */
 	bool no_zero_range;     /* FALLOC_FL_ZERO_RANGE refused once: punch instead */
 	struct __kernel_timespec delay;  /* tests: hold every write this long first */
+	void *priv;             /* the backend's own state */
 };
 
 extern const struct ubm_backend_ops ubm_file_backend_ops;
+extern const struct ubm_backend_ops ubm_nbd_backend_ops;
+/* nbd://..., nbd+unix://... (and the TLS schemes, to refuse them clearly) */
+bool ubm_is_nbd_uri(const char *path);
 
 /* The descriptor an SQE names for backend `be`, and the flag that goes with it. */
 static inline int ubm_be_fd(const struct ubm_backend *be)
@@ -172,6 +192,7 @@ struct ubm_io {
 	uint32_t be_done[UBM_MAX_BACKENDS];  /* bytes a backend has transferred so far */
 	uint16_t next_parked;    /* parked list link */
 	struct ubm_migration *mig;  /* routed by this migration (holds its references) */
+	uint32_t mig_epoch;      /* the migration's epoch when routed (ubm_mig_reconnect) */
 	uint64_t t_start;        /* migration: when the request arrived (ns) */
 	void *buf;               /* copy mode: this tag's buffer */
 };
@@ -208,6 +229,10 @@ struct ubm_queue {
 	uint16_t parked_head;    /* requests waiting to be routed again */
 	/* completion sink: ublk commits, the simulator records */
 	void (*io_done)(struct ubm_queue *q, unsigned tag, int res);
+	/* a backend operation of io `tag` ended with res, as if by its CQE
+	 * (backends whose operations end on a connection's CQE call it) */
+	void (*be_done)(struct ubm_queue *q, unsigned tag, unsigned slot, int res);
+	void *be_ctx[UBM_MAX_BACKENDS];  /* backend state for this ring (ops->attach) */
 	void *sim;               /* simulator state */
 	pthread_t thread;
 	int init_err;

@@ -31,6 +31,7 @@
  * a cancel folds them back into the source.
  */
 #include <fcntl.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -81,6 +82,7 @@ struct ubm_migration {
 	uint32_t abort;
 	uint32_t cut_over;
 	int32_t error;
+	uint32_t epoch;            /* ubm_mig_reconnect() count: failures routed before are old */
 	uint32_t delta_failed;     /* snapshot: DELTA_FAILED or DELTA_UNFOLDABLE, else 0 */
 	bool dest_zeroed;
 	uint64_t speed;
@@ -126,6 +128,17 @@ static void set_error(struct ubm_migration *m, int err)
 	A_ADD(&m->dest_errors, 1);
 	__atomic_compare_exchange_n(&m->error, &zero, err, false, __ATOMIC_SEQ_CST,
 				    __ATOMIC_SEQ_CST);
+}
+
+/* A guest request failed on the destination.  One routed before the last
+ * ubm_mig_reconnect() failed on a connection since replaced: counted, but
+ * not the migration's error any more (its chunks went dirty all the same). */
+static void dest_failed(struct ubm_migration *m, const struct ubm_io *io)
+{
+	if (io->mig_epoch == A_LOAD(&m->epoch))
+		set_error(m, io->dest_result);
+	else
+		A_ADD(&m->dest_errors, 1);
 }
 
 /*
@@ -295,6 +308,7 @@ int ubm_mig_route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 
 	if (!io->t_start)
 		io->t_start = now_ns();
+	io->mig_epoch = A_LOAD(&m->epoch);
 	io->mflags = 0;
 	io->slots = 0;
 	/* announce first, then look at the pause flag: ubm_mig_pause() sets
@@ -341,16 +355,16 @@ int ubm_mig_route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 		goto park;
 	io->mflags = MIG_IO_REFS;
 	mirror = mode == UBM_MIG_MIRROR;
-	/* Mirror unless a chunk is dirty: the copier takes those.  Writing
-	 * the part of a request that falls on a chunk not copied yet to the
-	 * destination too is harmless: the copier copies that chunk after this
-	 * write is done (it holds a reference), and a single pass suffices. */
+	/* Mirror mode mirrors every write, also where a chunk is not copied
+	 * yet or is dirty (a destination error, or a connection lost, left it
+	 * behind): the copier copies such a chunk after this write is done (it
+	 * holds a reference), so the destination ends with the source's data.
+	 * Sending a write that touches a dirty chunk to the source only would
+	 * dirty its clean chunks too: under a busy guest, dirt would spread
+	 * from chunk to chunk faster than the copier cleans it. */
 	bool touches_copied = false;
-	for (uint64_t c = c0; c <= c1; c++) {
+	for (uint64_t c = c0; c <= c1; c++)
 		touches_copied |= (A_LOAD(&m->chunk[c]) & CH_COPIED) != 0;
-		if (is_dirty(m, c))
-			mirror = false;
-	}
 	to_slot(io, SLOT_SOURCE, req->offset, req->len);
 	if (mirror) {
 		io->mflags |= MIG_IO_MIRRORED;
@@ -391,7 +405,7 @@ int ubm_mig_io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 				/* the source has it, the destination may not */
 				for (uint64_t c = c0; c <= c1; c++)
 					mark_dirty(m, c);
-				set_error(m, io->dest_result);
+				dest_failed(m, io);
 			}
 		} else if (io->mflags & MIG_IO_TRACKED) {
 			A_ADD(&m->tracked_writes, 1);
@@ -404,7 +418,7 @@ int ubm_mig_io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 		/* dirty before unreferenced: a copier waiting for the count sees the bit */
 		chunks_put(m, c0, c1);
 	} else if (req->op == UBLK_IO_OP_FLUSH && io->dest_result < 0 && !cut_over) {
-		set_error(m, io->dest_result);
+		dest_failed(m, io);
 	}
 	if (retry) {
 		A_SUB(&m->inflight, 1);
@@ -452,10 +466,14 @@ static int same_storage(const struct ubm_backend *a, const struct ubm_backend *b
 	return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
 }
 
+static void copier_be_done(struct ubm_queue *q, unsigned tag, unsigned slot, int res);
+
 static void mig_free(struct ubm_migration *m)
 {
 	if (!m)
 		return;
+	if (m->t->dest.ops && m->t->dest.ops->detach)
+		m->t->dest.ops->detach(&m->t->dest, &m->cq);
 	ubm_queue_ring_exit(&m->cq);
 	for (unsigned i = 0; i < MAX_COPY_DEPTH; i++)
 		free(m->slots[i].buf);
@@ -636,7 +654,7 @@ UBM_EXPORT int ubm_mig_start(struct ubm_target *t, const struct ubm_mig_config *
 				"request)", t->max_io >> 10);
 
 	memset(dest, 0, sizeof(*dest));
-	dest->ops = &ubm_file_backend_ops;
+	dest->ops = ubm_is_nbd_uri(cfg->dest_path) ? &ubm_nbd_backend_ops : &ubm_file_backend_ops;
 	dest->fd = -1;
 	dest->file_index = migration_file_index(SLOT_DEST);
 	dest->logical_bs = t->source.logical_bs;
@@ -653,6 +671,11 @@ UBM_EXPORT int ubm_mig_start(struct ubm_target *t, const struct ubm_mig_config *
 		return ubm_fail(ENOSPC, "%s: the destination (%llu bytes) is smaller than the source "
 				"(%llu bytes)", cfg->dest_path, (unsigned long long)dest->size,
 				(unsigned long long)t->source.size);
+	}
+	if (dest->max_io && (cfg->chunk_size > dest->max_io || t->max_io > dest->max_io)) {
+		dest->ops->close(dest);
+		return ubm_fail(EINVAL, "%s: the destination takes at most %u KiB at a time; use "
+				"smaller chunks", cfg->dest_path, dest->max_io >> 10);
 	}
 
 	m = calloc(1, sizeof(*m));
@@ -694,8 +717,12 @@ UBM_EXPORT int ubm_mig_start(struct ubm_target *t, const struct ubm_mig_config *
 	m->cq.tgt = t;
 	m->cq.depth = m->copy_depth;
 	m->cq.path = UBM_PATH_COPY;
+	m->cq.be_done = copier_be_done;
 	if (ret == 0)
 		ret = ubm_queue_ring_init(&m->cq, m->copy_depth * 4, -1, false, false);
+	/* per-ring backend state (NBD: a connection for each queue and the copier) */
+	for (unsigned i = 0; ret == 0 && dest->ops->attach && i <= t->nr_queues; i++)
+		ret = dest->ops->attach(dest, i < t->nr_queues ? &t->queues[i] : &m->cq, SLOT_DEST);
 	if (ret == 0)
 		ret = install(m, SLOT_DEST, dest);
 	if (ret == 0 && cfg->mode == UBM_MIG_SNAPSHOT) {
@@ -820,6 +847,7 @@ UBM_EXPORT int ubm_mig_resume(struct ubm_target *t)
 UBM_EXPORT int ubm_mig_cutover(struct ubm_target *t)
 {
 	struct ubm_migration *m = t->mig;
+	int ret;
 
 	if (!m)
 		return ubm_fail(ENOENT, "no migration is running");
@@ -835,9 +863,13 @@ UBM_EXPORT int ubm_mig_cutover(struct ubm_target *t)
 				(unsigned long long)A_LOAD(&m->chunks_copied),
 				(unsigned long long)m->nr_chunks,
 				(unsigned long long)A_LOAD(&m->dirty_count));
+	/* a connection lost unnoticed (idle) would fail guest I/O after the switch */
+	if (t->dest.ops->down && t->dest.ops->down(&t->dest))
+		return ubm_fail(ENOTCONN, "connections to the destination are lost");
 	/* what the guest flushed to the source must be durable here too */
-	if (fdatasync(t->dest.fd) < 0)
-		return ubm_fail(errno, "flushing the destination failed: %s", strerror(errno));
+	ret = t->dest.ops->sync_io(&t->dest, UBLK_IO_OP_FLUSH, NULL, 0, 0);
+	if (ret < 0)
+		return ubm_fail(-ret, "flushing the destination failed: %s", strerror(-ret));
 	if (A_LOAD(&m->error))
 		return ubm_fail(EIO, "the destination failed: %s", strerror(-A_LOAD(&m->error)));
 	A_STORE(&m->cutover_ns, now_ns());
@@ -940,16 +972,44 @@ UBM_EXPORT int ubm_mig_verify(struct ubm_target *t, uint64_t *mismatched)
 		uint32_t len = chunk_len(m, c);
 		int from = m->t->be[m->gen ? layer_slot(m, c) : SLOT_SOURCE]->fd;
 
-		if (pread(from, a, len, (off_t)off) != (ssize_t)len ||
-		    pread(t->dest.fd, b, len, (off_t)off) != (ssize_t)len)
+		int r;
+
+		if (pread(from, a, len, (off_t)off) != (ssize_t)len)
 			ret = ubm_fail(errno ? errno : EIO, "reading chunk %llu failed",
 				       (unsigned long long)c);
+		else if ((r = t->dest.ops->sync_io(&t->dest, UBLK_IO_OP_READ, b, len, off)) < 0)
+			ret = ubm_fail(-r, "reading chunk %llu of the destination failed: %s",
+				       (unsigned long long)c, strerror(-r));
 		else if (memcmp(a, b, len))
 			(*mismatched)++;
 	}
 	free(a);
 	free(b);
 	return ret;
+}
+
+UBM_EXPORT int ubm_mig_reconnect(struct ubm_target *t)
+{
+	struct ubm_migration *m = t->mig;
+	int ret;
+
+	if (!m)
+		return ubm_fail(ENOENT, "no migration is running");
+	if (A_LOAD(&m->cut_over))
+		return ubm_fail(EINVAL, "the migration has cut over already");
+	if (!t->dest.ops->reconnect)
+		return ubm_fail(EOPNOTSUPP, "the destination has no connections to restore");
+	ret = t->dest.ops->reconnect(&t->dest);
+	if (ret < 0)
+		return ret;
+	/* Requests routed until now that fail (on the lost connections, which
+	 * they may still find dead) are old news: the chunks they touch go
+	 * dirty, and that is all.  Those routed from now on find the new
+	 * connections.  What the lost connections failed is dirty (or not
+	 * copied): the error can go. */
+	A_ADD(&m->epoch, 1);
+	__atomic_store_n(&m->error, 0, __ATOMIC_SEQ_CST);
+	return 0;
 }
 
 UBM_EXPORT int ubm_mig_get_stats(struct ubm_target *t, struct ubm_mig_stats *out)
@@ -989,6 +1049,7 @@ UBM_EXPORT int ubm_mig_get_stats(struct ubm_target *t, struct ubm_mig_stats *out
 	out->delta_chunks = A_LOAD(&m->delta_chunks);
 	out->cow_chunks = A_LOAD(&m->cow_chunks);
 	out->delta_failed = A_LOAD(&m->delta_failed);
+	out->dest_down = t->dest.ops->down ? t->dest.ops->down(&t->dest) : 0;
 	pthread_mutex_unlock(&t->mig_lock);
 	return 0;
 }
@@ -1094,17 +1155,15 @@ static int copy_begin(struct ubm_migration *m, unsigned i)
 	return copy_op(m, i, cs->from, UBLK_IO_OP_READ, CS_READING);
 }
 
-static int copy_cqe(struct ubm_migration *m, const struct io_uring_cqe *cqe)
+/* A backend operation of copy slot i ended with cqe_res. */
+static int copy_result(struct ubm_migration *m, unsigned i, unsigned be_slot, int cqe_res)
 {
-	unsigned i = ubm_ud_tag(cqe->user_data), be_slot = ubm_ud_slot(cqe->user_data);
 	struct copy_slot *cs = &m->slots[i];
 	struct ubm_io *io = &m->cq.ios[i];
 	struct ubm_backend *be = m->t->be[be_slot];
 	int res = 0;
 
-	if (ubm_ud_kind(cqe->user_data) != UD_BACKEND)
-		return 0;  /* the copier ring's doorbell: unused */
-	if (be->ops->complete(be, &m->cq, i, be_slot, &io->req, cqe->res, &res))
+	if (be->ops->complete(be, &m->cq, i, be_slot, &io->req, cqe_res, &res))
 		return 0;
 	if (res < 0)
 		return copy_failed(m, i, res);
@@ -1125,6 +1184,13 @@ static int copy_cqe(struct ubm_migration *m, const struct io_uring_cqe *cqe)
 	unlock_chunk(m, cs->chunk, true);
 	cs->state = CS_FREE;
 	return 0;
+}
+
+/* q->be_done of the copier's ring (a failure is in m->error) */
+static void copier_be_done(struct ubm_queue *q, unsigned tag, unsigned slot, int res)
+{
+	copy_result((struct ubm_migration *)((char *)q - offsetof(struct ubm_migration, cq)), tag,
+		    slot, res);
 }
 
 /*
@@ -1240,18 +1306,26 @@ UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *
 		unsigned head, n = 0;
 
 		io_uring_for_each_cqe(&m->cq.ring, head, cqe) {
-			unsigned s = ubm_ud_tag(cqe->user_data);
+			struct ubm_backend *be = t->be[ubm_ud_slot(cqe->user_data)];
 
 			n++;
-			if (ubm_ud_kind(cqe->user_data) != UD_BACKEND)
-				continue;
-			r = copy_cqe(m, cqe);
-			if (r < 0 && ret == 0)
-				ret = r;
-			if (m->slots[s].state == CS_FREE)
-				busy--;
+			switch (ubm_ud_kind(cqe->user_data)) {
+			case UD_BACKEND:
+				r = copy_result(m, ubm_ud_tag(cqe->user_data),
+						ubm_ud_slot(cqe->user_data), cqe->res);
+				if (r < 0 && ret == 0)
+					ret = r;
+				break;
+			case UD_CONN:  /* may end slots' operations (copier_be_done) */
+				if (be && be->ops->conn_cqe)
+					be->ops->conn_cqe(be, &m->cq, cqe);
+				break;
+			}
 		}
 		io_uring_cq_advance(&m->cq.ring, n);
+		busy = 0;
+		for (i = 0; i < m->copy_depth; i++)
+			busy += m->slots[i].state != CS_FREE;
 	}
 	A_ADD(&m->passes, 1);
 	*chunks = copied;

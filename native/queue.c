@@ -12,6 +12,8 @@
 
 #include "internal.h"
 
+static void backend_cqe(struct ubm_queue *q, unsigned tag, unsigned slot, int cqe_res);
+
 int ubm_queue_ring_init(struct ubm_queue *q, unsigned entries, int ublkc_fd, bool sparse_bufs,
 			bool single_issuer)
 {
@@ -31,6 +33,8 @@ int ubm_queue_ring_init(struct ubm_queue *q, unsigned entries, int ublkc_fd, boo
 	p.cq_entries = entries * 2;
 	q->single_issuer = single_issuer;
 	q->parked_head = NO_TAG;
+	if (!q->be_done)
+		q->be_done = backend_cqe;
 	ret = io_uring_queue_init_params(entries, &q->ring, &p);
 	if (ret < 0)
 		return ubm_fail(ret, "io_uring setup failed: %s", strerror(-ret));
@@ -395,6 +399,13 @@ void ubm_queue_handle_cqe(struct ubm_queue *q, const struct io_uring_cqe *cqe)
 	case UD_WAKE:
 		doorbell(q);
 		break;
+	case UD_CONN: {
+		struct ubm_backend *be = q->tgt->be[ubm_ud_slot(cqe->user_data)];
+
+		if (be && be->ops->conn_cqe)  /* else: its backend is gone */
+			be->ops->conn_cqe(be, q, cqe);
+		break;
+	}
 	}
 }
 

@@ -151,6 +151,8 @@ struct ubm_mig_stats {
 	uint64_t cow_chunks;       /* snapshot: chunks copied into a delta before a write */
 	uint32_t delta_failed;     /* snapshot: a delta failed (error says how); guest writes
 				    * wait until ubm_mig_finish() folds the deltas back */
+	uint32_t dest_down;        /* connections to the destination (NBD) lost, not yet
+				    * replaced: ubm_mig_reconnect() can bring them back */
 };
 
 /* Open the destination, check it, and start routing guest I/O through the
@@ -175,6 +177,12 @@ int ubm_mig_cutover(struct ubm_target *t);
  * disk's current content (the source, or in snapshot mode the newest
  * delta holding it).  *mismatched: chunks that differ (0 when verified). */
 int ubm_mig_verify(struct ubm_target *t, uint64_t *mismatched);
+/* A destination reached over connections (NBD) lost some: dial them again
+ * (blocking), and clear the migration's error, which the lost connections
+ * caused (the writes they lost left their chunks dirty; the next pass copies
+ * them).  -EOPNOTSUPP for a file destination; the dial's error if the server
+ * is not back. */
+int ubm_mig_reconnect(struct ubm_target *t);
 /* Make a running pass stop soon (any thread). */
 int ubm_mig_abort(struct ubm_target *t);
 /* Stop routing through the migration.  After a cutover the destination

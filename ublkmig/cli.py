@@ -301,8 +301,8 @@ def _ask(device: int, cmd: str, **args: Any) -> dict[str, Any]:
     "--to",
     "dest",
     required=True,
-    type=click.Path(path_type=Path),
-    help="Destination: a file (created at the source's size if missing) or a block device.",
+    help="Destination: a file (created at the source's size if missing), a block device, or "
+    "an NBD export: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH.",
 )
 @click.option(
     "--mode",
@@ -342,7 +342,7 @@ def _ask(device: int, cmd: str, **args: Any) -> dict[str, Any]:
 )
 def migrate(
     device: int,
-    dest: Path,
+    dest: str,
     mode: str,
     chunk_size: int,
     speed: int | None,
@@ -355,13 +355,14 @@ def migrate(
     When the copy is in sync the device switches to DEST: the same /dev/ublkbN goes on
     serving, now from DEST.  A cancelled or failed migration leaves the source as it was.
     """
-    from ublkmig.migration import check_chunk_size, check_speed
+    from ublkmig.migration import check_chunk_size, check_speed, is_nbd_uri
 
     check_chunk_size(chunk_size)
     check_speed(speed)
+    to = dest if is_nbd_uri(dest) else os.path.abspath(dest)
     answer = _ask(
-        device, "migrate", to=os.path.abspath(dest), mode=mode, chunk_size=chunk_size,
-        speed=speed, no_cutover=no_cutover, verify=verify,
+        device, "migrate", to=to, mode=mode, chunk_size=chunk_size, speed=speed,
+        no_cutover=no_cutover, verify=verify,
     )  # fmt: skip
     mig = answer["migration"]
     limit = f", at most {format_rate(speed)}" if speed else ""
@@ -511,6 +512,11 @@ def _status_lines(st: dict[str, Any]) -> list[str]:
             lines.append(
                 f"switch         cutover stall {_ms(mig.get('cutover_stall_ms'))}, "
                 f"final pause {_ms(mig.get('final_pause_ms'))}"
+            )
+        if mig.get("reconnects") or mig.get("dest_down"):
+            lines.append(
+                f"destination    {mig.get('dest_down', 0)} connections lost now, reconnected "
+                f"{mig.get('reconnects', 0)} times"
             )
         if mig.get("verify_mismatches") is not None:
             lines.append(f"verify         {mig['verify_mismatches']} chunks differ")

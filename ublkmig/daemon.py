@@ -72,8 +72,8 @@ class ServeOptions:
 class Image:
     """The image, opened as the device will use it, with its exclusive flock held."""
 
-    def __init__(self, path: Path, fd: int, size: int) -> None:
-        self.path = path
+    def __init__(self, path: Path | str, fd: int, size: int) -> None:
+        self.path = path  # a str: an NBD export's URI (after a migration to one)
         self.fd = fd
         self.size = size
 
@@ -301,7 +301,10 @@ class Daemon:
         self._tg.start_soon(self._run_migration, mig, dest, self._mig_settled)
         return {"migration": mig.status()}
 
-    def _open_destination(self, dest: Path, dev: native.Device) -> migration.Destination:
+    def _open_destination(self, dest: Path | str, dev: native.Device) -> migration.Destination:
+        if isinstance(dest, str):  # an NBD export: the data plane connects and checks it
+            return migration.Destination(dest, -1, 0, False)
+
         def who_holds(path: Path) -> str | None:
             infos = control.list_daemons(timeout=2.0, exclude=self._socket)
             return migration.describe_holder(infos, path)
@@ -575,7 +578,7 @@ def parse_migrate_args(args: dict[str, Any], direct: bool = False) -> migration.
         if not isinstance(args.get(flag, False), bool):
             raise UserError(f"{flag} must be true or false")
     return migration.MigrationOptions(
-        dest=Path(to),
+        dest=to if migration.is_nbd_uri(to) else Path(to),
         mode=mode,
         chunk_size=migration.check_chunk_size(chunk_size),
         speed=speed,

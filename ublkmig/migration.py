@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import itertools
 import os
 import time
 from collections import deque
@@ -67,6 +68,7 @@ class Phase(enum.StrEnum):
     IN_SYNC = "in-sync"  # --no-cutover: kept in sync until `cutover`
     FINAL_PASS = "final-pass"  # dbt, snapshot: guest I/O paused, the last chunks copied
     VERIFYING = "verifying"  # --verify: guest I/O paused, destination compared
+    RECONNECTING = "reconnecting"  # connections to the destination lost: dialling again
     CUTOVER = "cutover"  # switched to the destination (measuring the stall)
     COMPLETED = "completed"  # the device serves from the destination
     CANCELLING = "cancelling"
@@ -75,7 +77,8 @@ class Phase(enum.StrEnum):
 
 
 ENDED = frozenset({Phase.COMPLETED, Phase.CANCELLED, Phase.FAILED})
-SYNCING = frozenset({Phase.STARTING, Phase.COPYING, Phase.DIRTY_PASSES, Phase.FOLDING})
+SYNCING = frozenset({Phase.STARTING, Phase.COPYING, Phase.DIRTY_PASSES, Phase.FOLDING,
+                     Phase.RECONNECTING})  # fmt: skip
 
 
 class MigrationTarget(Protocol):
@@ -91,6 +94,7 @@ class MigrationTarget(Protocol):
     def resume(self) -> None: ...
     def cutover(self) -> None: ...
     def verify(self) -> int: ...
+    def reconnect(self) -> None: ...
     def abort(self) -> None: ...
     def finish(self) -> None: ...
     def stats(self) -> MigStats: ...
@@ -110,11 +114,19 @@ class Policy:
     sample_interval: float = 0.5  # stats sampled this often (rate, error watch)
     rate_window: float = 5.0  # the rate is measured over this many seconds
     cutover_tries: int = 5  # cutover refused (EAGAIN): copy what is missing and try again
+    reconnect_delay: float = 0.2  # first wait before dialling a lost destination again
+    reconnect_max_delay: float = 5.0  # the wait doubles up to this
+    reconnect_budget: float = 60.0  # give up (fail) when it is not back within this
+
+
+def is_nbd_uri(text: str) -> bool:
+    """Whether a destination names an NBD export (the data plane parses and checks it)."""
+    return text.startswith(("nbd://", "nbd+unix://", "nbds://", "nbds+unix://"))
 
 
 @dataclass(frozen=True)
 class MigrationOptions:
-    dest: Path
+    dest: Path | str  # a str: an NBD export's URI
     mode: Mode = Mode.MIRROR
     chunk_size: int = DEFAULT_CHUNK_SIZE
     speed: int | None = None  # copier bytes/s; None: unlimited
@@ -230,6 +242,7 @@ class Migration:
         self.final_pause_ns: int | None = None
         self.cutover_stall_ns: int | None = None
         self.verify_mismatches: int | None = None
+        self.reconnects = 0  # times the destination's lost connections were restored
 
     # --- requests (event loop) ----------------------------------------------------------------
     @property
@@ -352,6 +365,8 @@ class Migration:
             "tracked_writes": s.tracked_writes,
             "parked": s.parked,
             "dest_errors": s.dest_errors,
+            "dest_down": s.dest_down,
+            "reconnects": self.reconnects,
             "paused": self._paused,
             "rate": round(rate),
             "eta_seconds": None if eta is None else round(eta, 1),
@@ -462,6 +477,51 @@ class Migration:
             await self._finish_completed()
 
     async def _drive(self) -> None:
+        """The passes and the switch; after losing connections to the destination (NBD),
+        dial again and start over from a full pass (it copies what is not copied yet, and
+        the chunks whose writes were lost, which went dirty)."""
+        while True:
+            try:
+                await self._drive_once()
+                return
+            except _Failed as e:
+                if self._cut_over or not self._stats().dest_down:
+                    raise
+                await self._reconnect(str(e))
+
+    async def _reconnect(self, why: str) -> None:
+        """Dial the destination again, with a doubling wait, within the policy's budget
+        (_Failed past it).  Guest I/O goes on meanwhile (on the source; writes to copied
+        chunks dirty them)."""
+        p = self.policy
+        await self._resume()  # a lost destination must not hold up the guest
+        self._apply_speed(self.speed or 0)  # (a final pass runs unlimited)
+        self.log.warning("migration.destination_lost", device=self.device, error=why,
+                         dest=str(self.opts.dest))  # fmt: skip
+        self._set_phase(Phase.RECONNECTING, error=why)
+        t0 = time.monotonic()
+        delay = p.reconnect_delay
+        for attempt in itertools.count(1):
+            with anyio.move_on_after(delay):
+                await self._cancel.wait()
+            self._check_cancel()
+            try:
+                await anyio.to_thread.run_sync(self.target.reconnect)
+            except native.NativeError as e:
+                waited = time.monotonic() - t0
+                self.log.info("migration.reconnect_failed", device=self.device, attempt=attempt,
+                              why=e.detail)  # fmt: skip
+                if waited + delay > p.reconnect_budget:
+                    raise _Failed(f"{why}; it did not come back within "
+                                  f"{p.reconnect_budget:g} s ({e.detail})") from None
+                delay = min(delay * 2, p.reconnect_max_delay)
+                continue
+            self.reconnects += 1
+            self.log.info("migration.reconnected", device=self.device, attempt=attempt,
+                          after=round(time.monotonic() - t0, 3), reconnects=self.reconnects)
+            return
+
+    async def _drive_once(self) -> None:
         self._check_cancel()
         self._set_phase(Phase.COPYING)
         await self._pass(Pass.ALL)
@@ -774,9 +834,10 @@ class Migration:
 
 @dataclass
 class Destination:
-    """DEST, opened read-write with an exclusive flock held for the migration's life."""
+    """DEST, opened read-write with an exclusive flock held for the migration's life (an NBD
+    export: its URI, fd -1; the data plane opens it)."""
 
-    path: Path
+    path: Path | str
     fd: int
     size: int
     created: bool  # a new sparse file made here (reads as zeroes)

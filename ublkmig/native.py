@@ -208,7 +208,7 @@ MIG_STAT_TYPES: tuple[tuple[str, Any], ...] = (
     ("dest_errors", _U64), ("max_latency_ns", _U64), ("cutover_latency_ns", _U64),
     ("last_pause_ns", _U64), ("error", _I32), ("mode", _U32), ("paused", _U32),
     ("cut_over", _U32), ("generation", _U32), ("delta_chunks", _U64), ("cow_chunks", _U64),
-    ("delta_failed", _U32),
+    ("delta_failed", _U32), ("dest_down", _U32),
 )  # fmt: skip
 MIG_STAT_FIELDS = tuple(name for name, _ in MIG_STAT_TYPES)
 
@@ -248,6 +248,7 @@ class MigStats:
     delta_chunks: int = 0
     cow_chunks: int = 0
     delta_failed: int = 0  # snapshot: the error was a delta's (beside the source)
+    dest_down: int = 0  # connections to the destination (NBD) lost: reconnect() may help
 
     @classmethod
     def _from_c(cls, s: _MigStats) -> MigStats:
@@ -331,6 +332,10 @@ class Target:
         n = ctypes.c_uint64(0)
         _check(_lib().ubm_mig_verify(self._t(), ctypes.byref(n)), "verify")
         return int(n.value)
+
+    def reconnect(self) -> None:
+        """Dial the destination's lost connections again (blocking); clears the error."""
+        _check(_lib().ubm_mig_reconnect(self._t()), "reconnect")
 
     def abort(self) -> None:
         _check(_lib().ubm_mig_abort(self._t()), "abort")
@@ -436,6 +441,7 @@ def _lib() -> ctypes.CDLL:
         "ubm_mig_resume": (ctypes.c_int, [_P]),
         "ubm_mig_cutover": (ctypes.c_int, [_P]),
         "ubm_mig_abort": (ctypes.c_int, [_P]),
+        "ubm_mig_reconnect": (ctypes.c_int, [_P]),
         "ubm_mig_finish": (ctypes.c_int, [_P]),
         "ubm_mig_get_stats": (ctypes.c_int, [_P, ctypes.POINTER(_MigStats)]),
         "ubm_mig_new_delta": (ctypes.c_int, [_P]),

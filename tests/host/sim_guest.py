@@ -240,6 +240,10 @@ class SimTarget:
     def abort(self) -> None:
         self.t.abort()
 
+    def reconnect(self) -> None:  # dials only: any thread
+        self.calls.append("reconnect")
+        self.t.reconnect()
+
     def stats(self) -> MigStats:
         return self.t.stats()
 

@@ -98,7 +98,7 @@ class Run:
     speed: int | None = 48 << 20
     no_cutover: bool = False
     verify: bool = False
-    dest: Path | None = None
+    dest: Path | str | None = None  # a str: an NBD URI
     dest_zeroed: bool = True
     guest_io: bool = True
     policy: Policy = FAST
@@ -115,7 +115,7 @@ class Run:
         self.model = make_source(self.source, self.seed)
         if self.dest is None:
             self.dest = self.tmp / "dest.img"
-        if not self.dest.exists():
+        if isinstance(self.dest, Path) and not self.dest.exists():
             with open(self.dest, "wb") as f:
                 f.truncate(SIZE)
         self.sim = Sim(self.source, depth=16)

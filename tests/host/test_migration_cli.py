@@ -11,7 +11,7 @@ from control_fakes import serving
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ublkmig import control
+from ublkmig import control, daemon
 from ublkmig.cli import _status_lines, main
 from ublkmig.errors import UserError
 from ublkmig.units import format_duration, format_rate, format_size, parse_rate, parse_size
@@ -83,12 +83,20 @@ def test_migrate_sends_what_was_asked(
             out == "migrating /dev/ublkb3 to /d.img (snapshot, chunks of 4 MiB, at most "
             "100 MiB/s)\n"
         )
+        # an NBD export's URI goes as it is (not made a path)
+        uri = "nbd+unix:///disk?socket=/run/x.sock"
+        rc, out, err = run_cli(capsys, "migrate", "3", "--to", uri)
+        assert rc == 0 and out == f"migrating /dev/ublkb3 to {uri} (mirror, chunks of 1 MiB)\n"
     assert got == [
         {"to": f"{tmp_path}/rel.img", "mode": "mirror", "chunk_size": 1 << 20, "speed": None,
          "no_cutover": False, "verify": False},
         {"to": "/d.img", "mode": "snapshot", "chunk_size": 4 << 20, "speed": 100 << 20,
          "no_cutover": True, "verify": True},
+        {"to": uri, "mode": "mirror", "chunk_size": 1 << 20, "speed": None,
+         "no_cutover": False, "verify": False},
     ]  # fmt: skip
+    assert daemon.parse_migrate_args({"to": uri}).dest == uri
+    assert daemon.parse_migrate_args({"to": "/d.img"}).dest == Path("/d.img")
 
 
 def test_speed_command(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -153,6 +161,10 @@ def test_status_text() -> None:
         "guest writes   0 mirrored, 77 tracked, 2 parked; longest I/O 3.2 ms",
         "guest I/O      reads 9, writes 8",
     ]
+    lost = {**mig, "phase": "reconnecting", "dest_down": 2, "reconnects": 1}
+    assert "destination    2 connections lost now, reconnected 1 times" in _status_lines(
+        {**base, "migration": lost}
+    )
     failed = {**mig, "phase": "failed", "error": "the destination failed: EIO"}
     assert "error          the destination failed: EIO" in _status_lines(
         {**base, "migration": failed}

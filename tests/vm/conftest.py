@@ -24,7 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vmlib import CONTROL, HERE, IN_VM, FioLoop, MakeImage, ServeFactory, run_cli, run_fio
+from vmlib import (
+    CONTROL,
+    HERE,
+    IN_VM,
+    FioLoop,
+    MakeImage,
+    ServeFactory,
+    run_cli,
+    run_fio,
+)
+
+from ublkmig.bench.nbd_server import NbdServer, start_nbd_server
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -114,6 +125,22 @@ def fio(scratch: Path) -> Callable[..., dict[str, Any]]:
         return run_fio(filename, cwd=scratch, **options)
 
     return call
+
+
+@pytest.fixture
+def nbd_server(scratch: Path) -> Iterator[Callable[..., NbdServer]]:
+    """``nbd_server(kind, transport, size)``: a started vmlib.NbdServer (files in scratch),
+    stopped at teardown (list it before ``serve``: the daemons stop first)."""
+    servers: list[NbdServer] = []
+
+    def start(kind: str, transport: str, size: int, **options: Any) -> NbdServer:
+        server = start_nbd_server(kind, transport, scratch, size, **options)  # file, extra
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
 
 
 @pytest.fixture

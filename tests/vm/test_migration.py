@@ -42,6 +42,8 @@ from vmlib import (
     wait_migration,
 )
 
+from ublkmig.bench.nbd_server import NbdServer
+
 MiB = 1 << 20
 SIZE = 64 * MiB
 Q = SIZE // 4
@@ -50,6 +52,7 @@ BUSY_LEN = Q  # fio jobs, one after another
 DISCARDED = (STATIC + 2 * MiB, 3 * MiB)  # (offset, length) inside STATIC
 ZEROED = (STATIC + 9 * MiB + 64 * 1024, 2 * MiB)
 FioLoopFactory = Callable[..., FioLoop]
+NbdServerFactory = Callable[..., NbdServer]
 SPEED = "24M"
 
 
@@ -60,16 +63,33 @@ def phase1_job() -> dict[str, Any]:
 
 
 # each mode to a new (sparse) file; once to an existing file full of junk, in snapshot mode
-# (the one that folds layers, discarded ranges included, into the destination)
+# (the one that folds layers, discarded ranges included, into the destination); each mode
+# to an NBD export: qemu-nbd over TCP and nbdkit's file plugin over a unix socket, both
+# exporting a file full of junk, and nbdkit's memory plugin over TCP
+NBD_KINDS = {"qemu-nbd-tcp": ("qemu-nbd", "tcp"), "nbdkit-file-unix": ("nbdkit-file", "unix"),
+             "nbdkit-memory-tcp": ("nbdkit-memory", "tcp")}
+
+
 @pytest.mark.parametrize(("mode", "dest_kind"),
-                         [*((m, "new") for m in MODES), ("snapshot", "junk")])
+                         [*((m, "new") for m in MODES), ("snapshot", "junk"),
+                          *((m, "qemu-nbd-tcp") for m in MODES),
+                          *((m, "nbdkit-file-unix") for m in MODES),
+                          ("mirror", "nbdkit-memory-tcp")])
 def test_fio_verify_across_migration(mode: str, dest_kind: str, make_image: MakeImage,
-                                     serve: ServeFactory, fio_loop: FioLoopFactory,
-                                     scratch: Path) -> None:
+                                     nbd_server: NbdServerFactory, serve: ServeFactory,
+                                     fio_loop: FioLoopFactory, scratch: Path) -> None:
     t = Steps(f"{mode}-{dest_kind}")
     static = pattern(5, Q)
     image = make_image(SIZE, data=static)
     dest = scratch / "dest.img"
+    target: Path | str = dest
+    server = None
+    if dest_kind in NBD_KINDS:
+        if dest_kind != "nbdkit-memory-tcp":
+            dest = scratch / "nbd.img"
+            dest.write_bytes(pattern(666, MiB) * (SIZE // MiB))
+        server = nbd_server(*NBD_KINDS[dest_kind], SIZE)
+        target = server.uri
     if dest_kind == "junk":
         dest.write_bytes(pattern(666, MiB) * (SIZE // MiB))  # all to overwrite or zero
     dev = serve(image, "--queues", "2")
@@ -83,7 +103,7 @@ def test_fio_verify_across_migration(mode: str, dest_kind: str, make_image: Make
 
     writes_before = device_status(dev.device)["stats"]["writes"]
     # a speed limit, so that the copy takes a few of fio's jobs
-    proc = start_migrate(dev.device, dest, "--mode", mode, "--chunk-size", "512K",
+    proc = start_migrate(dev.device, target, "--mode", mode, "--chunk-size", "512K",
                          "--speed", SPEED)
     # discard and write-zeroes once the copy is past them (they must reach DEST too)
     done = max(DISCARDED[0] + DISCARDED[1], ZEROED[0] + ZEROED[1])
@@ -97,7 +117,7 @@ def test_fio_verify_across_migration(mode: str, dest_kind: str, make_image: Make
     busy.mark()
     busy.stop()  # a job that started after the cutover, verified, has finished
     t("fio loop: a job after the cutover")
-    mig = check_completed(dev.device, dest, mode)
+    mig = check_completed(dev.device, target, mode)
     assert mig["io"]["writes"] > writes_before, mig["io"]
     print(f"{mode}/{dest_kind}: {out.strip().splitlines()[-1]}; fio wrote "
           f"{busy.written // MiB} MiB in {busy.runs} jobs")
@@ -113,10 +133,14 @@ def test_fio_verify_across_migration(mode: str, dest_kind: str, make_image: Make
     assert read_device(dev.device, HOLES, Q) == bytes(Q), "HOLES do not read as zeros"
 
     # the device serves DEST: same bytes; and DEST holds them once the daemon is gone
+    if server is not None and server.file is None:  # nbdkit's memory: fetched over NBD
+        dest = server.read_export(scratch / "export.img")
     digest = assert_same_bytes(dev.device, dest, SIZE)
     assert device_status(dev.device)["stats"]["errors"] == 0
     t("compare")
     dev.stop()
+    if server is not None and server.file is None:
+        dest = server.read_export(scratch / "export-after-stop.img")
     assert dest.stat().st_size == SIZE
     assert sha256_of(dest) == digest, "DEST differs from what the device showed"
     t("stop, compare")

@@ -21,6 +21,7 @@ from vmlib import (
     Steps,
     assert_one_line_error,
     assert_same_bytes,
+    check_completed,
     cli_status,
     device_status,
     finish_migrate,
@@ -34,11 +35,14 @@ from vmlib import (
     wait_migration,
 )
 
+from ublkmig.bench.nbd_server import NbdServer
+
 MiB = 1 << 20
 SIZE = 64 * MiB
 DATA = 48 * MiB  # [0, DATA) holds a pattern; the rest is a hole
 BUSY = (16 * MiB, 16 * MiB)  # (offset, length): fio's loop, inside the pattern
 FioLoopFactory = Callable[..., FioLoop]
+NbdServerFactory = Callable[..., NbdServer]
 
 
 def _check_source_serves(dev_device: str, image: Path, busy: FioLoop, data: bytes) -> str:
@@ -280,3 +284,42 @@ def test_snapshot_without_room_for_deltas(serve: ServeFactory, fio_loop: FioLoop
         digest = assert_same_bytes(dev.device, image, SIZE)
         dev.stop()
         assert sha256_of(image) == digest
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nbd_server_killed_and_restarted(mode: str, make_image: MakeImage,
+                                         nbd_server: NbdServerFactory, serve: ServeFactory,
+                                         fio_loop: FioLoopFactory, scratch: Path) -> None:
+    """DEST an export of qemu-nbd over TCP; the server is killed (SIGKILL) a quarter into
+    the copy and started again on the same file and port a second later.  The migration
+    dials again and completes; fio never sees an error; DEST holds what the device shows."""
+    t = Steps(f"nbd-restart-{mode}")
+    data = pattern(7, DATA)
+    image = make_image(SIZE, data=data)
+    server = nbd_server("qemu-nbd", "tcp", SIZE)
+    dev = serve(image, "--queues", "2")
+    busy = fio_loop(dev.device, *BUSY)
+    busy.wait_runs(1)
+    t("server, serve, first fio job")
+    proc = start_migrate(dev.device, server.uri, "--mode", mode, "--speed", "8M")
+    wait_migration(dev.device, lambda m: m["chunks_copied"] >= m["chunks"] // 4,
+                   timeout=60, what="a quarter copied")
+    server.stop(kill=True)
+    wait_migration(dev.device, lambda m: m["phase"] == "reconnecting", timeout=60,
+                   what="the lost destination noticed")
+    time.sleep(1)
+    server.restart()
+    t("killed a quarter in, restarted")
+    finish_migrate(proc)
+    t("migration")
+    mig = check_completed(dev.device, server.uri, mode, lost_connections=True)
+    assert mig["reconnects"] >= 1, mig
+    busy.mark()
+    busy.stop()
+    busy.verify()
+    assert server.file is not None
+    digest = assert_same_bytes(dev.device, server.file, SIZE)
+    assert device_status(dev.device)["stats"]["errors"] == 0
+    t("fio verify, compare")
+    dev.stop()
+    assert sha256_of(server.file) == digest, "DEST differs from what the device showed"
