@@ -194,6 +194,7 @@ struct ubm_io {
 	struct ubm_migration *mig;  /* routed by this migration (holds its references) */
 	uint32_t mig_epoch;      /* the migration's epoch when routed (ubm_mig_reconnect) */
 	uint64_t t_start;        /* migration: when the request arrived (ns) */
+	uint64_t t_source_done;  /* migration, mirrored: when the source's part ended (ns) */
 	void *buf;               /* copy mode: this tag's buffer */
 };
 
@@ -265,6 +266,8 @@ static inline void ubm_stat_inc(uint64_t *c, uint64_t v)
 int ubm_mig_route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag);
 /* 1: the request failed on a snapshot delta and must be routed again (park it) */
 int ubm_mig_io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag);
+/* a backend's part of a request routed by the migration ended */
+void ubm_mig_part_done(struct ubm_migration *m, struct ubm_io *io, unsigned slot);
 
 /* dev.c: a FETCH / COMMIT_AND_FETCH completed on a ublk queue */
 void ubm_dev_cmd_cqe(struct ubm_queue *q, const struct io_uring_cqe *cqe);

@@ -92,6 +92,7 @@ struct ubm_migration {
 	uint64_t bytes_copied, bytes_skipped, bytes_read, passes;
 	uint64_t mirrored_writes, tracked_writes, parked, dest_errors;
 	uint64_t max_latency_ns, cutover_latency_ns, cutover_ns;
+	uint64_t mirror_waits, mirror_wait_ns;
 	uint64_t pause_start_ns, last_pause_ns;
 	/* the copier */
 	struct ubm_queue cq;
@@ -380,6 +381,13 @@ park:
 	return 1;
 }
 
+void ubm_mig_part_done(struct ubm_migration *m, struct ubm_io *io, unsigned slot)
+{
+	(void)m;
+	if (slot == SLOT_SOURCE && (io->mflags & MIG_IO_MIRRORED))
+		io->t_source_done = now_ns();
+}
+
 int ubm_mig_io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 {
 	struct ubm_io *io = &q->ios[tag];
@@ -401,6 +409,12 @@ int ubm_mig_io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 
 		if (io->mflags & MIG_IO_MIRRORED) {
 			A_ADD(&m->mirrored_writes, 1);
+			/* the source was done first: the guest waited for the destination */
+			if (io->t_source_done && now > io->t_source_done) {
+				A_ADD(&m->mirror_waits, 1);
+				A_ADD(&m->mirror_wait_ns, now - io->t_source_done);
+			}
+			io->t_source_done = 0;
 			if (io->dest_result < 0 && !cut_over) {
 				/* the source has it, the destination may not */
 				for (uint64_t c = c0; c <= c1; c++)
@@ -1050,6 +1064,8 @@ UBM_EXPORT int ubm_mig_get_stats(struct ubm_target *t, struct ubm_mig_stats *out
 	out->cow_chunks = A_LOAD(&m->cow_chunks);
 	out->delta_failed = A_LOAD(&m->delta_failed);
 	out->dest_down = t->dest.ops->down ? t->dest.ops->down(&t->dest) : 0;
+	out->mirror_waits = A_LOAD(&m->mirror_waits);
+	out->mirror_wait_ns = A_LOAD(&m->mirror_wait_ns);
 	pthread_mutex_unlock(&t->mig_lock);
 	return 0;
 }

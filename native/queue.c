@@ -360,6 +360,8 @@ static void backend_cqe(struct ubm_queue *q, unsigned tag, unsigned slot, int cq
 
 	if (be->ops->complete(be, q, tag, slot, &io->sreq[slot], cqe_res, &res))
 		return;  /* a follow-up operation is on its way */
+	if (ubm_unlikely(io->mig != NULL))
+		ubm_mig_part_done(io->mig, io, slot);
 	if (res < 0) {
 		/* a destination error before cutover is the migration's
 		 * business, not the guest's */

@@ -153,6 +153,9 @@ struct ubm_mig_stats {
 				    * wait until ubm_mig_finish() folds the deltas back */
 	uint32_t dest_down;        /* connections to the destination (NBD) lost, not yet
 				    * replaced: ubm_mig_reconnect() can bring them back */
+	uint64_t mirror_waits;     /* mirrored writes whose source part ended first ... */
+	uint64_t mirror_wait_ns;   /* ... and how long, in all, they then waited for the
+				    * destination (the cost of mirroring to the guest) */
 };
 
 /* Open the destination, check it, and start routing guest I/O through the

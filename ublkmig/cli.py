@@ -252,7 +252,7 @@ def demo(size: int, in_vm: bool) -> int:
 
 @cli.command()
 @click.option("--scenario", "scenario", multiple=True, metavar="NAME",
-              help="datapath, idle, load or qemu (repeatable); default: all.")
+              help="datapath, idle, load, slow or qemu (repeatable); default: all.")
 @click.option("--quick", is_flag=True, help="The small smoke run (what CI runs).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where results.json, report.md and the plots go.  [default: "
@@ -275,7 +275,8 @@ def bench(scenario: tuple[str, ...], quick: bool, out: Path | None, inside: bool
 
 # --- migration ---------------------------------------------------------------------------------
 
-MODES = ("mirror", "dbt", "snapshot")  # ublkmig.migration.Mode (not imported: it needs anyio)
+# ublkmig.migration.Mode (not imported: it needs anyio)
+MODES = ("auto", "mirror", "dbt", "snapshot")
 ENDED = ("completed", "cancelled", "failed")
 FOLLOW_INTERVAL = 0.5
 
@@ -307,11 +308,22 @@ def _ask(device: int, cmd: str, **args: Any) -> dict[str, Any]:
 @click.option(
     "--mode",
     type=click.Choice(MODES),
-    default="mirror",
+    default="auto",
     show_default=True,
-    help="mirror: one pass, guest writes mirrored, no pause.  dbt: dirty block tracking, "
-    "passes until few dirty chunks, then a short pause.  snapshot: guest writes go to a delta "
-    "while the base is copied, deltas folded until small, then a short pause.",
+    help="auto: mirror, falling back to dirty tracking while mirrored writes wait too long "
+    "for the destination, mirroring again to converge; no pause.  mirror: one pass, guest "
+    "writes mirrored, no pause.  dbt: dirty block tracking, passes until few dirty chunks, "
+    "then a short pause.  snapshot: guest writes go to a delta while the base is copied, "
+    "deltas folded until small, then a short pause.",
+)
+@click.option(
+    "--fallback-wait",
+    type=float,
+    default=20.0,
+    show_default=True,
+    metavar="MS",
+    help="auto: fall back to dirty tracking when mirrored writes wait this many "
+    "milliseconds on average for the destination after the source is done (sustained).",
 )
 @click.option(
     "--chunk-size",
@@ -344,6 +356,7 @@ def migrate(
     device: int,
     dest: str,
     mode: str,
+    fallback_wait: float,
     chunk_size: int,
     speed: int | None,
     no_cutover: bool,
@@ -355,14 +368,15 @@ def migrate(
     When the copy is in sync the device switches to DEST: the same /dev/ublkbN goes on
     serving, now from DEST.  A cancelled or failed migration leaves the source as it was.
     """
-    from ublkmig.migration import check_chunk_size, check_speed, is_nbd_uri
+    from ublkmig.migration import check_chunk_size, check_fallback_wait, check_speed, is_nbd_uri
 
     check_chunk_size(chunk_size)
     check_speed(speed)
+    check_fallback_wait(fallback_wait)
     to = dest if is_nbd_uri(dest) else os.path.abspath(dest)
     answer = _ask(
         device, "migrate", to=to, mode=mode, chunk_size=chunk_size, speed=speed,
-        no_cutover=no_cutover, verify=verify,
+        no_cutover=no_cutover, verify=verify, fallback_wait_ms=fallback_wait,
     )  # fmt: skip
     mig = answer["migration"]
     limit = f", at most {format_rate(speed)}" if speed else ""

@@ -568,7 +568,7 @@ def parse_migrate_args(args: dict[str, Any], direct: bool = False) -> migration.
     to = args.get("to")
     if not isinstance(to, str) or not to:
         raise UserError('migrate needs "to": the destination path')
-    mode = migration.check_mode(str(args.get("mode", migration.Mode.MIRROR)))
+    mode = migration.check_mode(str(args.get("mode", migration.Mode.AUTO)))
     chunk_size = args.get("chunk_size")
     chunk_size = (
         migration.DEFAULT_CHUNK_SIZE if chunk_size is None else _int_arg(args, "chunk_size")
@@ -577,6 +577,9 @@ def parse_migrate_args(args: dict[str, Any], direct: bool = False) -> migration.
     for flag in ("no_cutover", "verify"):
         if not isinstance(args.get(flag, False), bool):
             raise UserError(f"{flag} must be true or false")
+    wait = args.get("fallback_wait_ms", 20.0)
+    if not isinstance(wait, int | float) or isinstance(wait, bool):
+        raise UserError("fallback_wait_ms must be a number")
     return migration.MigrationOptions(
         dest=to if migration.is_nbd_uri(to) else Path(to),
         mode=mode,
@@ -585,6 +588,7 @@ def parse_migrate_args(args: dict[str, Any], direct: bool = False) -> migration.
         no_cutover=bool(args.get("no_cutover", False)),
         verify=bool(args.get("verify", False)),
         direct=direct,
+        fallback_wait_ms=migration.check_fallback_wait(float(wait)),
     )
 
 

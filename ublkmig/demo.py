@@ -4,10 +4,11 @@ Create a sparse image on /dev/shm, serve it (``python -m ublkmig serve`` as a
 child, reading the device path from its first stdout line), mkfs.ext4, mount,
 write files, remount, check their sha256, unmount, ``fsck -fn``.  Then the
 live migration: mount again, and while a writer keeps writing files, move the
-device to a new file with ``ublkmig migrate DEVICE --to DEST --wait`` (mirror
-mode); check every file's sha256 on the device (now served from DEST), ``fsck
--fn``, compare DEST with the device byte for byte, and report the migration's
-time and cutover stall.  Finally stop the daemon with ``ublkmig stop`` and
+device to a new file with ``ublkmig migrate DEVICE --to DEST --wait`` (auto
+mode, the default: mirroring unless the destination is slow); check every
+file's sha256 on the device (now served from DEST), ``fsck -fn``, compare DEST
+with the device byte for byte, and report the migration's time and cutover
+stall.  Finally stop the daemon with ``ublkmig stop`` and
 remove the images.  Without a ublk driver on this host it re-runs itself inside
 a kernel VM (ublkmig.vm) and relays the result.
 """

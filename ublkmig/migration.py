@@ -51,13 +51,15 @@ DEFAULT_CHUNK_SIZE = 1 << 20
 
 
 class Mode(enum.StrEnum):
+    AUTO = "auto"  # mirror, falling back to dbt while the destination is too slow
     MIRROR = "mirror"
     DBT = "dbt"
     SNAPSHOT = "snapshot"
 
     @property
     def native(self) -> native.MigMode:
-        return native.MigMode.from_label(self.value)
+        """The data plane's mode to start in (auto starts mirroring)."""
+        return native.MigMode.from_label("mirror" if self is Mode.AUTO else self.value)
 
 
 class Phase(enum.StrEnum):
@@ -89,6 +91,7 @@ class MigrationTarget(Protocol):
     def mig_start(self, config: native.MigrationConfig) -> None: ...
     def copy_pass(self, kind: Pass) -> int: ...
     def set_speed(self, bytes_per_second: int) -> None: ...
+    def set_mode(self, mode: native.MigMode) -> None: ...
     def new_delta(self) -> None: ...
     def pause(self) -> None: ...
     def resume(self) -> None: ...
@@ -114,6 +117,10 @@ class Policy:
     sample_interval: float = 0.5  # stats sampled this often (rate, error watch)
     rate_window: float = 5.0  # the rate is measured over this many seconds
     cutover_tries: int = 5  # cutover refused (EAGAIN): copy what is missing and try again
+    auto_sustain: int = 2  # auto: samples in a row over the wait threshold: fall back to dbt
+    auto_probe: float = 2.0  # auto: after a fallback, mirror again this much later (doubling)
+    auto_probe_max: float = 30.0
+    auto_max_fallbacks: int = 6  # auto: after this many, mirror to converge whatever it costs
     reconnect_delay: float = 0.2  # first wait before dialling a lost destination again
     reconnect_max_delay: float = 5.0  # the wait doubles up to this
     reconnect_budget: float = 60.0  # give up (fail) when it is not back within this
@@ -127,7 +134,7 @@ def is_nbd_uri(text: str) -> bool:
 @dataclass(frozen=True)
 class MigrationOptions:
     dest: Path | str  # a str: an NBD export's URI
-    mode: Mode = Mode.MIRROR
+    mode: Mode = Mode.AUTO
     chunk_size: int = DEFAULT_CHUNK_SIZE
     speed: int | None = None  # copier bytes/s; None: unlimited
     no_cutover: bool = False
@@ -136,6 +143,9 @@ class MigrationOptions:
     direct: bool = False
     copy_depth: int = 0
     delta_dir: Path | None = None
+    # auto: fall back to dbt when mirrored writes wait this long on average for the
+    # destination (after the source was done), sustained
+    fallback_wait_ms: float = 20.0
 
     def native_config(self) -> native.MigrationConfig:
         return native.MigrationConfig(
@@ -164,6 +174,12 @@ def check_speed(n: int | None) -> int | None:
     if n is not None and n <= 0:
         raise UserError("speed must be more than 0 bytes/s (leave it out for no limit)")
     return n
+
+
+def check_fallback_wait(ms: float) -> float:
+    if not ms > 0:
+        raise UserError(f"the fallback wait must be a positive number of milliseconds, not {ms}")
+    return ms
 
 
 def check_mode(text: str) -> Mode:
@@ -243,6 +259,15 @@ class Migration:
         self.cutover_stall_ns: int | None = None
         self.verify_mismatches: int | None = None
         self.reconnects = 0  # times the destination's lost connections were restored
+        # auto mode: the data plane's current mode, switches, the recent mirror wait
+        self.writes_mirrored = opts.mode is not Mode.DBT and opts.mode is not Mode.SNAPSHOT
+        self.fallbacks = 0
+        self.mirror_returns = 0
+        self.mirror_wait_ms: float | None = None
+        self._over = 0  # samples in a row over the threshold
+        self._fell_back_at = 0.0
+        self._wait_seen = (0, 0)  # (mirror_waits, mirror_wait_ns) at the last sample
+        self._auto_done = False  # converged: mirror to the end
 
     # --- requests (event loop) ----------------------------------------------------------------
     @property
@@ -367,6 +392,12 @@ class Migration:
             "dest_errors": s.dest_errors,
             "dest_down": s.dest_down,
             "reconnects": self.reconnects,
+            "writes": "mirrored" if self.writes_mirrored else "tracked",
+            "fallbacks": self.fallbacks,
+            "mirror_returns": self.mirror_returns,
+            "mirror_wait_ms": (
+                None if self.mirror_wait_ms is None else round(self.mirror_wait_ms, 4)
+            ),
             "paused": self._paused,
             "rate": round(rate),
             "eta_seconds": None if eta is None else round(eta, 1),
@@ -525,7 +556,9 @@ class Migration:
         self._check_cancel()
         self._set_phase(Phase.COPYING)
         await self._pass(Pass.ALL)
-        if self.opts.mode is Mode.MIRROR:
+        if self.opts.mode is Mode.AUTO:
+            await self._converge_auto()
+        elif self.opts.mode is Mode.MIRROR:
             await self._converge_mirror()
         elif self.opts.mode is Mode.DBT:
             await self._converge_dbt()
@@ -545,6 +578,68 @@ class Migration:
             await self._pass(Pass.ALL)
         s = self._checked_stats()
         raise _Failed(f"the mirror did not converge: {s.dirty_chunks} chunks still dirty")
+
+    async def _converge_auto(self) -> None:
+        """Passes until the writes are mirrored again and nothing is dirty: then the
+        cutover needs no pause.  (The sampler switches modes meanwhile; past the fallback
+        limit it mirrors for good, so this ends.)"""
+        while True:
+            s = self._checked_stats()
+            if self.writes_mirrored and s.dirty_chunks == 0 and s.chunks_copied >= s.nr_chunks:
+                self._auto_done = True
+                return
+            if not self.writes_mirrored:
+                if self.phase is not Phase.DIRTY_PASSES:
+                    self._set_phase(Phase.DIRTY_PASSES)
+                if s.dirty_chunks <= self.policy.dirty_threshold:
+                    self._mirror_again("few dirty chunks left")
+            await self._pass(Pass.ALL)
+
+    def _auto_sample(self, s: MigStats) -> None:
+        """Auto mode, each sample: fall back to dbt while mirrored writes wait too long for
+        the destination; mirror again after a while (the wait doubles each fallback)."""
+        p = self.policy
+        n0, ns0 = self._wait_seen
+        self._wait_seen = (s.mirror_waits, s.mirror_wait_ns)
+        if self.phase not in SYNCING or self._paused or self._cut_over or self._auto_done:
+            return
+        if self.writes_mirrored:
+            if s.mirror_waits <= n0:
+                return  # no mirrored writes this sample: nothing to judge
+            self.mirror_wait_ms = (s.mirror_wait_ns - ns0) / (s.mirror_waits - n0) / 1e6
+            over = self.mirror_wait_ms > self.opts.fallback_wait_ms
+            self._over = self._over + 1 if over else 0
+            if self._over >= p.auto_sustain and self.fallbacks < p.auto_max_fallbacks:
+                self._fall_back()
+            return
+        probe = min(p.auto_probe * 2 ** (self.fallbacks - 1), p.auto_probe_max)
+        if time.monotonic() - self._fell_back_at >= probe:
+            self._mirror_again(f"{probe:g} s after the fallback")
+
+    def _fall_back(self) -> None:
+        self.target.set_mode(native.MigMode.DBT)
+        self.writes_mirrored = False
+        self.fallbacks += 1
+        self._over = 0
+        self._fell_back_at = time.monotonic()
+        self.log.warning(
+            "migration.fallback", device=self.device, to="dbt", fallbacks=self.fallbacks,
+            mirror_wait_ms=round(self.mirror_wait_ms or 0, 3),
+            threshold_ms=self.opts.fallback_wait_ms,
+        )  # fmt: skip
+
+    def _mirror_again(self, why: str) -> None:
+        if self.writes_mirrored:
+            return
+        self.target.set_mode(native.MigMode.MIRROR)
+        self.writes_mirrored = True
+        self.mirror_returns += 1
+        self._over = 0
+        last = self.fallbacks >= self.policy.auto_max_fallbacks
+        self.log.info(
+            "migration.mirror_again", device=self.device, why=why, returns=self.mirror_returns,
+            final=last, dirty=self._last.dirty_chunks,
+        )  # fmt: skip
 
     async def _converge_dbt(self) -> None:
         """Dirty passes until few chunks are dirty (or it stops shrinking, or the limit)."""
@@ -641,7 +736,7 @@ class Migration:
 
     async def _switch(self) -> None:
         """Final pass (paused), verify, cut over, resume."""
-        mirror = self.opts.mode is Mode.MIRROR
+        mirror = self.opts.mode in (Mode.MIRROR, Mode.AUTO)  # (auto ends mirroring)
         if mirror and not self.opts.verify:
             self._set_phase(Phase.CUTOVER)
             await self._cutover()
@@ -780,7 +875,9 @@ class Migration:
     async def _sampler(self) -> None:
         while True:
             await anyio.sleep(self.policy.sample_interval)
-            self._stats()
+            s = self._stats()
+            if self.opts.mode is Mode.AUTO and self._live:
+                self._auto_sample(s)
 
     # --- endings ------------------------------------------------------------------------------
     async def _finish(self) -> None:

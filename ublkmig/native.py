@@ -208,7 +208,8 @@ MIG_STAT_TYPES: tuple[tuple[str, Any], ...] = (
     ("dest_errors", _U64), ("max_latency_ns", _U64), ("cutover_latency_ns", _U64),
     ("last_pause_ns", _U64), ("error", _I32), ("mode", _U32), ("paused", _U32),
     ("cut_over", _U32), ("generation", _U32), ("delta_chunks", _U64), ("cow_chunks", _U64),
-    ("delta_failed", _U32), ("dest_down", _U32),
+    ("delta_failed", _U32), ("dest_down", _U32), ("mirror_waits", _U64),
+    ("mirror_wait_ns", _U64),
 )  # fmt: skip
 MIG_STAT_FIELDS = tuple(name for name, _ in MIG_STAT_TYPES)
 
@@ -249,6 +250,8 @@ class MigStats:
     cow_chunks: int = 0
     delta_failed: int = 0  # snapshot: the error was a delta's (beside the source)
     dest_down: int = 0  # connections to the destination (NBD) lost: reconnect() may help
+    mirror_waits: int = 0  # mirrored writes that waited for the destination after the source
+    mirror_wait_ns: int = 0  # ... in all
 
     @classmethod
     def _from_c(cls, s: _MigStats) -> MigStats:

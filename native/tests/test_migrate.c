@@ -4,14 +4,18 @@
  * writes, discards and reads at random while another thread runs copy
  * passes; after the cutover the destination must equal the model of the
  * disk byte for byte, and later I/O must go to the destination.  Run for
- * both modes under ASan/UBSan by `make test`.
+ * every mode under ASan/UBSan by `make test`, to a file and to a file that
+ * nbdkit exports over a unix socket (the NBD backend).
  */
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
+#include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <linux/ublk_cmd.h>
@@ -136,10 +140,29 @@ static void check_file(const char *path, const char *what)
 	free(disk);
 }
 
-static void run(const char *dir, uint32_t m, int zeroed, int cancel)
+extern char **environ;
+
+/* nbdkit exporting `file` on the unix socket `sock` (0 if nbdkit is missing) */
+static pid_t start_nbdkit(const char *file, const char *sock)
 {
-	char src[4096], dst[4096];
+	char *argv[] = { "nbdkit", "-f", "-U", (char *)sock, "file", (char *)file, NULL };
+	pid_t pid;
+
+	if (posix_spawnp(&pid, "nbdkit", NULL, NULL, argv, environ) != 0)
+		return 0;
+	for (int i = 0; i < 400 && access(sock, F_OK) != 0; i++)
+		usleep(25000);
+	CHECK(access(sock, F_OK) == 0, "nbdkit did not start");
+	return pid;
+}
+
+/* The destination: a file, or with nbd that file exported by nbdkit over a
+ * unix socket (the NBD backend under ASan). */
+static void run(const char *dir, uint32_t m, int zeroed, int cancel, int nbd)
+{
+	char src[4096], dst[4096], sock[4200], uri[4300];
 	struct ubm_mig_stats st;
+	pid_t server = 0;
 	int fd;
 
 	mode = m;
@@ -169,10 +192,21 @@ static void run(const char *dir, uint32_t m, int zeroed, int cancel)
 			CHECK(pwrite(fd, junk, sizeof(junk), (off_t)off) == sizeof(junk), "junk");
 	}
 	close(fd);
+	if (nbd) {
+		snprintf(sock, sizeof(sock), "%s.sock", dst);
+		snprintf(uri, sizeof(uri), "nbd+unix:///?socket=%s", sock);
+		server = start_nbdkit(dst, sock);
+		if (!server) {
+			printf("test_migrate: no nbdkit: the NBD runs are skipped\n");
+			unlink(src);
+			unlink(dst);
+			return;
+		}
+	}
 
 	CHECK(ubm_sim_create(src, 512, 0, DEPTH, &sim) == 0, "sim: %s", ubm_last_error());
 	tgt = ubm_sim_target(sim);
-	struct ubm_mig_config cfg = { .dest_path = dst, .mode = m, .dest_zeroed = (uint32_t)zeroed,
+	struct ubm_mig_config cfg = { .dest_path = nbd ? uri : dst, .mode = m, .dest_zeroed = (uint32_t)zeroed,
 				      /* snapshot: chunks no smaller than a request */
 				      .chunk_size = m == UBM_MIG_SNAPSHOT ? 4 * CHUNK : CHUNK,
 				      .copy_depth = 4,
@@ -258,6 +292,11 @@ static void run(const char *dir, uint32_t m, int zeroed, int cancel)
 	while (inflight)
 		reap_one();
 	ubm_sim_destroy(sim);
+	if (server) {
+		kill(server, SIGTERM);
+		waitpid(server, NULL, 0);
+		unlink(sock);
+	}
 	check_file(dst, "the destination");
 	printf("destination equals the model\n");
 	unlink(src);
@@ -334,16 +373,19 @@ int main(void)
 	copier_waits_for_inflight_writes(dir, 1);
 	model = malloc(SIZE);
 	for (uint32_t m = UBM_MIG_MIRROR; m <= UBM_MIG_SNAPSHOT; m++) {
-		run(dir, m, 1, 0);
-		run(dir, m, 0, 0);
-		run(dir, m, 1, 1);
+		run(dir, m, 1, 0, 0);
+		run(dir, m, 0, 0, 0);
+		run(dir, m, 1, 1, 0);
 	}
+	printf("test_migrate: to an NBD export (nbdkit, unix socket)\n");
+	for (uint32_t m = UBM_MIG_MIRROR; m <= UBM_MIG_SNAPSHOT; m++)
+		run(dir, m, 0, 0, 1);
 	/* the destination and deltas as plain fds, as on kernels before 6.13
 	 * (the runs above used what this kernel picks) */
 	ubm_fixed_migration_files = 0;
 	printf("test_migrate: again, the destination and deltas as plain fds\n");
 	for (uint32_t m = UBM_MIG_MIRROR; m <= UBM_MIG_SNAPSHOT; m++)
-		run(dir, m, 0, 0);
+		run(dir, m, 0, 0, 0);
 	free(model);
 	return 0;
 }

@@ -234,6 +234,10 @@ class SimTarget:
             raise self.fail_next.pop("copy_pass")
         return self.t.copy_pass(kind)
 
+    def set_mode(self, mode: native.MigMode) -> None:  # an atomic store: any thread
+        self.calls.append(f"set_mode {mode.name.lower()}")
+        self.t.set_mode(mode)
+
     def set_speed(self, bytes_per_second: int) -> None:
         self.t.set_speed(bytes_per_second)
 

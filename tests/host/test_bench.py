@@ -133,9 +133,18 @@ def test_load_repetitions_combine_into_medians_with_spread(tmp_path: Path) -> No
     assert "| randwrite-4k-qd32 | dbt | 3.00 (2.00–4.00) | 100 / 60 / 100 | 0.60 (0.50–0.80) |" \
         in md  # fmt: skip
     assert (tmp_path / run["plot"]).stat().st_size > 1000  # the PNG
+    # the slow destination's section: the same table, and the fallbacks
+    auto = {**run, "mode": "auto", "fallbacks": 2}
+    r["scenarios"] = {"slow": {"size": 256 << 20, "span": 64 << 20, "write_delay_ms": 40,
+                               "runs": [{**run, "mode": "mirror", "fallbacks": 0}, auto]}}
+    md = report.write(r, tmp_path)
+    assert "## 4. A slow destination: mirror against auto" in md
+    assert "| randwrite-4k-qd32 | auto | 3.00 (2.00–4.00) |" in md
+    assert "every write waits 40 ms" in md and "mirror 0, auto 2." in md
+    assert (tmp_path / "slow-randwrite-4k-qd32-auto.png").exists()
 
 
-@pytest.mark.parametrize("mode", scenarios.MODES)
+@pytest.mark.parametrize("mode", [*scenarios.MODES, "auto"])
 def test_migrate_request_is_one_the_daemon_takes(mode: str, tmp_path: Path) -> None:
     from ublkmig import daemon
 

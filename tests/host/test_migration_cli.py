@@ -36,7 +36,7 @@ def one_error_line(err: str) -> str:
         (["migrate", "--to", "/x"], 2, "Missing argument 'DEVICE'"),
         (["migrate", "sda", "--to", "/x"], 2, "'sda' is not a ublk device"),
         (["migrate", "0", "--to", "/x", "--mode", "teleport"], 2,
-         "'teleport' is not one of 'mirror', 'dbt', 'snapshot'"),
+         "'teleport' is not one of 'auto', 'mirror', 'dbt', 'snapshot'"),
         (["migrate", "0", "--to", "/x", "--chunk-size", "big"], 2, "not a size: 'big'"),
         (["migrate", "0", "--to", "/x", "--speed", "fast"], 2, "not a speed: 'fast'"),
         (["migrate", "0", "--to", "/x", "--chunk-size", "1000K"], 1,
@@ -73,7 +73,7 @@ def test_migrate_sends_what_was_asked(
     with serving(control.socket_path(3), {"migrate": migrate}):
         rc, out, err = run_cli(capsys, "migrate", "/dev/ublkb3", "--to", "rel.img")
         assert rc == 0, err
-        assert out == f"migrating /dev/ublkb3 to {tmp_path}/rel.img (mirror, chunks of 1 MiB)\n"
+        assert out == f"migrating /dev/ublkb3 to {tmp_path}/rel.img (auto, chunks of 1 MiB)\n"
         rc, out, err = run_cli(
             capsys, "migrate", "3", "--to", "/d.img", "--mode", "snapshot", "--chunk-size",
             "4M", "--speed", "100M/s", "--no-cutover", "--verify",
@@ -86,14 +86,14 @@ def test_migrate_sends_what_was_asked(
         # an NBD export's URI goes as it is (not made a path)
         uri = "nbd+unix:///disk?socket=/run/x.sock"
         rc, out, err = run_cli(capsys, "migrate", "3", "--to", uri)
-        assert rc == 0 and out == f"migrating /dev/ublkb3 to {uri} (mirror, chunks of 1 MiB)\n"
+        assert rc == 0 and out == f"migrating /dev/ublkb3 to {uri} (auto, chunks of 1 MiB)\n"
     assert got == [
-        {"to": f"{tmp_path}/rel.img", "mode": "mirror", "chunk_size": 1 << 20, "speed": None,
-         "no_cutover": False, "verify": False},
+        {"to": f"{tmp_path}/rel.img", "mode": "auto", "chunk_size": 1 << 20, "speed": None,
+         "no_cutover": False, "verify": False, "fallback_wait_ms": 20.0},
         {"to": "/d.img", "mode": "snapshot", "chunk_size": 4 << 20, "speed": 100 << 20,
-         "no_cutover": True, "verify": True},
-        {"to": uri, "mode": "mirror", "chunk_size": 1 << 20, "speed": None,
-         "no_cutover": False, "verify": False},
+         "no_cutover": True, "verify": True, "fallback_wait_ms": 20.0},
+        {"to": uri, "mode": "auto", "chunk_size": 1 << 20, "speed": None,
+         "no_cutover": False, "verify": False, "fallback_wait_ms": 20.0},
     ]  # fmt: skip
     assert daemon.parse_migrate_args({"to": uri}).dest == uri
     assert daemon.parse_migrate_args({"to": "/d.img"}).dest == Path("/d.img")
@@ -123,7 +123,7 @@ def test_help(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = run_cli(capsys, "migrate", "--help")
     flat = " ".join(out.split())
     assert rc == 0
-    assert "[default: mirror]" in flat and "[default: 1M]" in flat
+    assert "[default: auto]" in flat and "[default: 1M]" in flat and "--fallback-wait MS" in flat
     assert "in mirror mode too: this adds a pause there" in flat
     assert "--no-cutover" in flat and "--wait" in flat and "--speed BYTES/S" in flat
 

@@ -113,10 +113,10 @@ def test_migrate_wait_completes_and_serves_the_destination(
                        "--wait")  # fmt: skip
     assert rc == 0, err
     lines = out.splitlines()
-    assert lines[0] == f"migrating {DEV} to {dest} (mirror, chunks of 256 KiB)"
+    assert lines[0] == f"migrating {DEV} to {dest} (auto, chunks of 256 KiB)"
     assert lines[-1].startswith(f"completed: {DEV} now serves {dest} (in ")
     assert "cutover stall" in lines[-1]
-    assert any(" mirror copying" in line for line in lines[1:-1]), lines
+    assert any(" auto copying" in line for line in lines[1:-1]), lines
     assert dest.read_bytes() == before, "the destination equals the source"
     assert daemon.image.read_bytes() == before, "the source is untouched"
     assert os.stat(dest).st_blocks * 512 < SIZE, "holes were not copied (the new file is sparse)"
@@ -124,13 +124,13 @@ def test_migrate_wait_completes_and_serves_the_destination(
     st = status(capsys)
     mig = st["migration"]
     assert st["image"] == str(dest), "the daemon serves the destination now"
-    assert mig["phase"] == "completed" and mig["mode"] == "mirror" and mig["error"] is None
+    assert mig["phase"] == "completed" and mig["mode"] == "auto" and mig["error"] is None
     assert mig["chunk_size"] == 256 << 10 and mig["bytes_to_copy"] == 0
     assert mig["bytes_copied"] + mig["bytes_skipped"] == SIZE
     rc, out, _ = cli(capsys, "list", "--json")
     [info] = json.loads(out)
     assert info["image"] == str(dest)
-    assert info["migration"] == {"mode": "mirror", "phase": "completed", "dest": str(dest)}
+    assert info["migration"] == {"mode": "auto", "phase": "completed", "dest": str(dest)}
     # the daemon holds the destination's lock now, and let go of the old image's
     fd = os.open(dest, os.O_RDONLY)
     with pytest.raises(BlockingIOError):
@@ -248,11 +248,11 @@ def test_watch_reports_a_cancel(daemon: Daemon, tmp_path: Path, run_dir: Path) -
     )
     assert watch.stdout is not None
     first = watch.stdout.readline()  # a line per phase when stdout is not a terminal
-    assert f"{DEV} mirror copying (pass 1: all): " in first
+    assert f"{DEV} auto copying (pass 1: all): " in first
     control.request(control.socket_path(42), "cancel")
     out, err = watch.communicate(timeout=30)
     assert watch.returncode == 1
-    assert f"{DEV} mirror cancel" in out
+    assert f"{DEV} auto cancel" in out
     assert error_line(err) == (
         f"the migration of {DEV} was cancelled; it keeps serving {daemon.image}"
     )
@@ -345,7 +345,7 @@ def test_one_migration_at_a_time(
     rc, _, err = cli(capsys, "migrate", "42", "--to", str(tmp_path / "other.img"))
     assert rc == 1
     assert error_line(err).startswith(
-        f"a migration is already running on {DEV} (mirror to {dest}, "
+        f"a migration is already running on {DEV} (auto to {dest}, "
     )
     # the daemon's own running migration holds the destination
     info = json.loads(cli(capsys, "list", "--json")[1])[0]
@@ -377,7 +377,7 @@ def test_commands_without_a_migration(daemon: Daemon, capsys: pytest.CaptureFixt
         ({}, 'migrate needs "to": the destination path'),
         ({"to": "rel.img"}, "the destination must be an absolute path, not rel.img"),
         ({"to": "/x.img", "mode": "teleport"},
-         "unknown migration mode 'teleport' (known: mirror, dbt, snapshot)"),
+         "unknown migration mode 'teleport' (known: auto, mirror, dbt, snapshot)"),
         ({"to": "/x.img", "chunk_size": "1M"}, "chunk_size must be an integer, not '1M'"),
         ({"to": "/x.img", "chunk_size": 3}, "chunk size must be a power of two"),
         ({"to": "/x.img", "speed": -1}, "speed must be more than 0 bytes/s"),

@@ -131,6 +131,57 @@ def test_server_gone_for_good_fails_cleanly(tmp: Path, server: Callable[..., Nbd
     r.assert_file_is_model(r.source)
 
 
+def test_auto_falls_back_from_a_slow_destination(
+    tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every write to the export waits 40 ms (nbdkit's delay filter): mirrored writes wait
+    for it well past the 20 ms threshold, so auto mode falls back to dirty tracking, tries
+    mirroring again after a while (and falls back again), and after its last fallback
+    mirrors to converge; the cutover needs no pause; the export ends equal to the model."""
+    export = junk_file(tmp / "export.img")
+    srv = start_nbd_server("nbdkit-file", "unix", tmp, SIZE, file=export,
+                           extra=["--filter=delay"], params=["delay-write=40ms"])  # fmt: skip
+    try:
+        policy = dataclasses.replace(FAST, auto_probe=0.3, auto_max_fallbacks=2)
+        r = Run(tmp, Mode.AUTO, seed=35, dest=srv.uri, dest_zeroed=False, speed=None,
+                policy=policy)  # fmt: skip
+        assert r.run() is Phase.COMPLETED, r.mig.status()
+        status = r.mig.status()
+        r.stop()
+        r.assert_file_is_model(export)
+    finally:
+        srv.stop(kill=True)
+    # (how many times depends on how fast the copy goes: at most the limit)
+    n = status["fallbacks"]
+    assert 1 <= n <= 2 and status["mirror_returns"] == n, status
+    assert status["writes"] == "mirrored" and status["final_pause_ms"] is None, status
+    assert status["tracked_writes"] > 0 and status["mirrored_writes"] > 0, status
+    calls = [c for c in r.target.calls if c.startswith("set_mode")]
+    assert calls == ["set_mode dbt", "set_mode mirror"] * n, calls
+    err = capsys.readouterr().err.splitlines()
+    fallbacks = [line for line in err if "event=migration.fallback" in line]
+    assert len(fallbacks) == n
+    for line in fallbacks:  # each when the mean wait was over the threshold
+        waited = float(line.split("mirror_wait_ms=")[1].split()[0])
+        assert waited > 20 and "threshold_ms=20.0" in line, line
+    assert sum("event=migration.mirror_again" in line for line in err) == n
+
+
+def test_auto_stays_mirroring_to_a_fast_destination(tmp: Path) -> None:
+    export = junk_file(tmp / "export.img")
+    srv = start_nbd_server("nbdkit-file", "unix", tmp, SIZE, file=export)
+    try:
+        r = Run(tmp, Mode.AUTO, seed=36, dest=srv.uri, dest_zeroed=False, speed=8 << 20)
+        assert r.run() is Phase.COMPLETED, r.mig.status()
+        status = r.mig.status()
+        r.stop()
+        r.assert_file_is_model(export)
+    finally:
+        srv.stop(kill=True)
+    assert status["fallbacks"] == 0 and status["tracked_writes"] == 0, status
+    assert status["mirror_wait_ms"] is not None and status["mirror_wait_ms"] < 20, status
+
+
 def start_error(tmp: Path, uri: str) -> str:
     """What starting a migration to ``uri`` says (it must refuse)."""
     source = tmp / "source.img"

@@ -71,7 +71,7 @@ NBD_KINDS = {"qemu-nbd-tcp": ("qemu-nbd", "tcp"), "nbdkit-file-unix": ("nbdkit-f
 
 
 @pytest.mark.parametrize(("mode", "dest_kind"),
-                         [*((m, "new") for m in MODES), ("snapshot", "junk"),
+                         [*((m, "new") for m in MODES), ("auto", "new"), ("snapshot", "junk"),
                           *((m, "qemu-nbd-tcp") for m in MODES),
                           *((m, "nbdkit-file-unix") for m in MODES),
                           ("mirror", "nbdkit-memory-tcp")])

@@ -197,7 +197,7 @@ def test_destination_out_of_space(make_image: MakeImage, serve: ServeFactory,
     t("serve, first fio job")
     with small_tmpfs(scratch / "small", "16M") as small:
         dest = small / "dest.img"
-        r = wait_migrate(start_migrate(dev.device, dest, "--speed", "24M"))
+        r = wait_migrate(start_migrate(dev.device, dest, "--mode", "mirror", "--speed", "24M"))
         t("migration")
         _failed(r, dev.device, image, "No space left on device (ENOSPC)", busy)
         assert not dest.exists(), "the destination the migration created is still there"
@@ -320,6 +320,38 @@ def test_nbd_server_killed_and_restarted(mode: str, make_image: MakeImage,
     assert server.file is not None
     digest = assert_same_bytes(dev.device, server.file, SIZE)
     assert device_status(dev.device)["stats"]["errors"] == 0
+    t("fio verify, compare")
+    dev.stop()
+    assert sha256_of(server.file) == digest, "DEST differs from what the device showed"
+
+
+def test_auto_mode_falls_back_from_a_slow_nbd_destination(
+        make_image: MakeImage, nbd_server: NbdServerFactory, serve: ServeFactory,
+        fio_loop: FioLoopFactory) -> None:  # fmt: skip
+    """DEST an nbdkit export whose every write waits 30 ms (delay filter), over a unix
+    socket; auto mode (the default).  Mirrored writes wait for it past the threshold, so the
+    migration falls back to dirty tracking, and mirrors again to converge: no pause, no
+    guest error, DEST holds what the device shows."""
+    t = Steps("auto-slow-nbd")
+    data = pattern(8, DATA)
+    image = make_image(SIZE, data=data)
+    server = nbd_server("nbdkit-file", "unix", SIZE, extra=["--filter=delay"],
+                        params=["delay-write=30ms"])  # fmt: skip
+    dev = serve(image, "--queues", "2")
+    busy = fio_loop(dev.device, *BUSY)
+    busy.wait_runs(1)
+    t("server, serve, first fio job")
+    proc = start_migrate(dev.device, server.uri)
+    finish_migrate(proc)
+    t("migration")
+    mig = check_completed(dev.device, server.uri, "auto")
+    assert mig["fallbacks"] >= 1 and mig["mirror_returns"] == mig["fallbacks"], mig
+    assert mig["writes"] == "mirrored", mig  # (it ends mirroring)
+    busy.mark()
+    busy.stop()
+    busy.verify()
+    assert server.file is not None
+    digest = assert_same_bytes(dev.device, server.file, SIZE)
     t("fio verify, compare")
     dev.stop()
     assert sha256_of(server.file) == digest, "DEST differs from what the device showed"

@@ -397,8 +397,8 @@ def check_completed(device: str, dest: Path | str, mode: str,
     assert lost_connections or mig["dest_errors"] == 0, mig
     assert st["image"] == str(dest), f"the device serves {st['image']}, not {dest}"
     assert st["stats"]["errors"] == 0, st["stats"]
-    if mode == "mirror":
-        assert mig["cutover_stall_ms"] is not None, mig
+    if mode in ("mirror", "auto"):  # (auto ends mirroring: no pause)
+        assert mig["cutover_stall_ms"] is not None and mig["final_pause_ms"] is None, mig
     else:
         assert mig["final_pause_ms"] is not None, mig
     return dict(mig)

@@ -10,8 +10,9 @@ connections.  ``kind``:
 - ``nbdkit-memory``: nbdkit's memory plugin, ``size`` bytes.
 
 ``extra`` goes on the server's command line before the export (e.g. ``-r``, nbdkit's
-``--filter=delay delay-write=20ms``).  A file that does not exist is created sparse at
-``size``.  ``restart()`` starts a stopped server again as it was.
+``--filter=delay``), nbdkit's ``params`` after its plugin (``delay-write=20ms``).  A file
+that does not exist is created sparse at ``size``.  ``restart()`` starts a stopped server
+again as it was.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ class NbdServer:
 
 
 def start_nbd_server(kind: str, transport: str, workdir: Path, size: int, *,
-                     file: Path | None = None, extra: Sequence[str] = ()) -> NbdServer:  # fmt: skip
+                     file: Path | None = None, extra: Sequence[str] = (),
+                     params: Sequence[str] = ()) -> NbdServer:  # fmt: skip
     if kind not in KINDS or transport not in TRANSPORTS:
         raise ValueError(f"unknown NBD server {kind} over {transport}")
     if kind != "nbdkit-memory":
@@ -98,7 +100,7 @@ def start_nbd_server(kind: str, transport: str, workdir: Path, size: int, *,
     else:
         where = ["-i", "127.0.0.1", "-p", str(port)] if transport == "tcp" else ["-U", str(sock)]
         plugin = ["file", str(file)] if kind == "nbdkit-file" else ["memory", str(size)]
-        argv = ["nbdkit", "-f", "-e", "disk", *where, *extra, *plugin]
+        argv = ["nbdkit", "-f", "-e", "disk", *where, *extra, *plugin, *params]
     uri = f"nbd://127.0.0.1:{port}/disk" if transport == "tcp" else f"nbd+unix:///disk?socket={sock}"
     return _start(argv, kind, transport, uri, file, port, sock)
 

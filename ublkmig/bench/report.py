@@ -130,8 +130,16 @@ def markdown(r: dict[str, Any]) -> str:
         lines += idle_md(sc["idle"])
     if "load" in sc:
         lines += load_md(sc["load"], "## 3. Migration under load")
+    if "slow" in sc:
+        d = sc["slow"]
+        lines += load_md(d, "## 4. A slow destination: mirror against auto")
+        lines += ["", f"The destination is an nbdkit export (a file on the same tmpfs, over a "
+                  f"unix socket) whose every write waits {d['write_delay_ms']} ms (its delay "
+                  "filter). Fallbacks to dirty tracking (first repetition): "
+                  + ", ".join(f"{r['mode']} {r.get('fallbacks') or 0}" for r in d["runs"])
+                  + "."]  # fmt: skip
     if "qemu" in sc:
-        lines += load_md(sc["qemu"], "## 4. The peer: QEMU's blockdev-mirror, same load")
+        lines += load_md(sc["qemu"], "## 5. The peer: QEMU's blockdev-mirror, same load")
         lines += ["", sc["qemu"].get("differences", "")]
     return "\n".join(lines) + "\n"
 
@@ -168,7 +176,7 @@ def plot(run: dict[str, Any], path: Path) -> None:
 def write(r: dict[str, Any], out: Path) -> str:
     """results.json, the plots and report.md into ``out``; returns the markdown."""
     out.mkdir(parents=True, exist_ok=True)
-    for key in ("load", "qemu"):
+    for key in ("load", "slow", "qemu"):
         for run in r["scenarios"].get(key, {}).get("runs", []):
             name = f"{key}-{run['job']}-{run['mode'].replace(' ', '-')}.png"
             plot(run, out / name)

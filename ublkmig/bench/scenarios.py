@@ -140,13 +140,13 @@ def device_status(device: str) -> dict[str, Any]:
     return dict(answer)
 
 
-def migrate_args(dest: Path, mode: str) -> dict[str, Any]:
+def migrate_args(dest: Path | str, mode: str) -> dict[str, Any]:
     """The control socket's ``migrate`` request: chunks of CHUNK, no speed limit."""
     return {"to": str(dest), "mode": mode, "chunk_size": CHUNK_BYTES, "speed": None,
             "no_cutover": False, "verify": False}  # fmt: skip
 
 
-def start_migration(device: str, dest: Path, mode: str) -> None:
+def start_migration(device: str, dest: Path | str, mode: str) -> None:
     from ublkmig import control
 
     dev_id = int(device.removeprefix("/dev/ublkb"))
@@ -450,6 +450,47 @@ def load(s: Settings, work: Path, peer: bool = False) -> dict[str, Any]:
     return out
 
 
+SLOW_WRITE_MS = 40  # the slow scenario's destination: every write waits this long
+SLOW_MODES = ("mirror", "auto")
+
+
+def slow(s: Settings, work: Path) -> dict[str, Any]:
+    """The load at a fixed 2000 IOPS while the disk moves to a slow destination: an nbdkit
+    export (a file on the same tmpfs, over a unix socket) whose every write waits
+    SLOW_WRITE_MS (its delay filter).  Mirror mode makes the guest wait for it; auto mode
+    falls back to dirty tracking."""
+    from ublkmig.bench.nbd_server import start_nbd_server
+
+    size = min(s.size, 256 * MiB)
+    image, pristine, dest = work / "slow.img", work / "pristine.img", work / "slow-dest.img"
+    make_image(pristine, size)
+    job = replace(load_jobs(s)[0], name="randwrite-4k-qd32-2000iops", rate_iops=2000)
+    out: dict[str, Any] = {"size": size, "span": s.load_span, "write_delay_ms": SLOW_WRITE_MS,
+                           "runs": []}  # fmt: skip
+    for mode in SLOW_MODES:
+        reps = []
+        for _rep in range(s.reps):
+            shutil.copyfile(pristine, image)
+            server = start_nbd_server("nbdkit-file", "unix", work, size, file=dest,
+                                      extra=["--filter=delay"],
+                                      params=[f"delay-write={SLOW_WRITE_MS}ms"])  # fmt: skip
+            try:
+                reps.append(_load_run(s, job, mode, image, server.uri, work, dest_file=dest))
+            finally:
+                server.stop()
+                dest.unlink(missing_ok=True)
+        run = combine(reps)
+        run["fallbacks"] = reps[0].get("fallbacks")
+        out["runs"].append(run)
+        w = run["windows"]
+        say(f"slow destination, {job.name} {mode}: {w['before']['iops']:.0f} IOPS before, "
+            f"{w['during']['iops']:.0f} during (p99 {w['during'].get('lat_p99_ms', 0):.1f} ms), "
+            f"{w['after']['iops']:.0f} after; migration {run['seconds']:.2f} s")  # fmt: skip
+    image.unlink()
+    pristine.unlink()
+    return out
+
+
 def combine(reps: list[dict[str, Any]]) -> dict[str, Any]:
     """The repetitions of one load run as one: medians of every figure, the spread of the
     time and of the during/before IOPS ratio; the first run's timeline and series (plot)."""
@@ -474,8 +515,9 @@ def combine(reps: list[dict[str, Any]]) -> dict[str, Any]:
     return run
 
 
-def _load_run(s: Settings, job: FioJob, mode: str, image: Path, dest: Path,
-              work: Path) -> dict[str, Any]:  # fmt: skip
+def _load_run(s: Settings, job: FioJob, mode: str, image: Path, dest: Path | str,
+              work: Path, dest_file: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """One migration under ``job``; ``dest`` a path, or an NBD URI exporting ``dest_file``."""
     with targets.ublkmig(image, queues=1, depth=128, log=work / "serve.log") as t:
         with loaded(job, t.path, work) as f:
             log = PhaseLog(t0=f["t0"])
@@ -487,7 +529,7 @@ def _load_run(s: Settings, job: FioJob, mode: str, image: Path, dest: Path,
             log.note("end of load")
         if mig["phase"] != "completed":
             raise RuntimeError(f"{mode} under load {mig['phase']}: {mig['error']}")
-        check_same(t.path, dest, os.path.getsize(image))
+        check_same(t.path, dest_file or Path(dest), os.path.getsize(image))
     return _load_result(job, mode, f, log, mig)
 
 
@@ -505,6 +547,7 @@ def _load_result(job: FioJob, mode: str, f: dict[str, Any], log: PhaseLog,
         "cutover_stall_ms": mig.get("cutover_stall_ms"),
         "final_pause_ms": mig.get("final_pause_ms"),
         "converged": mig.get("phase") == "completed",
+        "fallbacks": mig.get("fallbacks"),
         "events": log.events,
         "series": _series(f["samples"], 0.25),
     }  # fmt: skip
