@@ -144,6 +144,9 @@ def _run_here(names: tuple[str, ...], quick: bool, out: Path, command: str, in_v
             elif name == "qemu":
                 results["scenarios"][name] = scenarios.load(s, work, peer=True)
                 results["scenarios"][name]["differences"] = scenarios.PEER_DIFFERENCES
+            # what is done so far, in case a later scenario fails or the run is stopped
+            results["seconds"] = time.time() - started
+            report.write(results, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         subprocess.run(["umount", str(WORKDIR)], capture_output=True)
