@@ -363,16 +363,18 @@ int ubm_mig_route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 	 * Sending a write that touches a dirty chunk to the source only would
 	 * dirty its clean chunks too: under a busy guest, dirt would spread
 	 * from chunk to chunk faster than the copier cleans it. */
-	bool touches_copied = false;
-	for (uint64_t c = c0; c <= c1; c++)
-		touches_copied |= (A_LOAD(&m->chunk[c]) & CH_COPIED) != 0;
 	to_slot(io, SLOT_SOURCE, req->offset, req->len);
 	if (mirror) {
 		io->mflags |= MIG_IO_MIRRORED;
 		to_slot(io, SLOT_DEST, req->offset, req->len);
-	} else if (touches_copied) {
-		io->mflags |= MIG_IO_TRACKED;
-		A_ADD(&m->unmirrored, 1);
+		return 0;
+	}
+	for (uint64_t c = c0; c <= c1; c++) {
+		if (A_LOAD(&m->chunk[c]) & CH_COPIED) {  /* dbt: a copied chunk goes dirty */
+			io->mflags |= MIG_IO_TRACKED;
+			A_ADD(&m->unmirrored, 1);
+			break;
+		}
 	}
 	return 0;
 park:

@@ -41,8 +41,9 @@ def server(tmp: Path) -> Iterator[Callable[..., NbdServer]]:
     """``server(kind, transport, file, *extra)``: a started NBD server, stopped at teardown."""
     started: list[NbdServer] = []
 
-    def start(kind: str, transport: str, file: Path | None, *extra: str) -> NbdServer:
-        s = start_nbd_server(kind, transport, tmp, SIZE, file=file, extra=extra)
+    def start(kind: str, transport: str, file: Path | None, *extra: str,
+              params: tuple[str, ...] = ()) -> NbdServer:  # fmt: skip
+        s = start_nbd_server(kind, transport, tmp, SIZE, file=file, extra=extra, params=params)
         started.append(s)
         return s
 
@@ -132,25 +133,21 @@ def test_server_gone_for_good_fails_cleanly(tmp: Path, server: Callable[..., Nbd
 
 
 def test_auto_falls_back_from_a_slow_destination(
-    tmp: Path, capsys: pytest.CaptureFixture[str]
+    tmp: Path, server: Callable[..., NbdServer], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Every write to the export waits 40 ms (nbdkit's delay filter): mirrored writes wait
     for it well past the 20 ms threshold, so auto mode falls back to dirty tracking, tries
     mirroring again after a while (and falls back again), and after its last fallback
     mirrors to converge; the cutover needs no pause; the export ends equal to the model."""
     export = junk_file(tmp / "export.img")
-    srv = start_nbd_server("nbdkit-file", "unix", tmp, SIZE, file=export,
-                           extra=["--filter=delay"], params=["delay-write=40ms"])  # fmt: skip
-    try:
-        policy = dataclasses.replace(FAST, auto_probe=0.3, auto_max_fallbacks=2)
-        r = Run(tmp, Mode.AUTO, seed=35, dest=srv.uri, dest_zeroed=False, speed=None,
-                policy=policy)  # fmt: skip
-        assert r.run() is Phase.COMPLETED, r.mig.status()
-        status = r.mig.status()
-        r.stop()
-        r.assert_file_is_model(export)
-    finally:
-        srv.stop(kill=True)
+    srv = server("nbdkit-file", "unix", export, "--filter=delay", params=("delay-write=40ms",))
+    policy = dataclasses.replace(FAST, auto_probe=0.3, auto_max_fallbacks=2)
+    r = Run(tmp, Mode.AUTO, seed=35, dest=srv.uri, dest_zeroed=False, speed=None,
+            policy=policy)  # fmt: skip
+    assert r.run() is Phase.COMPLETED, r.mig.status()
+    status = r.mig.status()
+    r.stop()
+    r.assert_file_is_model(export)
     # (how many times depends on how fast the copy goes: at most the limit)
     n = status["fallbacks"]
     assert 1 <= n <= 2 and status["mirror_returns"] == n, status
@@ -167,17 +164,16 @@ def test_auto_falls_back_from_a_slow_destination(
     assert sum("event=migration.mirror_again" in line for line in err) == n
 
 
-def test_auto_stays_mirroring_to_a_fast_destination(tmp: Path) -> None:
+def test_auto_stays_mirroring_to_a_fast_destination(
+    tmp: Path, server: Callable[..., NbdServer]
+) -> None:
     export = junk_file(tmp / "export.img")
-    srv = start_nbd_server("nbdkit-file", "unix", tmp, SIZE, file=export)
-    try:
-        r = Run(tmp, Mode.AUTO, seed=36, dest=srv.uri, dest_zeroed=False, speed=8 << 20)
-        assert r.run() is Phase.COMPLETED, r.mig.status()
-        status = r.mig.status()
-        r.stop()
-        r.assert_file_is_model(export)
-    finally:
-        srv.stop(kill=True)
+    srv = server("nbdkit-file", "unix", export)
+    r = Run(tmp, Mode.AUTO, seed=36, dest=srv.uri, dest_zeroed=False, speed=8 << 20)
+    assert r.run() is Phase.COMPLETED, r.mig.status()
+    status = r.mig.status()
+    r.stop()
+    r.assert_file_is_model(export)
     assert status["fallbacks"] == 0 and status["tracked_writes"] == 0, status
     assert status["mirror_wait_ms"] is not None and status["mirror_wait_ms"] < 20, status
 
