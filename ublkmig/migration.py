@@ -268,6 +268,7 @@ class Migration:
         self._fell_back_at = 0.0
         self._wait_seen = (0, 0)  # (mirror_waits, mirror_wait_ns) at the last sample
         self._auto_done = False  # converged: mirror to the end
+        self._auto_final = False  # no more fallbacks: mirror to the end, whatever it costs
 
     # --- requests (event loop) ----------------------------------------------------------------
     @property
@@ -583,16 +584,30 @@ class Migration:
         """Passes until the writes are mirrored again and nothing is dirty: then the
         cutover needs no pause.  (The sampler switches modes meanwhile; past the fallback
         limit it mirrors for good, so this ends.)"""
+        best: int | None = None  # fewest dirty chunks after a pass while tracked
+        flat = 0
         while True:
             s = self._checked_stats()
             if self.writes_mirrored and s.dirty_chunks == 0 and s.chunks_copied >= s.nr_chunks:
                 self._auto_done = True
                 return
-            if not self.writes_mirrored:
+            if self.writes_mirrored:
+                best, flat = None, 0
+            else:
                 if self.phase is not Phase.DIRTY_PASSES:
                     self._set_phase(Phase.DIRTY_PASSES)
                 if s.dirty_chunks <= self.policy.dirty_threshold:
                     self._mirror_again("few dirty chunks left")
+                elif s.chunks_copied >= s.nr_chunks:  # copied once: these were dirty passes
+                    if best is None or s.dirty_chunks < best:
+                        best, flat = s.dirty_chunks, 0
+                    else:
+                        flat += 1
+                    if flat >= self.policy.stall_passes:
+                        # The guest dirties chunks as fast as the copier cleans them: only
+                        # mirroring (the guest waiting on the destination) gets there.
+                        self._auto_final = True
+                        self._mirror_again("dirty tracking is not converging")
             await self._pass(Pass.ALL)
 
     def _auto_sample(self, s: MigStats) -> None:
@@ -609,7 +624,7 @@ class Migration:
             self.mirror_wait_ms = (s.mirror_wait_ns - ns0) / (s.mirror_waits - n0) / 1e6
             over = self.mirror_wait_ms > self.opts.fallback_wait_ms
             self._over = self._over + 1 if over else 0
-            if self._over >= p.auto_sustain and self.fallbacks < p.auto_max_fallbacks:
+            if self._over >= p.auto_sustain and not self._auto_final:
                 self._fall_back()
             return
         probe = min(p.auto_probe * 2 ** (self.fallbacks - 1), p.auto_probe_max)
@@ -635,10 +650,11 @@ class Migration:
         self.writes_mirrored = True
         self.mirror_returns += 1
         self._over = 0
-        last = self.fallbacks >= self.policy.auto_max_fallbacks
+        if self.fallbacks >= self.policy.auto_max_fallbacks:
+            self._auto_final = True
         self.log.info(
             "migration.mirror_again", device=self.device, why=why, returns=self.mirror_returns,
-            final=last, dirty=self._last.dirty_chunks,
+            final=self._auto_final, dirty=self._last.dirty_chunks,
         )  # fmt: skip
 
     async def _converge_dbt(self) -> None:

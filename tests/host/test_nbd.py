@@ -164,6 +164,30 @@ def test_auto_falls_back_from_a_slow_destination(
     assert sum("event=migration.mirror_again" in line for line in err) == n
 
 
+def test_auto_mirrors_again_when_dirty_tracking_cannot_converge(
+    tmp: Path, server: Callable[..., NbdServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The guest (unthrottled, on a fast source) dirties chunks faster than the copier can
+    clean them on an export whose writes wait 40 ms: once the first copy is done and the dirty
+    passes stop shrinking the dirty set, auto mode mirrors again for good (long before its
+    probe timer), converges and cuts over without a pause."""
+    export = junk_file(tmp / "export.img")
+    srv = server("nbdkit-file", "unix", export, "--filter=delay", params=("delay-write=40ms",))
+    policy = dataclasses.replace(FAST, auto_probe=600.0)  # only the dirty count brings it back
+    r = Run(tmp, Mode.AUTO, seed=37, dest=srv.uri, dest_zeroed=False, speed=None,
+            policy=policy)  # fmt: skip
+    assert r.run() is Phase.COMPLETED, r.mig.status()
+    status = r.mig.status()
+    r.stop()
+    r.assert_file_is_model(export)
+    assert status["fallbacks"] == 1 and status["mirror_returns"] == 1, status
+    assert status["writes"] == "mirrored" and status["final_pause_ms"] is None, status
+    err = capsys.readouterr().err.splitlines()
+    again = [line for line in err if "event=migration.mirror_again" in line]
+    assert len(again) == 1 and "dirty tracking is not converging" in again[0], again
+    assert "final=true" in again[0], again
+
+
 def test_auto_stays_mirroring_to_a_fast_destination(
     tmp: Path, server: Callable[..., NbdServer]
 ) -> None:

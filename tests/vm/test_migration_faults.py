@@ -341,7 +341,9 @@ def test_auto_mode_falls_back_from_a_slow_nbd_destination(
     busy = fio_loop(dev.device, *BUSY)
     busy.wait_runs(1)
     t("server, serve, first fio job")
-    proc = start_migrate(dev.device, server.uri)
+    # (the copier held to 4 MiB/s: the loop's writes are mirrored for seconds, whatever the
+    # loop's timing, so the sampler sees them wait)
+    proc = start_migrate(dev.device, server.uri, "--speed", "4M")
     finish_migrate(proc)
     t("migration")
     mig = check_completed(dev.device, server.uri, "auto")

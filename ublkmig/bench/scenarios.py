@@ -75,8 +75,8 @@ class Settings:
     @classmethod
     def make(cls, quick: bool) -> Settings:
         if quick:
-            return cls(quick, 128 * MiB, 2.0, 1.0, 1, (1,), True, 2.0, 32 * MiB, 60.0)
-        return cls(quick, 1024 * MiB, 4.0, 1.0, 3, (1, 2), True, 5.0, 128 * MiB, 90.0)
+            return cls(quick, 128 * MiB, 2.0, 1.0, 1, (1,), True, 2.0, 32 * MiB, 30.0)
+        return cls(quick, 1024 * MiB, 4.0, 1.0, 3, (1, 2), True, 5.0, 128 * MiB, 45.0)
 
 
 # ---- shared helpers ------------------------------------------------------------------------
