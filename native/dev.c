@@ -31,7 +31,16 @@ struct ubm_dev {
 	sem_t ready;
 	unsigned nr_threads;     /* queue threads running (to join) */
 	bool added, started, stopped;
+	bool recovering;         /* taking over a dead server's device: not ours until
+				  * END_USER_RECOVERY (a failure leaves it to the next try) */
 };
+
+/* A device outlives its server (its I/O waits, and what the server held is
+ * issued again to the next one) when the driver offers it. */
+#define RECOVERY_FLAGS (UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE)
+/* START_USER_RECOVERY answers EBUSY until the driver has noticed the old
+ * server's end (its files released, its requests requeued): retry this long */
+#define RECOVERY_WAIT_MS 10000
 
 static size_t iods_stride(void)
 {
@@ -197,6 +206,15 @@ static int open_source(struct ubm_dev *dev)
 	return 0;
 }
 
+static int path_of_flags(uint64_t flags)
+{
+	if (flags & UBLK_F_AUTO_BUF_REG)
+		return UBM_PATH_AUTO_ZC;
+	if (flags & UBLK_F_SUPPORT_ZERO_COPY)
+		return UBM_PATH_ZC;
+	return UBM_PATH_COPY;
+}
+
 static uint64_t path_flags(int path)
 {
 	switch (path) {
@@ -253,10 +271,156 @@ static int open_cdev(struct ubm_dev *dev)
 	return ubm_fail(errno, "cannot open %s: %s", path, strerror(errno));
 }
 
+static bool pid_alive(int pid)
+{
+	return pid > 0 && (kill(pid, 0) == 0 || errno == EPERM);
+}
+
+/* GET_DEV_INFO of an existing device (-ENOENT: none with that id). */
+static int dev_info(struct ubm_ctrl *c, uint32_t id, struct ublksrv_ctrl_dev_info *info)
+{
+	int ret;
+
+	memset(info, 0, sizeof(*info));
+	ret = ubm_ctrl_cmd(c, UBLK_U_CMD_GET_DEV_INFO, id, info, sizeof(*info), 0);
+	if (ret == -ENODEV || ret == -ENOENT)
+		return ubm_fail(ENOENT, "there is no ublk device %u", id);
+	if (ret < 0)
+		return ubm_fail(ret, "GET_DEV_INFO of device %u failed: %s", id, strerror(-ret));
+	return 0;
+}
+
+/* Whether device id's server is gone, so another may take the device over. */
+static int check_orphan(const struct ublksrv_ctrl_dev_info *info, uint32_t id)
+{
+	if (!(info->flags & UBLK_F_USER_RECOVERY))
+		return ubm_fail(EINVAL, "/dev/ublkb%u was added without UBLK_F_USER_RECOVERY: it "
+				"cannot outlive its server", id);
+	if (info->state == UBLK_S_DEV_DEAD)  /* added, never started: its server may be starting */
+		return ubm_fail(EBUSY, "/dev/ublkb%u was never started", id);
+	if (info->state == UBLK_S_DEV_LIVE && pid_alive(info->ublksrv_pid))
+		return ubm_fail(EBUSY, "/dev/ublkb%u is served by a live process (pid %d)", id,
+				info->ublksrv_pid);
+	return 0;  /* quiesced (or about to be: its server's files are being released) */
+}
+
+/* Recovery, before the queues: the device's geometry replaces the config's,
+ * the source must be its size, and START_USER_RECOVERY must take. */
+static int recover_begin(struct ubm_dev *dev)
+{
+	uint32_t id = dev->info.dev_id;
+	struct ublk_params *p = &dev->params;
+	int ret, waited;
+
+	ret = dev_info(&dev->ctrl, id, &dev->info);
+	if (ret < 0)
+		return ret;
+	ret = check_orphan(&dev->info, id);
+	if (ret < 0)
+		return ret;
+	memset(p, 0, sizeof(*p));
+	p->len = sizeof(*p);
+	ret = ubm_ctrl_cmd(&dev->ctrl, UBLK_U_CMD_GET_PARAMS, id, p, sizeof(*p), 0);
+	if (ret < 0)
+		return ubm_fail(ret, "GET_PARAMS of device %u failed: %s", id, strerror(-ret));
+	dev->cfg.nr_queues = dev->info.nr_hw_queues;
+	dev->cfg.queue_depth = dev->info.queue_depth;
+	dev->cfg.max_io_bytes = dev->info.max_io_buf_bytes;
+	dev->cfg.logical_bs = 1u << p->basic.logical_bs_shift;
+	dev->cfg.read_only = !!(p->basic.attrs & UBLK_ATTR_READ_ONLY);
+	dev->path = path_of_flags(dev->info.flags);
+	ret = open_source(dev);
+	if (ret < 0)
+		return ret;
+	if (dev->tgt.source.size != (uint64_t)p->basic.dev_sectors << 9)
+		return ubm_fail(EINVAL, "%s holds %llu bytes but /dev/ublkb%u has %llu: not the "
+				"image it served", dev->cfg.source_path,
+				(unsigned long long)dev->tgt.source.size, id,
+				(unsigned long long)p->basic.dev_sectors << 9);
+	for (waited = 0;; waited += 20) {
+		ret = ubm_ctrl_cmd(&dev->ctrl, UBLK_U_CMD_START_USER_RECOVERY, id, NULL, 0, 0);
+		if (ret != -EBUSY || waited >= RECOVERY_WAIT_MS)
+			break;
+		usleep(20000);
+	}
+	if (ret < 0)
+		return ubm_fail(ret, "START_USER_RECOVERY of device %u failed: %s%s", id,
+				strerror(-ret), ret == -EBUSY ? " (its old server has not let go)" : "");
+	dev->recovering = true;
+	return 0;
+}
+
+/* A new device: ADD_DEV and SET_PARAMS. */
+static int add_device(struct ubm_dev *dev)
+{
+	const struct ubm_config *cfg = &dev->cfg;
+	uint64_t features;
+	int ret;
+
+	ret = open_source(dev);
+	if (ret < 0)
+		return ret;
+	ret = ubm_get_features(&features);
+	if (ret < 0)
+		return ret;
+	dev->path = cfg->data_path == UBM_PATH_AUTO ? ubm_choose_path(features) : (int)cfg->data_path;
+	if ((path_flags(dev->path) & features) != path_flags(dev->path))
+		return ubm_fail(EOPNOTSUPP, "this kernel's ublk driver does not offer the %s data path",
+				ubm_path_name(dev->path));
+
+	ret = ubm_ctrl_open(&dev->ctrl);
+	if (ret < 0)
+		return ret;
+	dev->info.nr_hw_queues = cfg->nr_queues;
+	dev->info.queue_depth = cfg->queue_depth;
+	dev->info.max_io_buf_bytes = cfg->max_io_bytes ? cfg->max_io_bytes : DEFAULT_MAX_IO_BYTES;
+	dev->info.dev_id = cfg->dev_id < 0 ? (uint32_t)-1 : (uint32_t)cfg->dev_id;
+	dev->info.flags = UBLK_F_CMD_IOCTL_ENCODE | path_flags(dev->path) |
+		(features & RECOVERY_FLAGS);
+	ret = ubm_ctrl_cmd(&dev->ctrl, UBLK_U_CMD_ADD_DEV, dev->info.dev_id, &dev->info,
+			   sizeof(dev->info), 0);
+	if (ret < 0)
+		return ubm_fail(ret, "ADD_DEV failed: %s", strerror(-ret));
+	dev->added = true;
+
+	set_params(dev);
+	ret = ubm_ctrl_cmd(&dev->ctrl, UBLK_U_CMD_SET_PARAMS, dev->info.dev_id, &dev->params,
+			   sizeof(dev->params), 0);
+	if (ret < 0)
+		return ubm_fail(ret, "SET_PARAMS failed: %s", strerror(-ret));
+	return 0;
+}
+
+UBM_EXPORT int ubm_dev_remove_orphan(uint32_t id)
+{
+	struct ublksrv_ctrl_dev_info info;
+	struct ubm_ctrl c;
+	int ret;
+
+	ret = ubm_ctrl_open(&c);
+	if (ret < 0)
+		return ret;
+	ret = dev_info(&c, id, &info);
+	if (ret == 0)
+		ret = check_orphan(&info, id);
+	if (ret == 0) {
+		/* STOP_DEV fails what the device held and removes the disk */
+		ret = ubm_ctrl_cmd(&c, UBLK_U_CMD_STOP_DEV, id, NULL, 0, 0);
+		if (ret < 0)
+			ubm_fail(ret, "STOP_DEV of device %u failed: %s", id, strerror(-ret));
+	}
+	if (ret == 0) {
+		ret = ubm_ctrl_cmd(&c, UBLK_U_CMD_DEL_DEV, id, NULL, 0, 0);
+		if (ret < 0)
+			ubm_fail(ret, "DEL_DEV of device %u failed: %s", id, strerror(-ret));
+	}
+	ubm_ctrl_close(&c);
+	return ret;
+}
+
 UBM_EXPORT int ubm_dev_create(const struct ubm_config *cfg, struct ubm_dev **out)
 {
 	struct ubm_dev *dev;
-	uint64_t features;
 	unsigned i;
 	int ret;
 
@@ -279,36 +443,21 @@ UBM_EXPORT int ubm_dev_create(const struct ubm_config *cfg, struct ubm_dev **out
 	sem_init(&dev->ready, 0, 0);
 	*out = dev;  /* ubm_dev_destroy() cleans up whatever was set up */
 
-	ret = open_source(dev);
-	if (ret < 0)
-		return ret;
-	ret = ubm_get_features(&features);
-	if (ret < 0)
-		return ret;
-	dev->path = cfg->data_path == UBM_PATH_AUTO ? ubm_choose_path(features) : (int)cfg->data_path;
-	if ((path_flags(dev->path) & features) != path_flags(dev->path))
-		return ubm_fail(EOPNOTSUPP, "this kernel's ublk driver does not offer the %s data path",
-				ubm_path_name(dev->path));
-
-	ret = ubm_ctrl_open(&dev->ctrl);
-	if (ret < 0)
-		return ret;
-	dev->info.nr_hw_queues = cfg->nr_queues;
-	dev->info.queue_depth = cfg->queue_depth;
-	dev->info.max_io_buf_bytes = cfg->max_io_bytes ? cfg->max_io_bytes : DEFAULT_MAX_IO_BYTES;
-	dev->info.dev_id = cfg->dev_id < 0 ? (uint32_t)-1 : (uint32_t)cfg->dev_id;
-	dev->info.flags = UBLK_F_CMD_IOCTL_ENCODE | path_flags(dev->path);
-	ret = ubm_ctrl_cmd(&dev->ctrl, UBLK_U_CMD_ADD_DEV, dev->info.dev_id, &dev->info,
-			   sizeof(dev->info), 0);
-	if (ret < 0)
-		return ubm_fail(ret, "ADD_DEV failed: %s", strerror(-ret));
-	dev->added = true;
-
-	set_params(dev);
-	ret = ubm_ctrl_cmd(&dev->ctrl, UBLK_U_CMD_SET_PARAMS, dev->info.dev_id, &dev->params,
-			   sizeof(dev->params), 0);
-	if (ret < 0)
-		return ubm_fail(ret, "SET_PARAMS failed: %s", strerror(-ret));
+	if (cfg->recover) {
+		if (cfg->dev_id < 0)
+			return ubm_fail(EINVAL, "recovering needs the device's id");
+		ret = ubm_ctrl_open(&dev->ctrl);
+		if (ret < 0)
+			return ret;
+		dev->info.dev_id = (uint32_t)cfg->dev_id;
+		ret = recover_begin(dev);
+		if (ret < 0)
+			return ret;
+	} else {
+		ret = add_device(dev);
+		if (ret < 0)
+			return ret;
+	}
 
 	ret = open_cdev(dev);
 	if (ret < 0)
@@ -405,7 +554,15 @@ UBM_EXPORT int ubm_dev_start(struct ubm_dev *dev)
 		if (dev->queues[i].init_err < 0)
 			ret = dev->queues[i].init_err;
 	}
-	if (ret == 0) {
+	if (ret == 0 && dev->recovering) {
+		/* the driver waits for every queue's FETCH_REQs, then reissues */
+		ret = ubm_ctrl_cmd(&dev->ctrl, UBLK_U_CMD_END_USER_RECOVERY, dev->info.dev_id, NULL,
+				   0, (uint64_t)getpid());
+		if (ret < 0)
+			ubm_fail(ret, "END_USER_RECOVERY failed: %s", strerror(-ret));
+		else
+			dev->added = true;  /* ours now: deleted when we stop */
+	} else if (ret == 0) {
 		ret = ubm_ctrl_cmd(&dev->ctrl, UBLK_U_CMD_START_DEV, dev->info.dev_id, NULL, 0,
 				   (uint64_t)getpid());
 		if (ret < 0)
@@ -486,6 +643,15 @@ UBM_EXPORT uint64_t ubm_dev_size(const struct ubm_dev *dev) { return dev->tgt.so
 UBM_EXPORT int ubm_dev_path(const struct ubm_dev *dev) { return dev->path; }
 UBM_EXPORT uint64_t ubm_dev_flags(const struct ubm_dev *dev) { return dev->info.flags; }
 UBM_EXPORT uint32_t ubm_dev_nr_queues(const struct ubm_dev *dev) { return dev->nr_queues; }
+
+UBM_EXPORT void ubm_dev_config(const struct ubm_dev *dev, struct ubm_config *out)
+{
+	*out = dev->cfg;
+	out->nr_queues = dev->nr_queues;
+	out->data_path = (uint32_t)dev->path;
+	out->dev_id = (int32_t)dev->info.dev_id;
+	out->max_io_bytes = dev->info.max_io_buf_bytes;
+}
 
 UBM_EXPORT void ubm_dev_stats(const struct ubm_dev *dev, struct ubm_stats *out)
 {

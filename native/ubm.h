@@ -15,7 +15,7 @@
 extern "C" {
 #endif
 
-#define UBM_API_VERSION 1
+#define UBM_API_VERSION 2
 
 /* Data path a device uses to move request data between the kernel and the
  * backends.  Chosen from the driver's features unless forced. */
@@ -36,6 +36,8 @@ struct ubm_config {
 	uint32_t direct;           /* open the backend with O_DIRECT */
 	uint32_t data_path;        /* enum ubm_data_path; UBM_PATH_AUTO to choose */
 	int32_t dev_id;            /* -1: let the kernel choose */
+	uint32_t recover;          /* 0/1: take over device dev_id, whose server died (its
+				    * geometry and data path come from the device) */
 };
 
 /* Counters summed over the queues; monotonic except inflight. */
@@ -60,12 +62,22 @@ int ubm_choose_path(uint64_t features);
 /* Name of a data path ("auto-zc", "zc", "copy"). */
 const char *ubm_path_name(int path);
 
-/* Open the source, add the device (ADD_DEV), set its parameters.  On
- * success *out holds the device; its id is ubm_dev_id(). */
+/* Open the source, add the device (ADD_DEV), set its parameters; or, with
+ * cfg->recover, take over device cfg->dev_id (GET_DEV_INFO, GET_PARAMS: the
+ * source must have its size; START_USER_RECOVERY).  Devices are added with
+ * UBLK_F_USER_RECOVERY and _REISSUE: they outlive a server that dies, holding
+ * their I/O until another takes over.  On success *out holds the device; its
+ * id is ubm_dev_id(). */
 int ubm_dev_create(const struct ubm_config *cfg, struct ubm_dev **out);
 
-/* Start the queue threads and START_DEV; returns once the kernel has
- * accepted the device (the block device node may appear a moment later). */
+/* A device whose server died (-ENOENT: no such device; -EBUSY: its server lives;
+ * -EINVAL: not recoverable): STOP_DEV and DEL_DEV, failing the I/O it held queued. */
+int ubm_dev_remove_orphan(uint32_t dev_id);
+
+/* Start the queue threads and START_DEV (or END_USER_RECOVERY, recovering);
+ * returns once the kernel has accepted the device (the block device node may
+ * appear a moment later).  Recovered, the requests the dead server held are
+ * issued again. */
 int ubm_dev_start(struct ubm_dev *dev);
 
 /* STOP_DEV: in-flight I/O is completed, further I/O fails; waits for the
@@ -80,6 +92,9 @@ uint64_t ubm_dev_size(const struct ubm_dev *dev);
 int ubm_dev_path(const struct ubm_dev *dev);       /* enum ubm_data_path in use */
 uint64_t ubm_dev_flags(const struct ubm_dev *dev);  /* ublk flags the device was added with */
 uint32_t ubm_dev_nr_queues(const struct ubm_dev *dev); /* queues granted (<= asked, <= CPUs) */
+/* The configuration in effect: queues granted, and a recovered device's own
+ * geometry (source_path: the device's copy, valid while it lives). */
+void ubm_dev_config(const struct ubm_dev *dev, struct ubm_config *out);
 void ubm_dev_stats(const struct ubm_dev *dev, struct ubm_stats *out);
 
 /* Human-readable reason for the last failure in this thread (or ""). */

@@ -115,6 +115,14 @@ def cli(log_level: str | None, log_json: bool) -> None:
     hidden=True,
     help="Force a data path (auto, auto-zc, zc, copy).",
 )
+@click.option(
+    "--recover",
+    type=DeviceId(),
+    default=None,
+    help="Take over DEVICE (/dev/ublkbN or N), whose daemon died, serving IMAGE (the image it "
+    "served: after a completed migration, its destination); it keeps its queues, depth and "
+    "block size.",
+)
 def serve(
     image: Path,
     queues: int,
@@ -123,11 +131,15 @@ def serve(
     logical_block_size: str,
     direct: bool,
     data_path: str,
+    recover: int | None,
 ) -> int:
     """Serve IMAGE as /dev/ublkbN in the foreground.
 
     The device path is the first line on stdout, printed once the device
-    accepts I/O.  SIGINT/SIGTERM (or `ublkmig stop`) stop it cleanly.
+    accepts I/O.  SIGINT/SIGTERM (or `ublkmig stop`) stop it cleanly.  If
+    the daemon dies instead, the device stays, holding its I/O (the
+    requests the daemon had are issued again) until `serve IMAGE --recover
+    DEVICE` takes it over, or `ublkmig stop DEVICE` removes it.
     """
     from ublkmig import daemon
 
@@ -139,6 +151,7 @@ def serve(
         logical_block_size=int(logical_block_size),
         direct=direct,
         data_path=DataPath.from_label(data_path),
+        recover=recover,
     )
     return daemon.serve(opts)
 
@@ -179,7 +192,7 @@ def list_cmd(as_json: bool) -> int:
 @click.option("--no-wait", is_flag=True, help="Return once the daemon accepted the request.")
 def stop(device: int, timeout: float, no_wait: bool) -> int:
     """Stop the daemon serving DEVICE (/dev/ublkbN or N): in-flight I/O completes, the device
-    is removed."""
+    is removed.  A device whose daemon died is removed, failing the I/O it holds."""
     path = control.socket_path(device)
     node = f"/dev/ublkb{device}"
     try:
@@ -187,9 +200,14 @@ def stop(device: int, timeout: float, no_wait: bool) -> int:
     except control.DaemonGone:
         with contextlib.suppress(OSError):
             path.unlink()  # a dead daemon's socket
-        if Path(node).exists():
-            raise UserError(f"{node} exists but no ublkmig daemon serves it") from None
-        raise UserError(f"no ublkmig daemon serves {node}") from None
+        if not Path(node).exists() and not Path(f"/dev/ublkc{device}").exists():
+            raise UserError(f"no ublkmig daemon serves {node}") from None
+        try:
+            native.Device.remove_orphan(device)
+        except native.NativeError as e:
+            raise UserError(f"no ublkmig daemon serves {node}, and it stays: {e.detail}") from None
+        click.echo(f"removed {node}, whose daemon had died (the I/O it held failed)")
+        return 0
     pid = answer.get("pid")
     if not no_wait and not control.wait_gone(path, pid if isinstance(pid, int) else None, timeout):
         raise UserError(f"the daemon of {node} did not stop within {timeout:g} s")

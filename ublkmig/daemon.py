@@ -67,6 +67,7 @@ class ServeOptions:
     logical_block_size: int = native.DeviceConfig.logical_block_size
     direct: bool = False
     data_path: DataPath = DataPath.AUTO
+    recover: int | None = None  # take over /dev/ublkb<N>, whose daemon died
 
 
 class Image:
@@ -393,11 +394,11 @@ class Daemon:
             "path": dev.block_path,
             "image": str(self.image.path),
             "size": dev.size,
-            "queues": self.opts.queues,
-            "depth": self.opts.depth,
-            "lbs": self.opts.logical_block_size,
-            "read_only": self.opts.read_only,
-            "direct": self.opts.direct,
+            "queues": dev.config.queues,
+            "depth": dev.config.depth,
+            "lbs": dev.config.logical_block_size,
+            "read_only": dev.config.read_only,
+            "direct": dev.config.direct,
             "data_path": dev.path_name,
             "flags": dev.flags,
             "state": str(self.state),
@@ -465,16 +466,21 @@ class Daemon:
             read_only=o.read_only,
             direct=o.direct,
             data_path=o.data_path,
+            dev_id=-1 if o.recover is None else o.recover,
+            recover=o.recover is not None,
         )
         try:
             dev = await anyio.to_thread.run_sync(native.Device.create, config)
         except native.NativeError as e:
-            raise UserError(f"cannot add the ublk device: {e}") from e
+            what = "add the ublk device" if o.recover is None else f"recover /dev/ublkb{o.recover}"
+            raise UserError(f"cannot {what}: {e}") from e
         self.device = dev
+        c = dev.config  # (a recovered device keeps its own geometry)
         self.log.info(
-            "device.added", id=dev.id, dev=dev.block_path, image=str(self.image.path),
-            size=dev.size, queues=o.queues, depth=o.depth, lbs=o.logical_block_size,
-            read_only=o.read_only, direct=o.direct, path=dev.path_name, flags=hex(dev.flags),
+            "device.added" if o.recover is None else "device.recovering", id=dev.id,
+            dev=dev.block_path, image=str(self.image.path), size=dev.size, queues=c.queues,
+            depth=c.depth, lbs=c.logical_block_size, read_only=c.read_only, direct=c.direct,
+            path=dev.path_name, flags=hex(dev.flags),
         )  # fmt: skip
         started = False
         self._tg = tg
@@ -497,7 +503,10 @@ class Daemon:
             except native.NativeError as e:
                 raise UserError(f"cannot start {dev.block_path}: {e}") from e
             started = True
-            self.log.info("device.started", id=dev.id, dev=dev.block_path)
+            self.log.info(
+                "device.started" if o.recover is None else "device.recovered", id=dev.id,
+                dev=dev.block_path,
+            )  # fmt: skip
             if not await self._wait_ready(dev):
                 return
             self.state = State.RUNNING
@@ -531,7 +540,7 @@ class Daemon:
         while not self._stop.is_set():
             try:
                 await anyio.to_thread.run_sync(
-                    _probe, dev.block_path, self.opts.logical_block_size, abandon_on_cancel=True
+                    _probe, dev.block_path, dev.config.logical_block_size, abandon_on_cancel=True
                 )
                 return True
             except OSError as e:

@@ -13,6 +13,7 @@ call (the C side keeps it per thread).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import enum
 import errno as errno_mod
 import functools
@@ -26,7 +27,7 @@ from typing import Any
 
 from ublkmig.errors import UblkmigError
 
-API_VERSION = 1  # UBM_API_VERSION this binding was written against
+API_VERSION = 2  # UBM_API_VERSION this binding was written against
 ENV_LIB = "UBLKMIG_NATIVE_LIB"
 # struct ubm_config's limits
 MAX_QUEUES = 64
@@ -135,6 +136,7 @@ class _Config(ctypes.Structure):
         ("direct", ctypes.c_uint32),
         ("data_path", ctypes.c_uint32),
         ("dev_id", ctypes.c_int32),
+        ("recover", ctypes.c_uint32),
     ]
 
 
@@ -413,6 +415,8 @@ def _lib() -> ctypes.CDLL:
         "ubm_dev_path": (ctypes.c_int, [_P]),
         "ubm_dev_flags": (ctypes.c_uint64, [_P]),
         "ubm_dev_stats": (None, [_P, ctypes.POINTER(_Stats)]),
+        "ubm_dev_config": (None, [_P, ctypes.POINTER(_Config)]),
+        "ubm_dev_remove_orphan": (ctypes.c_int, [ctypes.c_uint32]),
         "ubm_last_error": (ctypes.c_char_p, []),
         "ubm_sim_create": (
             ctypes.c_int,
@@ -511,6 +515,7 @@ class DeviceConfig:
     direct: bool = False
     data_path: DataPath = DataPath.AUTO
     dev_id: int = -1  # let the kernel choose
+    recover: bool = False  # take over device dev_id, whose server died (its geometry wins)
 
     def _to_c(self) -> _Config:
         return _Config(
@@ -523,6 +528,7 @@ class DeviceConfig:
             direct=int(self.direct),
             data_path=int(self.data_path),
             dev_id=self.dev_id,
+            recover=int(self.recover),
         )
 
 
@@ -540,8 +546,15 @@ class Device:
         self._c_config = c_config  # keeps source_path's bytes alive as long as the device
         self._lock = threading.Lock()
         self._last_stats = dict.fromkeys(STAT_FIELDS, 0)
-        self.config = config
         lib = _lib()
+        eff = _Config()
+        lib.ubm_dev_config(handle, ctypes.byref(eff))
+        # what is in effect: the queues granted; a recovered device's own geometry
+        self.config = dataclasses.replace(
+            config, queues=eff.nr_queues, depth=eff.queue_depth,
+            logical_block_size=eff.logical_bs, max_io_bytes=eff.max_io_bytes,
+            read_only=bool(eff.read_only), data_path=DataPath(eff.data_path), dev_id=eff.dev_id,
+        )  # fmt: skip
         self.id: int = lib.ubm_dev_id(handle)
         self.size: int = int(lib.ubm_dev_size(handle))
         self.data_path = DataPath(lib.ubm_dev_path(handle))
@@ -570,6 +583,12 @@ class Device:
 
     def start(self) -> None:
         _check(_lib().ubm_dev_start(self._live()), "start")
+
+    @staticmethod
+    def remove_orphan(dev_id: int) -> None:
+        """STOP_DEV and DEL_DEV of a device whose server died (NativeError: ENOENT, none;
+        EBUSY, its server lives; EINVAL, not one that outlives its server)."""
+        _check(_lib().ubm_dev_remove_orphan(dev_id), "remove")
 
     def target(self) -> Target:
         """The device's migration calls."""

@@ -38,8 +38,9 @@ def test_struct_layouts_match_ubm_h() -> None:
     assert [(f, t) for f, t in native._Stats._fields_][:-1] == header_struct("ubm_stats")
     assert list(native.STAT_FIELDS) == [f for f, _ in header_struct("ubm_stats")]
     ptr = ctypes.sizeof(ctypes.c_void_p)
-    assert ctypes.sizeof(native._Config) == ptr + 8 * 4
     assert native._Config.dev_id.offset == ptr + 7 * 4
+    assert native._Config.recover.offset == ptr + 8 * 4
+    assert ctypes.sizeof(native._Config) == ptr + 10 * 4  # (padded to the pointer's alignment)
 
 
 def test_migration_struct_layouts_match_ubm_h() -> None:
