@@ -55,14 +55,17 @@
 #define HOT_PASSES 2       /* dirtied again in this many dirty passes: defer to the final one */
 #define MAX_COPY_DEPTH 16
 
-enum { CS_FREE = 0, CS_LOCKING, CS_READING, CS_WRITING };
+enum { CS_FREE = 0, CS_LOCKING, CS_READING, CS_CHECKING, CS_WRITING };
 
 struct copy_slot {
 	int state;
 	unsigned from;     /* backend slot the chunk is read from */
 	uint64_t chunk;
 	bool first_copy;   /* the destination chunk was never written */
+	bool check;        /* resuming: compare with the destination's before writing */
+	bool zero;         /* the source chunk reads as zeroes */
 	void *buf;
+	void *check_buf;   /* the destination's chunk, when checking */
 };
 
 struct ubm_migration {
@@ -85,11 +88,12 @@ struct ubm_migration {
 	uint32_t epoch;            /* ubm_mig_reconnect() count: failures routed before are old */
 	uint32_t delta_failed;     /* snapshot: DELTA_FAILED or DELTA_UNFOLDABLE, else 0 */
 	bool dest_zeroed;
+	uint64_t check_below;      /* resuming: first chunks maybe on the destination already */
 	uint64_t speed;
 	uint64_t inflight;         /* guest requests routed by the migration */
 	uint64_t unmirrored;       /* ... of which writes to copied chunks on the source only */
 	uint64_t dirty_count, hot_count, chunks_copied, cursor;
-	uint64_t bytes_copied, bytes_skipped, bytes_read, passes;
+	uint64_t bytes_copied, bytes_skipped, bytes_read, bytes_matched, passes;
 	uint64_t mirrored_writes, tracked_writes, parked, dest_errors;
 	uint64_t max_latency_ns, cutover_latency_ns, cutover_ns;
 	uint64_t mirror_waits, mirror_wait_ns;
@@ -491,8 +495,10 @@ static void mig_free(struct ubm_migration *m)
 	if (m->t->dest.ops && m->t->dest.ops->detach)
 		m->t->dest.ops->detach(&m->t->dest, &m->cq);
 	ubm_queue_ring_exit(&m->cq);
-	for (unsigned i = 0; i < MAX_COPY_DEPTH; i++)
+	for (unsigned i = 0; i < MAX_COPY_DEPTH; i++) {
 		free(m->slots[i].buf);
+		free(m->slots[i].check_buf);
+	}
 	for (unsigned g = 0; g < UBM_MAX_DELTAS; g++) {
 		if (m->delta[g].ops)
 			m->delta[g].ops->close(&m->delta[g]);
@@ -707,6 +713,7 @@ UBM_EXPORT int ubm_mig_start(struct ubm_target *t, const struct ubm_mig_config *
 	m->mode = cfg->mode;
 	m->speed = cfg->speed;
 	m->dest_zeroed = cfg->dest_zeroed;
+	m->check_below = cfg->dest_zeroed ? 0 : cfg->check_below;
 	m->copy_depth = cfg->copy_depth ? cfg->copy_depth : 4;
 	m->chunk = calloc(m->nr_chunks, sizeof(*m->chunk));
 	m->dirty = calloc((m->nr_chunks + 63) / 64, sizeof(*m->dirty));
@@ -726,7 +733,8 @@ UBM_EXPORT int ubm_mig_start(struct ubm_target *t, const struct ubm_mig_config *
 	ret = (!m->chunk || !m->dirty || !m->hot || !m->newest || !m->cq.ios || !m->delta_dir)
 		? ubm_fail(ENOMEM, "out of memory") : 0;
 	for (unsigned i = 0; ret == 0 && i < m->copy_depth; i++) {
-		if (posix_memalign(&m->slots[i].buf, 4096, m->chunk_size))
+		if (posix_memalign(&m->slots[i].buf, 4096, m->chunk_size) ||
+		    (m->check_below && posix_memalign(&m->slots[i].check_buf, 4096, m->chunk_size)))
 			ret = ubm_fail(ENOMEM, "out of memory for copy buffers");
 	}
 	/* the copier's own ring, with the same file slots as the queues' */
@@ -1068,6 +1076,7 @@ UBM_EXPORT int ubm_mig_get_stats(struct ubm_target *t, struct ubm_mig_stats *out
 	out->dest_down = t->dest.ops->down ? t->dest.ops->down(&t->dest) : 0;
 	out->mirror_waits = A_LOAD(&m->mirror_waits);
 	out->mirror_wait_ns = A_LOAD(&m->mirror_wait_ns);
+	out->bytes_matched = A_LOAD(&m->bytes_matched);
 	pthread_mutex_unlock(&t->mig_lock);
 	return 0;
 }
@@ -1130,7 +1139,8 @@ static int copy_failed(struct ubm_migration *m, unsigned i, int err)
 	return err;
 }
 
-/* Queue a backend operation on the copier's ring for slot i. */
+/* Queue a backend operation on the copier's ring for slot i (reads of the
+ * destination while checking land in the slot's check buffer). */
 static int copy_op(struct ubm_migration *m, unsigned i, unsigned be_slot, uint8_t op, int state)
 {
 	struct copy_slot *cs = &m->slots[i];
@@ -1140,7 +1150,7 @@ static int copy_op(struct ubm_migration *m, unsigned i, unsigned be_slot, uint8_
 
 	io->req = (struct ubm_req){
 		.op = op, .offset = cs->chunk << m->chunk_shift, .len = chunk_len(m, cs->chunk),
-		.buf = cs->buf, .buf_index = -1,
+		.buf = state == CS_CHECKING ? cs->check_buf : cs->buf, .buf_index = -1,
 	};
 	cs->state = state;
 	ret = be->ops->queue_io(be, &m->cq, i, be_slot, &io->req);
@@ -1158,6 +1168,7 @@ static int copy_begin(struct ubm_migration *m, unsigned i)
 	/* clear before reading: a write that lands after this re-dirties it */
 	clear_dirty(m, cs->chunk);
 	cs->first_copy = !(A_LOAD(&m->chunk[cs->chunk]) & CH_COPIED);
+	cs->check = cs->first_copy && cs->chunk < m->check_below;
 	cs->from = m->gen ? layer_slot(m, cs->chunk) : SLOT_SOURCE;
 	data = lseek(m->t->be[cs->from]->fd, (off_t)off, SEEK_DATA);
 	if ((data < 0 && errno == ENXIO) || (data >= 0 && (uint64_t)data >= off + len)) {
@@ -1168,9 +1179,21 @@ static int copy_begin(struct ubm_migration *m, unsigned i)
 			cs->state = CS_FREE;
 			return 0;
 		}
+		cs->zero = true;
+		if (cs->check)
+			return copy_op(m, i, SLOT_DEST, UBLK_IO_OP_READ, CS_CHECKING);
 		return copy_op(m, i, SLOT_DEST, UBLK_IO_OP_WRITE_ZEROES, CS_WRITING);
 	}
 	return copy_op(m, i, cs->from, UBLK_IO_OP_READ, CS_READING);
+}
+
+/* Write slot i's chunk (read from the source, or a hole) to the destination. */
+static int copy_write(struct ubm_migration *m, unsigned i)
+{
+	struct copy_slot *cs = &m->slots[i];
+
+	return copy_op(m, i, SLOT_DEST, cs->zero ? UBLK_IO_OP_WRITE_ZEROES : UBLK_IO_OP_WRITE,
+		       CS_WRITING);
 }
 
 /* A backend operation of copy slot i ended with cqe_res. */
@@ -1187,16 +1210,27 @@ static int copy_result(struct ubm_migration *m, unsigned i, unsigned be_slot, in
 		return copy_failed(m, i, res);
 	if (cs->state == CS_READING) {
 		A_ADD(&m->bytes_read, io->req.len);
-		if (all_zero(cs->buf, io->req.len)) {
-			if (m->dest_zeroed && cs->first_copy) {
-				A_ADD(&m->bytes_skipped, io->req.len);
-				unlock_chunk(m, cs->chunk, true);
-				cs->state = CS_FREE;
-				return 0;
-			}
-			return copy_op(m, i, SLOT_DEST, UBLK_IO_OP_WRITE_ZEROES, CS_WRITING);
+		cs->zero = all_zero(cs->buf, io->req.len);
+		if (cs->zero && m->dest_zeroed && cs->first_copy) {
+			A_ADD(&m->bytes_skipped, io->req.len);
+			unlock_chunk(m, cs->chunk, true);
+			cs->state = CS_FREE;
+			return 0;
 		}
-		return copy_op(m, i, SLOT_DEST, UBLK_IO_OP_WRITE, CS_WRITING);
+		if (cs->check)
+			return copy_op(m, i, SLOT_DEST, UBLK_IO_OP_READ, CS_CHECKING);
+		return copy_write(m, i);
+	}
+	if (cs->state == CS_CHECKING) {
+		/* the chunk is locked: neither side changed since the source was read */
+		if (cs->zero ? all_zero(cs->check_buf, io->req.len)
+			     : !memcmp(cs->buf, cs->check_buf, io->req.len)) {
+			A_ADD(&m->bytes_matched, io->req.len);
+			unlock_chunk(m, cs->chunk, true);
+			cs->state = CS_FREE;
+			return 0;
+		}
+		return copy_write(m, i);
 	}
 	A_ADD(&m->bytes_copied, io->req.len);
 	unlock_chunk(m, cs->chunk, true);

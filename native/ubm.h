@@ -129,6 +129,9 @@ struct ubm_mig_config {
 	uint32_t copy_depth;       /* chunks the copier keeps in flight (0: 4) */
 	const char *delta_dir;     /* snapshot: where the (unlinked) delta files live;
 				    * NULL: beside the source */
+	uint64_t check_below;      /* resuming: chunks below this may hold an earlier copy;
+				    * their first copy reads the destination's and writes
+				    * only if it differs (0: none) */
 };
 
 /* Which chunks a pass copies.  In snapshot mode every pass but the final
@@ -171,6 +174,8 @@ struct ubm_mig_stats {
 	uint64_t mirror_waits;     /* mirrored writes whose source part ended first ... */
 	uint64_t mirror_wait_ns;   /* ... and how long, in all, they then waited for the
 				    * destination (the cost of mirroring to the guest) */
+	uint64_t bytes_matched;    /* resuming: checked on the destination and found equal,
+				    * so not written */
 };
 
 /* Open the destination, check it, and start routing guest I/O through the

@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from ublkmig import __version__, control, log, native
+from ublkmig import __version__, control, log, native, state
 from ublkmig.errors import UblkmigError, UserError
 from ublkmig.native import DataPath
 from ublkmig.units import format_duration, format_rate, format_size, parse_rate, parse_size
@@ -206,6 +206,8 @@ def stop(device: int, timeout: float, no_wait: bool) -> int:
             native.Device.remove_orphan(device)
         except native.NativeError as e:
             raise UserError(f"no ublkmig daemon serves {node}, and it stays: {e.detail}") from None
+        with contextlib.suppress(OSError):  # nothing is left to take over
+            state.remove(state.device_path(device), state.migration_path(device))
         click.echo(f"removed {node}, whose daemon had died (the I/O it held failed)")
         return 0
     pid = answer.get("pid")
@@ -319,9 +321,16 @@ def _ask(device: int, cmd: str, **args: Any) -> dict[str, Any]:
 @click.option(
     "--to",
     "dest",
-    required=True,
+    default=None,
     help="Destination: a file (created at the source's size if missing), a block device, or "
     "an NBD export: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH.",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Instead of --to: go on with the migration DEVICE's last daemon left when it died "
+    "(same destination and options; --speed may change).  What the destination already "
+    "holds is compared, and only what differs is written.",
 )
 @click.option(
     "--mode",
@@ -370,9 +379,12 @@ def _ask(device: int, cmd: str, **args: Any) -> dict[str, Any]:
     help="Follow the migration until it ends (with --no-cutover: until in sync); exit 1 if it "
     "failed or was cancelled.",
 )
+@click.pass_context
 def migrate(
+    ctx: click.Context,
     device: int,
-    dest: str,
+    dest: str | None,
+    resume: bool,
     mode: str,
     fallback_wait: float,
     chunk_size: int,
@@ -391,16 +403,30 @@ def migrate(
     check_chunk_size(chunk_size)
     check_speed(speed)
     check_fallback_wait(fallback_wait)
-    to = dest if is_nbd_uri(dest) else os.path.abspath(dest)
-    answer = _ask(
-        device, "migrate", to=to, mode=mode, chunk_size=chunk_size, speed=speed,
-        no_cutover=no_cutover, verify=verify, fallback_wait_ms=fallback_wait,
-    )  # fmt: skip
+    if resume:
+        given = [f"--{n.replace('_', '-')}" for n in
+                 ("dest", "mode", "fallback_wait", "chunk_size", "no_cutover", "verify")
+                 if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE]
+        if given:
+            what = ", ".join(g.replace("--dest", "--to") for g in given)
+            raise UserError(f"--resume takes the interrupted migration's options: not {what}")
+        extra = {"speed": speed} if speed is not None else {}
+        answer = _ask(device, "migrate", resume=True, **extra)
+    elif dest is None:
+        raise UserError("migrate needs --to DEST (or --resume)")
+    else:
+        to = dest if is_nbd_uri(dest) else os.path.abspath(dest)
+        answer = _ask(
+            device, "migrate", to=to, mode=mode, chunk_size=chunk_size, speed=speed,
+            no_cutover=no_cutover, verify=verify, fallback_wait_ms=fallback_wait,
+        )  # fmt: skip
     mig = answer["migration"]
-    limit = f", at most {format_rate(speed)}" if speed else ""
+    no_cutover = bool(mig.get("no_cutover", no_cutover))
+    limit_to = mig.get("speed", speed)
+    limit = f", at most {format_rate(limit_to)}" if limit_to else ""
     click.echo(
-        f"migrating {mig['device']} to {mig['dest']} ({mig['mode']}, chunks of "
-        f"{format_size(mig['chunk_size'])}{limit})"
+        f"{'resuming the migration of' if resume else 'migrating'} {mig['device']} to "
+        f"{mig['dest']} ({mig['mode']}, chunks of {format_size(mig['chunk_size'])}{limit})"
     )
     if not wait:
         return 0
@@ -509,7 +535,13 @@ def _status_lines(st: dict[str, Any]) -> list[str]:
     ]
     io = st.get("stats") or {}
     mig = st.get("migration")
-    if mig is None:
+    gone = st.get("interrupted")
+    if mig is None and gone:
+        lines.append(
+            f"interrupted    {gone['mode']} migration to {gone['dest']} ({gone['phase']}) when "
+            f"the last daemon died: `ublkmig migrate {st['path']} --resume` goes on with it"
+        )
+    elif mig is None:
         lines.append("no migration")
     else:
         pass_no = f", pass {mig['pass']} ({mig['pass_kind']})" if mig.get("pass") else ""
@@ -518,7 +550,9 @@ def _status_lines(st: dict[str, Any]) -> list[str]:
             f"progress       {_percent(mig):.1f}%: {_progress_text(mig)}",
             f"copied         {format_size(mig['bytes_copied'])} written, "
             f"{format_size(mig['bytes_skipped'])} skipped (holes, zeroes), "
-            f"{format_size(mig['bytes_to_copy'])} to copy; cursor {format_size(mig['cursor'])}",
+            f"{format_size(mig['bytes_to_copy'])} to copy; cursor {format_size(mig['cursor'])}"
+            + (f"; resumed: {format_size(mig['bytes_matched'])} already there"
+               if mig.get("resumed") else ""),
             f"chunks         {mig['chunks_copied']} of {mig['chunks']} copied "
             f"({format_size(mig['chunk_size'])} each), {mig['dirty_chunks']} dirty, "
             f"{mig['hot_chunks']} hot",

@@ -41,7 +41,7 @@ from typing import Any, TextIO
 import anyio
 import anyio.abc
 
-from ublkmig import __version__, control, migration, native
+from ublkmig import __version__, control, migration, native, state
 from ublkmig.errors import UblkmigError, UserError
 from ublkmig.log import get_logger
 from ublkmig.native import DataPath
@@ -279,7 +279,10 @@ class Daemon:
                 f"{self._node()} was migrated already (it now serves {self.image.path}); "
                 "serve that image again to migrate it further"
             )
-        opts = parse_migrate_args(args, direct=self.opts.direct)
+        if args.get("resume"):
+            opts = self._resume_options(args)
+        else:
+            opts = parse_migrate_args(args, direct=self.opts.direct)
         self._mig_starting = True
         try:
             dest = await anyio.to_thread.run_sync(self._open_destination, opts.dest, dev)
@@ -287,6 +290,7 @@ class Daemon:
             mig = migration.Migration(
                 dev.target(), opts, device=self._node(), source=str(self.image.path),
                 size=dev.size, io_stats=dev.stats, policy=self.migration_policy,
+                on_state=self._save_migration_state,
             )  # fmt: skip
             try:
                 await mig.start()
@@ -301,6 +305,63 @@ class Daemon:
         assert self._tg is not None
         self._tg.start_soon(self._run_migration, mig, dest, self._mig_settled)
         return {"migration": mig.status()}
+
+    def _resume_options(self, args: dict[str, Any]) -> migration.MigrationOptions:
+        """The options of the migration the last daemon of this device left unfinished."""
+        assert self.device is not None
+        saved = state.read(state.migration_path(self.device.id))
+        if saved is None:
+            raise control.ControlError(f"no interrupted migration of {self._node()} to resume")
+        if saved.get("cut_over"):
+            raise control.ControlError(
+                f"the migration of {self._node()} to {saved['dest']} had cut over: there is "
+                "nothing to resume"
+            )
+        with contextlib.suppress(OSError, KeyError, TypeError):
+            if not os.path.samefile(saved["source"], self.image.path):
+                raise control.ControlError(
+                    f"the interrupted migration of {self._node()} was from {saved['source']}, "
+                    f"but this daemon serves {self.image.path}"
+                )
+        if saved.get("mode") == str(migration.Mode.SNAPSHOT):
+            raise control.ControlError("a snapshot-mode migration cannot be resumed")
+        try:
+            keys = ("mode", "chunk_size", "speed", "no_cutover", "verify", "fallback_wait_ms")
+            fields = {k: saved[k] for k in keys}
+            if "speed" in args:  # a new limit for the rest
+                fields["speed"] = args["speed"]
+            opts = parse_migrate_args(
+                {"to": saved["dest"], **fields}, direct=bool(saved.get("direct", False))
+            )
+            reach = saved["reach"]
+            if not isinstance(reach, int) or reach < 0:
+                raise TypeError(reach)
+        except (KeyError, TypeError, UserError) as e:
+            raise control.ControlError(
+                f"the saved state of {self._node()}'s interrupted migration is damaged ({e})"
+            ) from None
+        # every chunk the last one may have written is compared (and fixed) before use
+        return dataclasses.replace(opts, resumed=True, check_below=reach)
+
+    def _save_migration_state(self, data: dict[str, Any]) -> None:
+        """Migration.on_state: the state --resume needs; the image the device's next daemon
+        must serve (the destination, once a cutover is in sync)."""
+        assert self.device is not None
+        state.write(state.migration_path(self.device.id), data)
+        image = data["dest"] if data.get("cut_over") else str(self.image.path)
+        self._save_device_state(image)
+
+    def _save_device_state(self, image: str | None = None) -> None:
+        assert self.device is not None
+        state.write(state.device_path(self.device.id), {
+            "image": image or str(self.image.path), "pid": os.getpid(),
+        })  # fmt: skip
+
+    def _try_save_device_state(self) -> None:
+        try:
+            self._save_device_state()
+        except OSError as e:  # serving goes on; only a takeover after a crash would miss it
+            self.log.warning("device.state_not_saved", id=self._dev_id(), error=str(e))
 
     def _open_destination(self, dest: Path | str, dev: native.Device) -> migration.Destination:
         if isinstance(dest, str):  # an NBD export: the data plane connects and checks it
@@ -334,16 +395,37 @@ class Daemon:
 
     def _settle_migration(self, mig: migration.Migration, dest: migration.Destination) -> None:
         self._mig_dest = None
+        assert self.device is not None
+        with contextlib.suppress(OSError):
+            state.remove(state.migration_path(self.device.id))
         if mig.phase is migration.Phase.COMPLETED:
             # the device serves the destination now: its lock replaces the image's
             old = self.image
             self.image = Image(dest.path, dest.fd, dest.size)
             old.close()
+            self._try_save_device_state()
             return
+        self._try_save_device_state()
         removed = dest.created
         dest.close(remove_created=True)
         if removed:
             self.log.info("migration.destination_removed", dest=str(dest.path))
+
+    def _interrupted(self) -> dict[str, Any] | None:
+        """The migration the last daemon of this device left unfinished, if any."""
+        if self.device is None or self.migration is not None:
+            return None
+        saved = state.read(state.migration_path(self.device.id))
+        return saved if saved is not None and not saved.get("cut_over") else None
+
+    def _note_interrupted(self) -> None:
+        saved = self._interrupted()
+        if saved is not None:
+            self.log.warning(
+                "migration.interrupted", id=self._dev_id(), dest=saved.get("dest"),
+                mode=saved.get("mode"), phase=saved.get("phase"),
+                hint=f"ublkmig migrate {self._node()} --resume",
+            )  # fmt: skip
 
     async def cmd_status(self, args: dict[str, Any]) -> dict[str, Any]:
         dev = self.device
@@ -357,6 +439,7 @@ class Daemon:
             "state": str(self.state),
             "stats": dev.stats(),
             "migration": self.migration.status() if self.migration is not None else None,
+            "interrupted": self._interrupted(),
         }
 
     async def cmd_cutover(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -475,6 +558,9 @@ class Daemon:
             what = "add the ublk device" if o.recover is None else f"recover /dev/ublkb{o.recover}"
             raise UserError(f"cannot {what}: {e}") from e
         self.device = dev
+        if o.recover is None:  # a dead daemon's device of this number is gone: so is its state
+            with contextlib.suppress(OSError):
+                state.remove(state.device_path(dev.id), state.migration_path(dev.id))
         c = dev.config  # (a recovered device keeps its own geometry)
         self.log.info(
             "device.added" if o.recover is None else "device.recovering", id=dev.id,
@@ -507,9 +593,12 @@ class Daemon:
                 "device.started" if o.recover is None else "device.recovered", id=dev.id,
                 dev=dev.block_path,
             )  # fmt: skip
+            if o.recover is not None:
+                self._note_interrupted()
             if not await self._wait_ready(dev):
                 return
             self.state = State.RUNNING
+            self._try_save_device_state()
             self._announce(dev.block_path)
             self.log.info("device.ready", id=dev.id, dev=dev.block_path)
             await self._stop.wait()
@@ -531,6 +620,9 @@ class Daemon:
                 self.log.info("device.stopped", id=dev.id, **dev.stats())
         await anyio.to_thread.run_sync(dev.destroy)
         self.log.info("device.deleted", id=dev.id)
+        if started and not self.stop_failed:  # gone: nothing to take over any more
+            with contextlib.suppress(OSError):
+                state.remove(state.device_path(dev.id), state.migration_path(dev.id))
 
     async def _wait_ready(self, dev: native.Device) -> bool:
         """Poll until the block device opens and answers a read (there may be no udev)."""
@@ -632,11 +724,46 @@ def _probe(path: str, length: int) -> None:
         os.close(fd)
 
 
+def check_takeover(dev_id: int, image: Path) -> None:
+    """``serve IMAGE --recover N``: UserError unless IMAGE is what /dev/ublkbN's dead daemon
+    served (as its state files say, when it left them), and nothing was lost with it."""
+    node = f"/dev/ublkb{dev_id}"
+    try:
+        info = control.request(control.socket_path(dev_id), "info", timeout=5.0)
+    except UblkmigError:  # nobody answers: as expected
+        pass
+    else:
+        raise UserError(f"{node} is served by a live ublkmig daemon (pid {info.get('pid')}): "
+                        f"`ublkmig stop {node}` stops it")
+    dev = state.read(state.device_path(dev_id))
+    if dev is not None:
+        served = str(dev.get("image", ""))
+        same = False
+        with contextlib.suppress(OSError):
+            same = os.path.samefile(served, image)
+        if not same:
+            if migration.is_nbd_uri(served):
+                raise UserError(
+                    f"{node} was serving the NBD export {served} (it migrated there); serve "
+                    "cannot take an NBD export as its image: stop the device"
+                )
+            raise UserError(f"{node} was serving {served}: recover it with that image")
+    mig = state.read(state.migration_path(dev_id))
+    if mig is not None and not mig.get("cut_over") and mig.get("mode") == "snapshot":
+        raise UserError(
+            f"{node}'s daemon died during a snapshot-mode migration: the guest's writes since "
+            "it began were in its deltas, which died with it, so the image lacks them; "
+            f"`ublkmig stop {node}` fails the guest's I/O instead"
+        )
+
+
 def serve(opts: ServeOptions, out: TextIO | None = None) -> int:
     """Run the daemon in the foreground; returns its exit status."""
     image = open_image(opts)
     try:
         check_root()
+        if opts.recover is not None:
+            check_takeover(opts.recover, Path(image.path))
         ensure_driver()
         check_data_path(opts.data_path)
         d = Daemon(opts, image, out or sys.stdout)

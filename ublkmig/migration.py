@@ -115,6 +115,8 @@ class Policy:
     in_sync_fold_interval: float = 3.0  # snapshot --no-cutover: a fold this often
     cutover_window: float = 1.1  # after the cutover, wait this long before reading its stall
     sample_interval: float = 0.5  # stats sampled this often (rate, error watch)
+    persist_interval: float = 2.0  # the state for --resume is written this often (and at
+    # every phase change)
     rate_window: float = 5.0  # the rate is measured over this many seconds
     cutover_tries: int = 5  # cutover refused (EAGAIN): copy what is missing and try again
     auto_sustain: int = 2  # auto: samples in a row over the wait threshold: fall back to dbt
@@ -146,6 +148,10 @@ class MigrationOptions:
     # auto: fall back to dbt when mirrored writes wait this long on average for the
     # destination (after the source was done), sustained
     fallback_wait_ms: float = 20.0
+    # resuming (--resume): chunks below this may hold an earlier copy on the destination:
+    # compared before they are written
+    resumed: bool = False
+    check_below: int = 0
 
     def native_config(self) -> native.MigrationConfig:
         return native.MigrationConfig(
@@ -157,6 +163,7 @@ class MigrationOptions:
             direct=self.direct,
             copy_depth=self.copy_depth,
             delta_dir=self.delta_dir,
+            check_below=self.check_below,
         )
 
 
@@ -224,8 +231,10 @@ class Migration:
         size: int,
         io_stats: Callable[[], dict[str, int]] | None = None,
         policy: Policy | None = None,
+        on_state: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.target = target
+        self.on_state = on_state  # persists resume_state() (the daemon: ublkmig.state)
         self.opts = opts
         self.device = device
         self.source = source
@@ -269,6 +278,11 @@ class Migration:
         self._wait_seen = (0, 0)  # (mirror_waits, mirror_wait_ns) at the last sample
         self._auto_done = False  # converged: mirror to the end
         self._auto_final = False  # no more fallbacks: mirror to the end, whatever it costs
+        # chunks below this may hold copies on the destination (the copier's furthest
+        # cursor; a resumed migration starts from its predecessor's)
+        self._reach = opts.check_below
+        self._cutting_over: str | None = None  # "intent" (in sync, switching), "done"
+        self._persisted_at = 0.0
 
     # --- requests (event loop) ----------------------------------------------------------------
     @property
@@ -331,6 +345,7 @@ class Migration:
     def _stats(self) -> MigStats:
         if self._live:
             self._last = self.target.stats()
+            self._reach = max(self._reach, self._last.cursor)
             now = time.monotonic()
             self._samples.append((now, self._last.bytes_copied + self._last.bytes_skipped))
             while len(self._samples) > 2 and now - self._samples[1][0] > self.policy.rate_window:
@@ -399,6 +414,8 @@ class Migration:
             "mirror_wait_ms": (
                 None if self.mirror_wait_ms is None else round(self.mirror_wait_ms, 4)
             ),
+            "bytes_matched": s.bytes_matched,
+            "resumed": self.opts.resumed,
             "paused": self._paused,
             "rate": round(rate),
             "eta_seconds": None if eta is None else round(eta, 1),
@@ -452,6 +469,29 @@ class Migration:
             self.log.error("migration.phase", error=self.error, **fields)
         else:
             self.log.info("migration.phase", **fields)
+        if phase not in ENDED:
+            self._persist()
+
+    def resume_state(self) -> dict[str, Any]:
+        """What ``--resume`` needs to go on after the daemon died (ublkmig.state)."""
+        o = self.opts
+        return {
+            "device": self.device, "source": self.source, "dest": str(o.dest),
+            "mode": str(o.mode), "chunk_size": o.chunk_size, "speed": self.speed,
+            "no_cutover": o.no_cutover, "verify": o.verify, "direct": o.direct,
+            "fallback_wait_ms": o.fallback_wait_ms, "phase": str(self.phase),
+            "reach": self._reach, "chunks": self._last.nr_chunks,
+            "cut_over": self._cutting_over, "updated": time.time(),
+        }  # fmt: skip
+
+    def _persist(self) -> None:
+        if self.on_state is None:
+            return
+        self._persisted_at = time.monotonic()
+        try:
+            self.on_state(self.resume_state())
+        except OSError as e:  # the migration goes on; only a crash would miss it
+            self.log.warning("migration.state_not_saved", device=self.device, error=str(e))
 
     # --- the state machine --------------------------------------------------------------------
     async def start(self) -> None:
@@ -461,6 +501,7 @@ class Migration:
             Phase.STARTING, source=self.source, dest=str(o.dest), size=self.size,
             chunk_size=o.chunk_size, speed=o.speed or "unlimited", no_cutover=o.no_cutover,
             verify=o.verify, dest_zeroed=o.dest_zeroed,
+            resumed_below=o.check_below if o.resumed else None,
         )  # fmt: skip
         try:
             await anyio.to_thread.run_sync(self.target.mig_start, o.native_config())
@@ -785,9 +826,19 @@ class Migration:
     async def _cutover(self) -> None:
         for attempt in range(self.policy.cutover_tries):
             self._check_cancel()
+            s = self._stats()
+            if (s.chunks_copied == s.nr_chunks and not s.dirty_chunks and not s.error
+                    and (self.writes_mirrored or self._paused)):  # fmt: skip
+                # in sync: the destination holds everything from here on, whether the switch
+                # happens or the daemon dies first (its successor must serve the destination)
+                self._cutting_over = "intent"
+                self._persist()
             try:
                 await anyio.to_thread.run_sync(self.target.cutover)
             except native.NativeError as e:
+                if self._cutting_over:
+                    self._cutting_over = None
+                    self._persist()
                 if e.errno != errno.EAGAIN:
                     raise _Failed(f"the cutover failed: {e.detail}") from None
                 self.log.info(
@@ -798,6 +849,8 @@ class Migration:
                 continue
             self._cut_over = True
             self._cutover_after = time.monotonic() - self._started
+            self._cutting_over = "done"
+            self._persist()
             return
         raise _Failed(f"the cutover failed: not in sync after {self.policy.cutover_tries} tries")
 
@@ -894,6 +947,8 @@ class Migration:
             s = self._stats()
             if self.opts.mode is Mode.AUTO and self._live:
                 self._auto_sample(s)
+            if time.monotonic() - self._persisted_at >= self.policy.persist_interval:
+                self._persist()
 
     # --- endings ------------------------------------------------------------------------------
     async def _finish(self) -> None:

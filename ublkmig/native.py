@@ -197,6 +197,7 @@ class _MigConfig(ctypes.Structure):
         ("direct", ctypes.c_uint32),
         ("copy_depth", ctypes.c_uint32),
         ("delta_dir", ctypes.c_char_p),
+        ("check_below", ctypes.c_uint64),
     ]
 
 
@@ -211,7 +212,7 @@ MIG_STAT_TYPES: tuple[tuple[str, Any], ...] = (
     ("last_pause_ns", _U64), ("error", _I32), ("mode", _U32), ("paused", _U32),
     ("cut_over", _U32), ("generation", _U32), ("delta_chunks", _U64), ("cow_chunks", _U64),
     ("delta_failed", _U32), ("dest_down", _U32), ("mirror_waits", _U64),
-    ("mirror_wait_ns", _U64),
+    ("mirror_wait_ns", _U64), ("bytes_matched", _U64),
 )  # fmt: skip
 MIG_STAT_FIELDS = tuple(name for name, _ in MIG_STAT_TYPES)
 
@@ -254,6 +255,7 @@ class MigStats:
     dest_down: int = 0  # connections to the destination (NBD) lost: reconnect() may help
     mirror_waits: int = 0  # mirrored writes that waited for the destination after the source
     mirror_wait_ns: int = 0  # ... in all
+    bytes_matched: int = 0  # resuming: equal on the destination already, so not written
 
     @classmethod
     def _from_c(cls, s: _MigStats) -> MigStats:
@@ -272,6 +274,7 @@ class MigrationConfig:
     direct: bool = False
     copy_depth: int = 0  # chunks in flight (0: the data plane's default)
     delta_dir: str | os.PathLike[str] | None = None  # snapshot deltas; None: beside the source
+    check_below: int = 0  # resuming: chunks below this are compared before being written
 
     def _to_c(self) -> _MigConfig:
         return _MigConfig(
@@ -283,6 +286,7 @@ class MigrationConfig:
             direct=int(self.direct),
             copy_depth=self.copy_depth,
             delta_dir=os.fsencode(self.delta_dir) if self.delta_dir is not None else None,
+            check_below=self.check_below,
         )
 
 

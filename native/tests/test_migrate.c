@@ -185,11 +185,18 @@ static void run(const char *dir, uint32_t m, int zeroed, int cancel, int nbd)
 	close(fd);
 	fd = mkstemp(dst);
 	CHECK(fd >= 0 && ftruncate(fd, SIZE) == 0, "dest");
-	if (!zeroed) {  /* old data on the destination must not survive */
+	if (!zeroed) {
+		/* old data on the destination must not survive: junk, but for an earlier
+		 * copy of the first half (with a junk page in every 8th 64 KiB), which the
+		 * migration checks (check_below) as a resumed one does */
 		unsigned char junk[4096];
 		memset(junk, 0xa5, sizeof(junk));
-		for (uint64_t off = 0; off < SIZE; off += sizeof(junk))
-			CHECK(pwrite(fd, junk, sizeof(junk), (off_t)off) == sizeof(junk), "junk");
+		for (uint64_t off = 0; off < SIZE; off += sizeof(junk)) {
+			int stale = (off / CHUNK) % 8 == 0 && off % CHUNK == 0;
+			const void *p = off < SIZE / 2 && !stale ? model + off : junk;
+
+			CHECK(pwrite(fd, p, sizeof(junk), (off_t)off) == sizeof(junk), "junk");
+		}
 	}
 	close(fd);
 	if (nbd) {
@@ -210,6 +217,7 @@ static void run(const char *dir, uint32_t m, int zeroed, int cancel, int nbd)
 				      /* snapshot: chunks no smaller than a request */
 				      .chunk_size = m == UBM_MIG_SNAPSHOT ? 4 * CHUNK : CHUNK,
 				      .copy_depth = 4,
+				      .check_below = zeroed ? 0 : SIZE / 2 / (m == UBM_MIG_SNAPSHOT ? 4 * CHUNK : CHUNK),
 				      .speed = getenv("UBM_TEST_SPEED") ? strtoull(getenv("UBM_TEST_SPEED"), NULL, 0) : 32u << 20 /* slow enough for races */ };
 	CHECK(ubm_mig_start(tgt, &cfg) == 0, "mig_start: %s", ubm_last_error());
 	struct ubm_mig_config again = cfg;
@@ -268,11 +276,12 @@ static void run(const char *dir, uint32_t m, int zeroed, int cancel, int nbd)
 	      "in sync after cutover");
 	CHECK(ubm_mig_resume(tgt) == 0, "resume");
 	printf("test_migrate: %s%s: %llu passes, %llu bytes copied, %llu skipped, %llu mirrored, "
-	       "%llu tracked, %llu parked, %llu COW: ", mode_name(m),
+	       "%llu tracked, %llu parked, %llu COW, %llu matched: ", mode_name(m),
 	       zeroed ? "" : " (old data on the destination)", (unsigned long long)st.passes,
 	       (unsigned long long)st.bytes_copied, (unsigned long long)st.bytes_skipped,
 	       (unsigned long long)st.mirrored_writes, (unsigned long long)st.tracked_writes,
-	       (unsigned long long)st.parked, (unsigned long long)st.cow_chunks);
+	       (unsigned long long)st.parked, (unsigned long long)st.cow_chunks,
+	       (unsigned long long)st.bytes_matched);
 	/* guest I/O after the cutover goes to the destination */
 	for (int i = 0; i < 500; i++) {
 		if (inflight < DEPTH)

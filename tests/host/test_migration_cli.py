@@ -32,7 +32,9 @@ def one_error_line(err: str) -> str:
 @pytest.mark.parametrize(
     ("argv", "status", "message"),
     [
-        (["migrate", "0"], 2, "Missing option '--to'"),
+        (["migrate", "0"], 1, "migrate needs --to DEST (or --resume)"),
+        (["migrate", "0", "--resume", "--mode", "dbt", "--to", "/x"], 1,
+         "--resume takes the interrupted migration's options: not --to, --mode"),
         (["migrate", "--to", "/x"], 2, "Missing argument 'DEVICE'"),
         (["migrate", "sda", "--to", "/x"], 2, "'sda' is not a ublk device"),
         (["migrate", "0", "--to", "/x", "--mode", "teleport"], 2,

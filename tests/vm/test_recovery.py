@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from vmlib import (
+    UBLKMIG,
     FioLoop,
     MakeImage,
     Served,
@@ -20,13 +22,22 @@ from vmlib import (
     Steps,
     assert_one_line_error,
     assert_same_bytes,
+    check_completed,
+    cli_status,
     device_status,
+    finish_migrate,
     pattern,
     read_device,
     run_cli,
     sha256_of,
+    start_migrate,
     wait_gone,
+    wait_migrate,
+    wait_migration,
+    write_device,
 )
+
+from ublkmig import state
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -125,11 +136,16 @@ def test_bad_takeovers_one_line_each(make_image: MakeImage, serve: ServeFactory,
 
     r = run_cli("serve", str(other), "--recover", dev.device)
     line = assert_one_line_error(r, "recover a live device")
-    assert line.startswith(f"ublkmig: error: cannot recover {dev.device}: {dev.device} is "
-                           "served by a live process"), line
+    assert line.startswith(f"ublkmig: error: {dev.device} is served by a live ublkmig daemon "
+                           f"(pid {dev.proc.pid})"), line
     assert device_status(dev.device)["stats"]["errors"] == 0
 
     kill(dev)
+    r = run_cli("serve", str(other), "--recover", dev.device)
+    line = assert_one_line_error(r, "recover with another image")
+    assert line == f"ublkmig: error: {dev.device} was serving {image}: recover it with that image"
+    # without the state its daemon left (one that could not write it), the size still tells
+    state.device_path(dev.dev_id).unlink()
     r = run_cli("serve", str(other), "--recover", dev.device)
     line = assert_one_line_error(r, "recover with an image of another size")
     assert "holds 33554432 bytes but" in line and "not the image it served" in line, line
@@ -142,3 +158,113 @@ def test_bad_takeovers_one_line_each(make_image: MakeImage, serve: ServeFactory,
     again = serve(image, "--recover", dev.device)
     assert read_device(again.device, 0, MiB) == pattern(22, MiB)
     again.stop()
+
+
+# ---- with a migration running ---------------------------------------------------------------
+
+
+def start_resume(device: str) -> subprocess.Popen[str]:
+    """``ublkmig migrate DEVICE --resume --wait`` in the background."""
+    return subprocess.Popen([*UBLKMIG, "migrate", device, "--resume", "--wait"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+
+
+def kill_mid_migration(dev: Served, proc: subprocess.Popen[str], share: float) -> None:
+    """Once ``share`` of the chunks are copied, SIGKILL the daemon; its ``migrate --wait``
+    then fails (the daemon is gone)."""
+    wait_migration(dev.device, lambda m: m["chunks_copied"] >= m["chunks"] * share,
+                   timeout=120, what=f"{share:.0%} copied")  # fmt: skip
+    kill(dev)
+    r = wait_migrate(proc)
+    assert r.returncode != 0, r.stdout
+
+
+@pytest.mark.parametrize("mode", ["mirror", "dbt", "auto"])
+def test_daemon_killed_mid_migration_then_resumed(
+        mode: str, make_image: MakeImage, serve: ServeFactory, fio_loop: FioLoopFactory,
+        scratch: Path, orphans: list[str]) -> None:  # fmt: skip
+    """fio writes and verifies all along.  The daemon dies (SIGKILL) a third into the
+    migration; a new one takes the device over and serves the source; `migrate --resume`
+    goes on to the same destination, comparing what it already holds.  The resumed one is
+    killed too, and resumed again: it completes, fio verify passes, and the destination
+    holds, byte for byte, what the device shows."""
+    t = Steps(f"resume-{mode}")
+    data = pattern(23, SIZE - MiB)
+    image = make_image(SIZE, data=data)
+    dest = scratch / "dest.img"
+    dev = serve(image, "--queues", "2")
+    orphans.append(dev.device)
+    busy = fio_loop(dev.device, *BUSY)
+    busy.wait_runs(1)
+    t("serve, first fio job")
+    proc = start_migrate(dev.device, dest, "--mode", mode, "--speed", "8M")
+    kill_mid_migration(dev, proc, 1 / 3)
+    t("killed a third into the migration")
+    for n, share in enumerate((2 / 3, None)):
+        dev = serve(image, "--recover", dev.device)
+        st = cli_status(dev.device)
+        assert st["image"] == str(image) and st["migration"] is None, st
+        interrupted = st["interrupted"]
+        assert interrupted is not None and interrupted["dest"] == str(dest), st
+        assert interrupted["mode"] == mode and interrupted["reach"] > 0, interrupted
+        assert "event=migration.interrupted" in dev.stderr(), dev.stderr()
+        proc = start_resume(dev.device)
+        if share is not None:
+            kill_mid_migration(dev, proc, share)
+            t(f"recovered, resumed, killed again ({n + 1})")
+    finish_migrate(proc)
+    t("recovered, resumed to the end")
+    mig = check_completed(dev.device, dest, mode)
+    assert mig["resumed"] is True and mig["bytes_matched"] > 0, mig
+    busy.mark()
+    busy.stop()
+    busy.verify()
+    digest = assert_same_bytes(dev.device, dest, SIZE)
+    t("fio verify, compare")
+    dev.stop()
+    assert sha256_of(dest) == digest, "DEST differs from what the device showed"
+
+
+def test_recover_after_a_completed_migration_needs_the_destination(
+        make_image: MakeImage, serve: ServeFactory, scratch: Path,
+        orphans: list[str]) -> None:  # fmt: skip
+    data = pattern(24, 4 * MiB)
+    image = make_image(SIZE, data=data)
+    dest = scratch / "moved.img"
+    dev = serve(image)
+    orphans.append(dev.device)
+    finish_migrate(start_migrate(dev.device, dest))
+    write_device(dev.device, 4 * MiB, pattern(25, MiB))  # on the destination only
+    kill(dev)
+    r = run_cli("serve", str(image), "--recover", dev.device)
+    line = assert_one_line_error(r, "recover with the migrated-from image")
+    assert line == (f"ublkmig: error: {dev.device} was serving {dest}: recover it with that "
+                    "image"), line
+    again = serve(dest, "--recover", dev.device)
+    assert read_device(again.device, 0, 5 * MiB) == data + pattern(25, MiB)
+    assert cli_status(again.device)["interrupted"] is None
+    again.stop()
+
+
+def test_recover_refuses_after_a_snapshot_migration_lost_its_deltas(
+        make_image: MakeImage, serve: ServeFactory, scratch: Path,
+        orphans: list[str]) -> None:  # fmt: skip
+    """Snapshot mode keeps the guest's writes in deltas (unlinked files) while the base is
+    copied: they die with the daemon, so serving the image again would silently lose them.
+    The takeover is refused; `stop` removes the device."""
+    image = make_image(SIZE, data=pattern(26, MiB))
+    dev = serve(image)
+    orphans.append(dev.device)
+    proc = start_migrate(dev.device, scratch / "snap.img", "--mode", "snapshot", "--speed", "4M")
+    wait_migration(dev.device, lambda m: m["phase"] == "copying", timeout=60, what="copying")
+    write_device(dev.device, 0, pattern(27, MiB))  # into the delta
+    kill(dev)
+    wait_migrate(proc)
+    r = run_cli("serve", str(image), "--recover", dev.device)
+    line = assert_one_line_error(r, "recover after a snapshot migration")
+    assert "died during a snapshot-mode migration" in line, line
+    assert Path(dev.device).is_block_device()
+    r = run_cli("stop", dev.device)
+    assert r.returncode == 0, r.stderr
+    wait_gone(dev.device)

@@ -1,0 +1,59 @@
+"""The files a daemon leaves for the one that takes its device over (ublkmig.state), and
+the checks ``serve --recover`` makes with them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from ublkmig import state
+from ublkmig.daemon import check_takeover
+from ublkmig.errors import UserError
+
+
+def test_write_read_remove(run_dir: Path) -> None:
+    path = state.device_path(3)
+    assert path.parent == run_dir and state.read(path) is None
+    state.write(path, {"image": "/a.img", "pid": 1})
+    assert state.read(path) == {"version": state.VERSION, "image": "/a.img", "pid": 1}
+    state.write(path, {"image": "/b.img", "pid": 2})  # replaced whole
+    assert state.read(path) == {"version": state.VERSION, "image": "/b.img", "pid": 2}
+    assert sorted(p.name for p in run_dir.iterdir()) == ["ublkb3.json"]  # no temporary left
+    assert os.stat(run_dir).st_mode & 0o777 == 0o700
+    path.write_text("{not json")
+    assert state.read(path) is None
+    path.write_text('{"version": 999}')
+    assert state.read(path) is None
+    state.remove(path, state.migration_path(3))  # (a missing one is fine)
+    assert not path.exists()
+
+
+def test_takeover_checks(run_dir: Path, tmp_path: Path) -> None:
+    image, dest = tmp_path / "disk.img", tmp_path / "dest.img"
+    image.write_bytes(b"x")
+    dest.write_bytes(b"y")
+    check_takeover(5, image)  # nothing left behind: nothing to check
+    state.write(state.device_path(5), {"image": str(image), "pid": 1})
+    check_takeover(5, image)
+    check_takeover(5, tmp_path / "." / "disk.img")  # the same file, another spelling
+    with pytest.raises(UserError) as e:
+        check_takeover(5, dest)
+    assert str(e.value) == f"/dev/ublkb5 was serving {image}: recover it with that image"
+
+    state.write(state.device_path(5), {"image": "nbd://h/e", "pid": 1})
+    with pytest.raises(UserError, match="was serving the NBD export nbd://h/e"):
+        check_takeover(5, image)
+
+    state.write(state.device_path(5), {"image": str(image), "pid": 1})
+    for mode in ("mirror", "dbt", "auto"):  # resumable: the image holds everything
+        state.write(state.migration_path(5), {"mode": mode, "cut_over": None})
+        check_takeover(5, image)
+    state.write(state.migration_path(5), {"mode": "snapshot", "cut_over": None})
+    with pytest.raises(UserError, match="died during a snapshot-mode migration"):
+        check_takeover(5, image)
+    # cut over (or in sync and switching): the destination holds everything, deltas or not
+    state.write(state.device_path(5), {"image": str(dest), "pid": 1})
+    state.write(state.migration_path(5), {"mode": "snapshot", "cut_over": "intent"})
+    check_takeover(5, dest)
