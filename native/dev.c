@@ -206,15 +206,6 @@ static int open_source(struct ubm_dev *dev)
 	return 0;
 }
 
-static int path_of_flags(uint64_t flags)
-{
-	if (flags & UBLK_F_AUTO_BUF_REG)
-		return UBM_PATH_AUTO_ZC;
-	if (flags & UBLK_F_SUPPORT_ZERO_COPY)
-		return UBM_PATH_ZC;
-	return UBM_PATH_COPY;
-}
-
 static uint64_t path_flags(int path)
 {
 	switch (path) {
@@ -328,7 +319,7 @@ static int recover_begin(struct ubm_dev *dev)
 	dev->cfg.max_io_bytes = dev->info.max_io_buf_bytes;
 	dev->cfg.logical_bs = 1u << p->basic.logical_bs_shift;
 	dev->cfg.read_only = !!(p->basic.attrs & UBLK_ATTR_READ_ONLY);
-	dev->path = path_of_flags(dev->info.flags);
+	dev->path = ubm_choose_path(dev->info.flags);  /* (the same bits as the features) */
 	ret = open_source(dev);
 	if (ret < 0)
 		return ret;
