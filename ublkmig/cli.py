@@ -206,8 +206,7 @@ def stop(device: int, timeout: float, no_wait: bool) -> int:
             native.Device.remove_orphan(device)
         except native.NativeError as e:
             raise UserError(f"no ublkmig daemon serves {node}, and it stays: {e.detail}") from None
-        with contextlib.suppress(OSError):  # nothing is left to take over
-            state.remove(state.device_path(device), state.migration_path(device))
+        state.forget(device)
         click.echo(f"removed {node}, whose daemon had died (the I/O it held failed)")
         return 0
     pid = answer.get("pid")

@@ -559,8 +559,7 @@ class Daemon:
             raise UserError(f"cannot {what}: {e}") from e
         self.device = dev
         if o.recover is None:  # a dead daemon's device of this number is gone: so is its state
-            with contextlib.suppress(OSError):
-                state.remove(state.device_path(dev.id), state.migration_path(dev.id))
+            state.forget(dev.id)
         c = dev.config  # (a recovered device keeps its own geometry)
         self.log.info(
             "device.added" if o.recover is None else "device.recovering", id=dev.id,
@@ -621,8 +620,7 @@ class Daemon:
         await anyio.to_thread.run_sync(dev.destroy)
         self.log.info("device.deleted", id=dev.id)
         if started and not self.stop_failed:  # gone: nothing to take over any more
-            with contextlib.suppress(OSError):
-                state.remove(state.device_path(dev.id), state.migration_path(dev.id))
+            state.forget(dev.id)
 
     async def _wait_ready(self, dev: native.Device) -> bool:
         """Poll until the block device opens and answers a read (there may be no udev)."""

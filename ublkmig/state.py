@@ -61,3 +61,9 @@ def remove(*paths: Path) -> None:
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def forget(dev_id: int) -> None:
+    """Both files of /dev/ublkb<N>: the device is gone (or new), nothing to take over."""
+    with contextlib.suppress(OSError):
+        remove(device_path(dev_id), migration_path(dev_id))

@@ -28,6 +28,10 @@ def test_write_read_remove(run_dir: Path) -> None:
     assert state.read(path) is None
     state.remove(path, state.migration_path(3))  # (a missing one is fine)
     assert not path.exists()
+    state.write(path, {"image": "/a.img"})
+    state.write(state.migration_path(3), {"mode": "dbt"})
+    state.forget(3)
+    assert list(run_dir.iterdir()) == []
 
 
 def test_takeover_checks(run_dir: Path, tmp_path: Path) -> None:
