@@ -97,11 +97,13 @@ struct ubm_migration {
 	uint64_t mirrored_writes, tracked_writes, parked, dest_errors;
 	uint64_t max_latency_ns, cutover_latency_ns, cutover_ns;
 	uint64_t mirror_waits, mirror_wait_ns;
+	uint64_t yield_ns;         /* the copier held back for guest I/O (busy_depth) */
 	uint64_t pause_start_ns, last_pause_ns;
 	/* the copier */
 	struct ubm_queue cq;
 	struct copy_slot slots[MAX_COPY_DEPTH];
 	unsigned copy_depth;
+	unsigned busy_depth;       /* copies in flight while the guest has requests in flight */
 };
 
 #define A_LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
@@ -715,6 +717,8 @@ UBM_EXPORT int ubm_mig_start(struct ubm_target *t, const struct ubm_mig_config *
 	m->dest_zeroed = cfg->dest_zeroed;
 	m->check_below = cfg->dest_zeroed ? 0 : cfg->check_below;
 	m->copy_depth = cfg->copy_depth ? cfg->copy_depth : 4;
+	m->busy_depth = cfg->busy_depth && cfg->busy_depth < m->copy_depth ? cfg->busy_depth
+									    : m->copy_depth;
 	m->chunk = calloc(m->nr_chunks, sizeof(*m->chunk));
 	m->dirty = calloc((m->nr_chunks + 63) / 64, sizeof(*m->dirty));
 	m->hot = calloc(m->nr_chunks, 1);
@@ -1077,6 +1081,7 @@ UBM_EXPORT int ubm_mig_get_stats(struct ubm_target *t, struct ubm_mig_stats *out
 	out->mirror_waits = A_LOAD(&m->mirror_waits);
 	out->mirror_wait_ns = A_LOAD(&m->mirror_wait_ns);
 	out->bytes_matched = A_LOAD(&m->bytes_matched);
+	out->yield_ns = A_LOAD(&m->yield_ns);
 	pthread_mutex_unlock(&t->mig_lock);
 	return 0;
 }
@@ -1270,10 +1275,22 @@ static bool within_speed(struct ubm_migration *m, double *origin, uint64_t pass_
 	return credit >= 0;
 }
 
+/* The copier starts (since == 0) or stops holding back for guest I/O: the
+ * new start time, or 0 once the time held is added up. */
+static uint64_t account_yield(struct ubm_migration *m, uint64_t since)
+{
+	uint64_t now = now_ns();
+
+	if (!since)
+		return now;
+	A_ADD(&m->yield_ns, now - since);
+	return 0;
+}
+
 UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *chunks)
 {
 	struct ubm_migration *m = t->mig;
-	uint64_t next = 0, copied = 0, pass_bytes = 0;
+	uint64_t next = 0, copied = 0, pass_bytes = 0, yield_since = 0;
 	double origin = (double)now_ns() / 1e9;  /* the speed limit's clock, in seconds */
 	unsigned busy = 0, locking, i;
 	int ret = 0, r;
@@ -1300,6 +1317,10 @@ UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *
 	}
 	for (;;) {
 		bool stop = ret < 0 || A_LOAD(&m->abort) || A_LOAD(&m->error);
+		/* the copier yields to the guest: while guest requests are in
+		 * flight it keeps at most busy_depth chunks in flight */
+		unsigned limit = A_LOAD(&m->inflight) ? m->busy_depth : m->copy_depth;
+		bool held = false;
 
 		/* fill free slots with the next chunks of this pass */
 		for (i = 0; i < m->copy_depth && !stop; i++) {
@@ -1313,6 +1334,10 @@ UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *
 				next++;
 			if (next >= m->nr_chunks)
 				break;
+			if (busy >= limit) {
+				held = true;
+				break;
+			}
 			cs->chunk = next++;
 			cs->state = CS_LOCKING;
 			if (pass == UBM_PASS_DIRTY)
@@ -1323,6 +1348,8 @@ UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *
 			copied++;
 		}
 		A_STORE(&m->cursor, next);
+		if (held != (yield_since != 0))
+			yield_since = account_yield(m, yield_since);
 		/* locked chunks whose guest writes have drained can be read */
 		locking = 0;
 		for (i = 0; i < m->copy_depth; i++) {
@@ -1379,6 +1406,8 @@ UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *
 		for (i = 0; i < m->copy_depth; i++)
 			busy += m->slots[i].state != CS_FREE;
 	}
+	if (yield_since)
+		account_yield(m, yield_since);
 	A_ADD(&m->passes, 1);
 	*chunks = copied;
 	if (ret < 0 || A_LOAD(&m->error)) {

@@ -15,7 +15,7 @@
 extern "C" {
 #endif
 
-#define UBM_API_VERSION 2
+#define UBM_API_VERSION 3
 
 /* Data path a device uses to move request data between the kernel and the
  * backends.  Chosen from the driver's features unless forced. */
@@ -127,6 +127,8 @@ struct ubm_mig_config {
 	uint64_t speed;            /* copier bytes/s, 0 = unlimited */
 	uint32_t direct;           /* open the destination with O_DIRECT */
 	uint32_t copy_depth;       /* chunks the copier keeps in flight (0: 4) */
+	uint32_t busy_depth;       /* ... while guest requests are in flight: the copier
+				    * yields to the guest (0: copy_depth, no yielding) */
 	const char *delta_dir;     /* snapshot: where the (unlinked) delta files live;
 				    * NULL: beside the source */
 	uint64_t check_below;      /* resuming: chunks below this may hold an earlier copy;
@@ -176,6 +178,8 @@ struct ubm_mig_stats {
 				    * destination (the cost of mirroring to the guest) */
 	uint64_t bytes_matched;    /* resuming: checked on the destination and found equal,
 				    * so not written */
+	uint64_t yield_ns;         /* time the copier kept fewer chunks in flight (busy_depth)
+				    * because guest requests were in flight */
 };
 
 /* Open the destination, check it, and start routing guest I/O through the

@@ -362,6 +362,12 @@ def _ask(device: int, cmd: str, **args: Any) -> dict[str, Any]:
     "--speed", type=Rate(), default=None, help="Copier speed limit in bytes/s (e.g. 200M); none."
 )
 @click.option(
+    "--no-yield",
+    is_flag=True,
+    help="Copy at full depth (4 chunks in flight) even while the guest has I/O in flight; "
+    "by default the copier then keeps 1 chunk in flight, yielding to the guest.",
+)
+@click.option(
     "--no-cutover",
     is_flag=True,
     help="Stay in sync instead of switching; `ublkmig cutover DEVICE` switches.",
@@ -388,6 +394,7 @@ def migrate(
     fallback_wait: float,
     chunk_size: int,
     speed: int | None,
+    no_yield: bool,
     no_cutover: bool,
     verify: bool,
     wait: bool,
@@ -404,7 +411,8 @@ def migrate(
     check_fallback_wait(fallback_wait)
     if resume:
         given = [f"--{n.replace('_', '-')}" for n in
-                 ("dest", "mode", "fallback_wait", "chunk_size", "no_cutover", "verify")
+                 ("dest", "mode", "fallback_wait", "chunk_size", "no_yield", "no_cutover",
+                  "verify")
                  if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE]
         if given:
             what = ", ".join(g.replace("--dest", "--to") for g in given)
@@ -418,6 +426,7 @@ def migrate(
         answer = _ask(
             device, "migrate", to=to, mode=mode, chunk_size=chunk_size, speed=speed,
             no_cutover=no_cutover, verify=verify, fallback_wait_ms=fallback_wait,
+            **{"yield": not no_yield},
         )  # fmt: skip
     mig = answer["migration"]
     no_cutover = bool(mig.get("no_cutover", no_cutover))
@@ -564,8 +573,12 @@ def _status_lines(st: dict[str, Any]) -> list[str]:
         eta = mig.get("eta_seconds")
         if mig["phase"] in ENDED:
             eta = None
+        yielding = (
+            f"yielded to guest I/O for {format_duration(mig.get('yielded_seconds', 0))}"
+            if mig.get("busy_depth") else "not yielding to guest I/O"
+        )
         lines.append(
-            f"rate           {format_rate(mig['rate'])} (limit {limit}), "
+            f"rate           {format_rate(mig['rate'])} (limit {limit}; {yielding}), "
             f"ETA {'-' if eta is None else format_duration(eta)}, "
             f"elapsed {format_duration(mig['elapsed'])}"
         )

@@ -328,6 +328,7 @@ class Daemon:
         try:
             keys = ("mode", "chunk_size", "speed", "no_cutover", "verify", "fallback_wait_ms")
             fields = {k: saved[k] for k in keys}
+            fields["yield"] = saved.get("yield", True)  # (not saved before it existed)
             if "speed" in args:  # a new limit for the rest
                 fields["speed"] = args["speed"]
             opts = parse_migrate_args(
@@ -673,8 +674,8 @@ def parse_migrate_args(args: dict[str, Any], direct: bool = False) -> migration.
         migration.DEFAULT_CHUNK_SIZE if chunk_size is None else _int_arg(args, "chunk_size")
     )
     speed = migration.check_speed(_int_arg(args, "speed", optional=True))
-    for flag in ("no_cutover", "verify"):
-        if not isinstance(args.get(flag, False), bool):
+    for flag, default in (("no_cutover", False), ("verify", False), ("yield", True)):
+        if not isinstance(args.get(flag, default), bool):
             raise UserError(f"{flag} must be true or false")
     wait = args.get("fallback_wait_ms", 20.0)
     if not isinstance(wait, int | float) or isinstance(wait, bool):
@@ -687,6 +688,7 @@ def parse_migrate_args(args: dict[str, Any], direct: bool = False) -> migration.
         no_cutover=bool(args.get("no_cutover", False)),
         verify=bool(args.get("verify", False)),
         direct=direct,
+        busy_depth=migration.DEFAULT_BUSY_DEPTH if args.get("yield", True) else 0,
         fallback_wait_ms=migration.check_fallback_wait(float(wait)),
     )
 

@@ -48,6 +48,8 @@ from ublkmig.native import MigStats, Pass
 from ublkmig.units import format_size
 
 DEFAULT_CHUNK_SIZE = 1 << 20
+# chunks the copier keeps in flight while the guest has requests in flight (of 4 otherwise)
+DEFAULT_BUSY_DEPTH = 1
 
 
 class Mode(enum.StrEnum):
@@ -144,6 +146,9 @@ class MigrationOptions:
     dest_zeroed: bool = False  # a new sparse file: holes need no copy
     direct: bool = False
     copy_depth: int = 0
+    # chunks the copier keeps in flight while the guest has requests in flight: it yields
+    # to the guest (0: no yielding, the full copy depth)
+    busy_depth: int = DEFAULT_BUSY_DEPTH
     delta_dir: Path | None = None
     # auto: fall back to dbt when mirrored writes wait this long on average for the
     # destination (after the source was done), sustained
@@ -162,6 +167,7 @@ class MigrationOptions:
             speed=self.speed or 0,
             direct=self.direct,
             copy_depth=self.copy_depth,
+            busy_depth=self.busy_depth,
             delta_dir=self.delta_dir,
             check_below=self.check_below,
         )
@@ -415,6 +421,8 @@ class Migration:
                 None if self.mirror_wait_ms is None else round(self.mirror_wait_ms, 4)
             ),
             "bytes_matched": s.bytes_matched,
+            "busy_depth": self.opts.busy_depth,
+            "yielded_seconds": round(s.yield_ns / 1e9, 3),
             "resumed": self.opts.resumed,
             "paused": self._paused,
             "rate": round(rate),
@@ -479,7 +487,8 @@ class Migration:
             "device": self.device, "source": self.source, "dest": str(o.dest),
             "mode": str(o.mode), "chunk_size": o.chunk_size, "speed": self.speed,
             "no_cutover": o.no_cutover, "verify": o.verify, "direct": o.direct,
-            "fallback_wait_ms": o.fallback_wait_ms, "phase": str(self.phase),
+            "fallback_wait_ms": o.fallback_wait_ms, "yield": o.busy_depth > 0,
+            "phase": str(self.phase),
             "reach": self._reach, "chunks": self._last.nr_chunks,
             "cut_over": self._cutting_over, "updated": time.time(),
         }  # fmt: skip
@@ -499,7 +508,8 @@ class Migration:
         o = self.opts
         self._set_phase(
             Phase.STARTING, source=self.source, dest=str(o.dest), size=self.size,
-            chunk_size=o.chunk_size, speed=o.speed or "unlimited", no_cutover=o.no_cutover,
+            chunk_size=o.chunk_size, speed=o.speed or "unlimited", busy_depth=o.busy_depth,
+            no_cutover=o.no_cutover,
             verify=o.verify, dest_zeroed=o.dest_zeroed,
             resumed_below=o.check_below if o.resumed else None,
         )  # fmt: skip

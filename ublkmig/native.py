@@ -27,7 +27,7 @@ from typing import Any
 
 from ublkmig.errors import UblkmigError
 
-API_VERSION = 2  # UBM_API_VERSION this binding was written against
+API_VERSION = 3  # UBM_API_VERSION this binding was written against
 ENV_LIB = "UBLKMIG_NATIVE_LIB"
 # struct ubm_config's limits
 MAX_QUEUES = 64
@@ -196,6 +196,7 @@ class _MigConfig(ctypes.Structure):
         ("speed", ctypes.c_uint64),
         ("direct", ctypes.c_uint32),
         ("copy_depth", ctypes.c_uint32),
+        ("busy_depth", ctypes.c_uint32),
         ("delta_dir", ctypes.c_char_p),
         ("check_below", ctypes.c_uint64),
     ]
@@ -212,7 +213,7 @@ MIG_STAT_TYPES: tuple[tuple[str, Any], ...] = (
     ("last_pause_ns", _U64), ("error", _I32), ("mode", _U32), ("paused", _U32),
     ("cut_over", _U32), ("generation", _U32), ("delta_chunks", _U64), ("cow_chunks", _U64),
     ("delta_failed", _U32), ("dest_down", _U32), ("mirror_waits", _U64),
-    ("mirror_wait_ns", _U64), ("bytes_matched", _U64),
+    ("mirror_wait_ns", _U64), ("bytes_matched", _U64), ("yield_ns", _U64),
 )  # fmt: skip
 MIG_STAT_FIELDS = tuple(name for name, _ in MIG_STAT_TYPES)
 
@@ -256,6 +257,7 @@ class MigStats:
     mirror_waits: int = 0  # mirrored writes that waited for the destination after the source
     mirror_wait_ns: int = 0  # ... in all
     bytes_matched: int = 0  # resuming: equal on the destination already, so not written
+    yield_ns: int = 0  # the copier kept fewer chunks in flight for guest I/O (busy_depth)
 
     @classmethod
     def _from_c(cls, s: _MigStats) -> MigStats:
@@ -273,6 +275,7 @@ class MigrationConfig:
     speed: int = 0  # copier bytes/s, 0 = unlimited
     direct: bool = False
     copy_depth: int = 0  # chunks in flight (0: the data plane's default)
+    busy_depth: int = 0  # ... while guest requests are in flight (0: copy_depth, no yielding)
     delta_dir: str | os.PathLike[str] | None = None  # snapshot deltas; None: beside the source
     check_below: int = 0  # resuming: chunks below this are compared before being written
 
@@ -285,6 +288,7 @@ class MigrationConfig:
             speed=self.speed,
             direct=int(self.direct),
             copy_depth=self.copy_depth,
+            busy_depth=self.busy_depth,
             delta_dir=os.fsencode(self.delta_dir) if self.delta_dir is not None else None,
             check_below=self.check_below,
         )

@@ -78,7 +78,7 @@ def test_migrate_sends_what_was_asked(
         assert out == f"migrating /dev/ublkb3 to {tmp_path}/rel.img (auto, chunks of 1 MiB)\n"
         rc, out, err = run_cli(
             capsys, "migrate", "3", "--to", "/d.img", "--mode", "snapshot", "--chunk-size",
-            "4M", "--speed", "100M/s", "--no-cutover", "--verify",
+            "4M", "--speed", "100M/s", "--no-cutover", "--verify", "--no-yield",
         )  # fmt: skip
         assert rc == 0, err
         assert (
@@ -91,13 +91,16 @@ def test_migrate_sends_what_was_asked(
         assert rc == 0 and out == f"migrating /dev/ublkb3 to {uri} (auto, chunks of 1 MiB)\n"
     assert got == [
         {"to": f"{tmp_path}/rel.img", "mode": "auto", "chunk_size": 1 << 20, "speed": None,
-         "no_cutover": False, "verify": False, "fallback_wait_ms": 20.0},
+         "no_cutover": False, "verify": False, "fallback_wait_ms": 20.0, "yield": True},
         {"to": "/d.img", "mode": "snapshot", "chunk_size": 4 << 20, "speed": 100 << 20,
-         "no_cutover": True, "verify": True, "fallback_wait_ms": 20.0},
+         "no_cutover": True, "verify": True, "fallback_wait_ms": 20.0, "yield": False},
         {"to": uri, "mode": "auto", "chunk_size": 1 << 20, "speed": None,
-         "no_cutover": False, "verify": False, "fallback_wait_ms": 20.0},
+         "no_cutover": False, "verify": False, "fallback_wait_ms": 20.0, "yield": True},
     ]  # fmt: skip
     assert daemon.parse_migrate_args({"to": uri}).dest == uri
+    # the copier yields to guest I/O unless told not to
+    assert daemon.parse_migrate_args({"to": uri}).busy_depth == 1
+    assert daemon.parse_migrate_args({"to": uri, "yield": False}).busy_depth == 0
     assert daemon.parse_migrate_args({"to": "/d.img"}).dest == Path("/d.img")
 
 
@@ -148,6 +151,7 @@ def test_status_text() -> None:
         "rate": 100 << 20, "eta_seconds": 0.4, "elapsed": 12.5, "speed": None,
         "verify_mismatches": None, "max_latency_ms": 3.25, "cutover_stall_ms": None,
         "final_pause_ms": None, "error": None, "io": {"reads": 9, "writes": 8},
+        "busy_depth": 1, "yielded_seconds": 2.5,
     }  # fmt: skip
     lines = _status_lines({**base, "migration": mig})
     assert lines == [
@@ -159,7 +163,8 @@ def test_status_text() -> None:
         "cursor 512 MiB",
         "chunks         1000 of 1024 copied (1 MiB each), 16 dirty, 0 hot",
         "delta          generation 3, 9 chunks",
-        "rate           100 MiB/s (limit unlimited), ETA 400 ms, elapsed 12.5 s",
+        "rate           100 MiB/s (limit unlimited; yielded to guest I/O for 2.5 s), ETA "
+        "400 ms, elapsed 12.5 s",
         "guest writes   0 mirrored, 77 tracked, 2 parked; longest I/O 3.2 ms",
         "guest I/O      reads 9, writes 8",
     ]
@@ -167,6 +172,9 @@ def test_status_text() -> None:
     assert "destination    2 connections lost now, reconnected 1 times" in _status_lines(
         {**base, "migration": lost}
     )
+    eager = {**mig, "busy_depth": 0, "yielded_seconds": 0}
+    assert "rate           100 MiB/s (limit unlimited; not yielding to guest I/O), ETA 400 ms, " \
+        "elapsed 12.5 s" in _status_lines({**base, "migration": eager})
     failed = {**mig, "phase": "failed", "error": "the destination failed: EIO"}
     assert "error          the destination failed: EIO" in _status_lines(
         {**base, "migration": failed}

@@ -382,6 +382,7 @@ def test_commands_without_a_migration(daemon: Daemon, capsys: pytest.CaptureFixt
         ({"to": "/x.img", "chunk_size": 3}, "chunk size must be a power of two"),
         ({"to": "/x.img", "speed": -1}, "speed must be more than 0 bytes/s"),
         ({"to": "/x.img", "verify": "yes"}, "verify must be true or false"),
+        ({"to": "/x.img", "yield": 1}, "yield must be true or false"),
     ],
 )  # fmt: skip
 def test_protocol_bad_migrate_requests(daemon: Daemon, args: dict[str, Any], message: str) -> None:
