@@ -64,6 +64,7 @@ struct copy_slot {
 	bool first_copy;   /* the destination chunk was never written */
 	bool check;        /* resuming: compare with the destination's before writing */
 	bool zero;         /* the source chunk reads as zeroes */
+	uint64_t t_start;  /* when the copy began (ns) */
 	void *buf;
 	void *check_buf;   /* the destination's chunk, when checking */
 };
@@ -104,6 +105,7 @@ struct ubm_migration {
 	struct copy_slot slots[MAX_COPY_DEPTH];
 	unsigned copy_depth;
 	unsigned busy_depth;       /* copies in flight while the guest has requests in flight */
+	uint64_t busy_resume_ns;   /* ... and no new copy before this (the copier thread's) */
 };
 
 #define A_LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
@@ -1132,6 +1134,17 @@ static bool all_zero(const void *buf, size_t len)
 	return true;
 }
 
+/* A slot's copy ended.  While the guest is busy the copier then rests as long
+ * as the copy took before the next one starts: it works at most half the time. */
+static void slot_free(struct ubm_migration *m, struct copy_slot *cs)
+{
+	uint64_t now = now_ns(), resume = now + (now - cs->t_start);
+
+	cs->state = CS_FREE;
+	if (resume > m->busy_resume_ns)
+		m->busy_resume_ns = resume;
+}
+
 /* A copy step failed: the chunk stays (or goes) dirty, the slot is free. */
 static int copy_failed(struct ubm_migration *m, unsigned i, int err)
 {
@@ -1219,7 +1232,7 @@ static int copy_result(struct ubm_migration *m, unsigned i, unsigned be_slot, in
 		if (cs->zero && m->dest_zeroed && cs->first_copy) {
 			A_ADD(&m->bytes_skipped, io->req.len);
 			unlock_chunk(m, cs->chunk, true);
-			cs->state = CS_FREE;
+			slot_free(m, cs);
 			return 0;
 		}
 		if (cs->check)
@@ -1232,14 +1245,14 @@ static int copy_result(struct ubm_migration *m, unsigned i, unsigned be_slot, in
 			     : !memcmp(cs->buf, cs->check_buf, io->req.len)) {
 			A_ADD(&m->bytes_matched, io->req.len);
 			unlock_chunk(m, cs->chunk, true);
-			cs->state = CS_FREE;
+			slot_free(m, cs);
 			return 0;
 		}
 		return copy_write(m, i);
 	}
 	A_ADD(&m->bytes_copied, io->req.len);
 	unlock_chunk(m, cs->chunk, true);
-	cs->state = CS_FREE;
+	slot_free(m, cs);
 	return 0;
 }
 
@@ -1318,8 +1331,10 @@ UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *
 	for (;;) {
 		bool stop = ret < 0 || A_LOAD(&m->abort) || A_LOAD(&m->error);
 		/* the copier yields to the guest: while guest requests are in
-		 * flight it keeps at most busy_depth chunks in flight */
+		 * flight it keeps at most busy_depth chunks in flight, and rests
+		 * between them (slot_free) */
 		unsigned limit = A_LOAD(&m->inflight) ? m->busy_depth : m->copy_depth;
+		bool resting = limit < m->copy_depth && now_ns() < m->busy_resume_ns;
 		bool held = false;
 
 		/* fill free slots with the next chunks of this pass */
@@ -1334,12 +1349,13 @@ UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *
 				next++;
 			if (next >= m->nr_chunks)
 				break;
-			if (busy >= limit) {
+			if (busy >= limit || resting) {
 				held = true;
 				break;
 			}
 			cs->chunk = next++;
 			cs->state = CS_LOCKING;
+			cs->t_start = now_ns();
 			if (pass == UBM_PASS_DIRTY)
 				m->hot[cs->chunk]++;
 			__atomic_fetch_or(&m->chunk[cs->chunk], CH_LOCKED, __ATOMIC_SEQ_CST);

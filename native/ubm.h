@@ -127,8 +127,9 @@ struct ubm_mig_config {
 	uint64_t speed;            /* copier bytes/s, 0 = unlimited */
 	uint32_t direct;           /* open the destination with O_DIRECT */
 	uint32_t copy_depth;       /* chunks the copier keeps in flight (0: 4) */
-	uint32_t busy_depth;       /* ... while guest requests are in flight: the copier
-				    * yields to the guest (0: copy_depth, no yielding) */
+	uint32_t busy_depth;       /* ... while guest requests are in flight, resting after
+				    * each chunk as long as it took: the copier yields to
+				    * the guest (0: copy_depth, no yielding) */
 	const char *delta_dir;     /* snapshot: where the (unlinked) delta files live;
 				    * NULL: beside the source */
 	uint64_t check_below;      /* resuming: chunks below this may hold an earlier copy;
@@ -178,7 +179,7 @@ struct ubm_mig_stats {
 				    * destination (the cost of mirroring to the guest) */
 	uint64_t bytes_matched;    /* resuming: checked on the destination and found equal,
 				    * so not written */
-	uint64_t yield_ns;         /* time the copier kept fewer chunks in flight (busy_depth)
+	uint64_t yield_ns;         /* time the copier held back (busy_depth, resting)
 				    * because guest requests were in flight */
 };
 

@@ -364,8 +364,9 @@ def _ask(device: int, cmd: str, **args: Any) -> dict[str, Any]:
 @click.option(
     "--no-yield",
     is_flag=True,
-    help="Copy at full depth (4 chunks in flight) even while the guest has I/O in flight; "
-    "by default the copier then keeps 1 chunk in flight, yielding to the guest.",
+    help="Copy at full speed (4 chunks in flight) even while the guest has I/O in flight; "
+    "by default the copier then yields to the guest: 1 chunk in flight, and a rest as long "
+    "as each chunk took before the next.",
 )
 @click.option(
     "--no-cutover",

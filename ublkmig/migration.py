@@ -146,8 +146,8 @@ class MigrationOptions:
     dest_zeroed: bool = False  # a new sparse file: holes need no copy
     direct: bool = False
     copy_depth: int = 0
-    # chunks the copier keeps in flight while the guest has requests in flight: it yields
-    # to the guest (0: no yielding, the full copy depth)
+    # chunks the copier keeps in flight while the guest has requests in flight, resting
+    # after each as long as it took: it yields to the guest (0: no yielding, full depth)
     busy_depth: int = DEFAULT_BUSY_DEPTH
     delta_dir: Path | None = None
     # auto: fall back to dbt when mirrored writes wait this long on average for the

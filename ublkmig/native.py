@@ -257,7 +257,7 @@ class MigStats:
     mirror_waits: int = 0  # mirrored writes that waited for the destination after the source
     mirror_wait_ns: int = 0  # ... in all
     bytes_matched: int = 0  # resuming: equal on the destination already, so not written
-    yield_ns: int = 0  # the copier kept fewer chunks in flight for guest I/O (busy_depth)
+    yield_ns: int = 0  # the copier held back for guest I/O (busy_depth, resting)
 
     @classmethod
     def _from_c(cls, s: _MigStats) -> MigStats:

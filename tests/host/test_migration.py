@@ -512,8 +512,8 @@ def test_copier_yields_to_guest_io(
     tmp: Path, busy_depth: int, guest_io: bool, yields: bool
 ) -> None:
     """While guest requests are in flight the copier keeps busy_depth chunks in flight, not
-    its full depth, and counts the time it held back; with busy_depth 0 it never does, and
-    nor does it without guest I/O."""
+    its full depth, rests between them, and counts the time it held back; with busy_depth 0
+    it never does, and nor does it without guest I/O."""
     r = Run(tmp, Mode.MIRROR, seed=22, speed=None, guest_io=guest_io, busy_depth=busy_depth)
     assert r.run() is Phase.COMPLETED
     status = r.mig.status()
