@@ -140,8 +140,17 @@ def test_load_repetitions_combine_into_medians_with_spread(tmp_path: Path) -> No
     md = report.write(r, tmp_path)
     assert "## 4. A slow destination: mirror against auto" in md
     assert "| randwrite-4k-qd32 | auto | 3.00 (2.00–4.00) |" in md
-    assert "every write waits 40 ms" in md and "mirror 0, auto 2." in md
+    assert "Every write to the destination waits 40 ms" in md and "mirror 0, auto 2." in md
     assert (tmp_path / "slow-randwrite-4k-qd32-auto.png").exists()
+    # yielding against not: the same table, and the time held back
+    r["scenarios"] = {"yield": {"size": 256 << 20, "span": 64 << 20, "runs": [
+        {**run, "mode": "mirror, yielding", "yielded_seconds": 1.5},
+        {**run, "mode": "mirror, not yielding", "yielded_seconds": 0.0}]}}  # fmt: skip
+    md = report.write(r, tmp_path)
+    assert "## 5. The copier yielding to guest I/O" in md
+    assert "| randwrite-4k-qd32 | mirror, not yielding | 3.00 (2.00–4.00) |" in md
+    assert "mirror, yielding 1.50, mirror, not yielding 0.00." in md
+    assert (tmp_path / "yield-randwrite-4k-qd32-mirror-yielding.png").exists()
 
 
 @pytest.mark.parametrize("mode", [*scenarios.MODES, "auto"])
@@ -151,3 +160,6 @@ def test_migrate_request_is_one_the_daemon_takes(mode: str, tmp_path: Path) -> N
     opts = daemon.parse_migrate_args(scenarios.migrate_args(tmp_path / "d.img", mode))
     assert str(opts.mode) == mode and opts.chunk_size == scenarios.CHUNK_BYTES
     assert opts.speed is None and not opts.no_cutover and not opts.verify
+    assert opts.busy_depth > 0  # the copier yields, as it does by default
+    eager = scenarios.migrate_args(tmp_path / "d.img", mode, yields=False)
+    assert daemon.parse_migrate_args(eager).busy_depth == 0

@@ -601,6 +601,45 @@ class FioLoop(threading.Thread):
         assert read >= self.length, f"fio verified {read} bytes of {self.length}"
 
 
+class WriteProbe(threading.Thread):
+    """The guest's write latency over time: a 4 KiB O_DIRECT write of ``offset`` every
+    ``interval`` seconds, each timed.  ``median(t0, t1)``: of the writes started in
+    [t0, t1) (time.monotonic())."""
+
+    def __init__(self, device: str, offset: int, interval: float = 0.02) -> None:
+        super().__init__(daemon=True, name=f"write-probe-{device}")
+        self.device, self.offset, self.interval = device, offset, interval
+        self.samples: list[tuple[float, float]] = []  # (start, seconds)
+        self.error: BaseException | None = None
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        buf = mmap.mmap(-1, 4096)
+        buf.write(b"probe" * 819 + b"!")
+        try:
+            fd = os.open(self.device, os.O_WRONLY | os.O_DIRECT)
+            try:
+                while not self._halt.wait(self.interval):
+                    t = time.monotonic()
+                    os.pwritev(fd, [buf], self.offset)
+                    self.samples.append((t, time.monotonic() - t))
+            finally:
+                os.close(fd)
+        except BaseException as e:  # noqa: BLE001 - reported by stop()
+            self.error = e
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(60)
+        if self.error is not None:
+            raise self.error
+
+    def median(self, t0: float, t1: float) -> float:
+        lats = sorted(lat for t, lat in self.samples if t0 <= t < t1)
+        assert lats, f"no probe write in [{t0:.1f}, {t1:.1f})"
+        return lats[len(lats) // 2]
+
+
 class Steps:
     """Prints how long each step of a test took (``pytest -s`` shows it): ``t("fio")``."""
 

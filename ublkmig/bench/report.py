@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -133,13 +134,26 @@ def markdown(r: dict[str, Any]) -> str:
     if "slow" in sc:
         d = sc["slow"]
         lines += load_md(d, "## 4. A slow destination: mirror against auto")
-        lines += ["", f"The destination is an nbdkit export (a file on the same tmpfs, over a "
-                  f"unix socket) whose every write waits {d['write_delay_ms']} ms (its delay "
-                  "filter). Fallbacks to dirty tracking (first repetition): "
+        lines += ["", f"Every write to the destination waits {d['write_delay_ms']} ms. nbdkit: "
+                  "an export (a file on the same tmpfs, over a unix socket) behind its delay "
+                  "filter. dm-delay: a local block device (a loop device on a tmpfs file "
+                  "behind device-mapper's delay target); there the image is served with "
+                  "--direct, so the destination is written with O_DIRECT (the IOPS before "
+                  "differ from the nbdkit rows for that reason). Fallbacks to dirty tracking "
+                  "(first repetition): "
                   + ", ".join(f"{r['mode']} {r.get('fallbacks') or 0}" for r in d["runs"])
                   + "."]  # fmt: skip
+    if "yield" in sc:
+        d = sc["yield"]
+        lines += load_md(d, "## 5. The copier yielding to guest I/O")
+        lines += ["", "Yielding (the default): while the guest has requests in flight the "
+                  "copier keeps 1 chunk in flight and rests as long as each chunk took "
+                  "before the next; not yielding (--no-yield): always 4, no rest. "
+                  "Seconds the copier held back (median): "
+                  + ", ".join(f"{r['mode']} {r.get('yielded_seconds') or 0:.2f}"
+                              for r in d["runs"]) + "."]  # fmt: skip
     if "qemu" in sc:
-        lines += load_md(sc["qemu"], "## 5. The peer: QEMU's blockdev-mirror, same load")
+        lines += load_md(sc["qemu"], "## 6. The peer: QEMU's blockdev-mirror, same load")
         lines += ["", sc["qemu"].get("differences", "")]
     return "\n".join(lines) + "\n"
 
@@ -176,9 +190,9 @@ def plot(run: dict[str, Any], path: Path) -> None:
 def write(r: dict[str, Any], out: Path) -> str:
     """results.json, the plots and report.md into ``out``; returns the markdown."""
     out.mkdir(parents=True, exist_ok=True)
-    for key in ("load", "slow", "qemu"):
+    for key in ("load", "slow", "yield", "qemu"):
         for run in r["scenarios"].get(key, {}).get("runs", []):
-            name = f"{key}-{run['job']}-{run['mode'].replace(' ', '-')}.png"
+            name = re.sub(r"[^A-Za-z0-9.]+", "-", f"{key}-{run['job']}-{run['mode']}") + ".png"
             plot(run, out / name)
             run["plot"] = name
     (out / "results.json").write_text(json.dumps(r, indent=1) + "\n")

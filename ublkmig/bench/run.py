@@ -19,7 +19,7 @@ from ublkmig import vm
 from ublkmig.bench import report, scenarios, targets
 from ublkmig.errors import UserError
 
-SCENARIOS = ("datapath", "idle", "load", "slow", "qemu")
+SCENARIOS = ("datapath", "idle", "load", "slow", "yield", "qemu")
 WORKDIR = Path("/run/ublkmig-bench")
 DOCS = vm.REPO / "docs"
 
@@ -141,6 +141,8 @@ def _run_here(names: tuple[str, ...], quick: bool, out: Path, command: str, in_v
                 results["scenarios"][name] = scenarios.load(s, work)
             elif name == "slow":
                 results["scenarios"][name] = scenarios.slow(s, work)
+            elif name == "yield":
+                results["scenarios"][name] = scenarios.yielding(s, work)
             elif name == "qemu":
                 results["scenarios"][name] = scenarios.load(s, work, peer=True)
                 results["scenarios"][name]["differences"] = scenarios.PEER_DIFFERENCES

@@ -140,17 +140,19 @@ def device_status(device: str) -> dict[str, Any]:
     return dict(answer)
 
 
-def migrate_args(dest: Path | str, mode: str) -> dict[str, Any]:
-    """The control socket's ``migrate`` request: chunks of CHUNK, no speed limit."""
+def migrate_args(dest: Path | str, mode: str, yields: bool = True) -> dict[str, Any]:
+    """The control socket's ``migrate`` request: chunks of CHUNK, no speed limit; the
+    copier yields to guest I/O unless ``yields`` is False (--no-yield)."""
     return {"to": str(dest), "mode": mode, "chunk_size": CHUNK_BYTES, "speed": None,
-            "no_cutover": False, "verify": False}  # fmt: skip
+            "no_cutover": False, "verify": False, "yield": yields}  # fmt: skip
 
 
-def start_migration(device: str, dest: Path | str, mode: str) -> None:
+def start_migration(device: str, dest: Path | str, mode: str, yields: bool = True) -> None:
     from ublkmig import control
 
     dev_id = int(device.removeprefix("/dev/ublkb"))
-    control.request(control.socket_path(dev_id), "migrate", **migrate_args(dest, mode))
+    control.request(control.socket_path(dev_id), "migrate",
+                    **migrate_args(dest, mode, yields))  # fmt: skip
 
 
 @dataclass
@@ -450,42 +452,92 @@ def load(s: Settings, work: Path, peer: bool = False) -> dict[str, Any]:
     return out
 
 
-SLOW_WRITE_MS = 40  # the slow scenario's destination: every write waits this long
+SLOW_WRITE_MS = 40  # the slow scenario's destinations: every write waits this long
 SLOW_MODES = ("mirror", "auto")
+# nbdkit: an export (a file on the same tmpfs, over a unix socket) behind its delay filter;
+# dm-delay: a local block device (a loop device on a tmpfs file behind device-mapper's delay
+# target), the image served with --direct so the destination is written with O_DIRECT
+SLOW_DESTS = ("nbdkit", "dm-delay")
 
 
 def slow(s: Settings, work: Path) -> dict[str, Any]:
-    """The load at a fixed 2000 IOPS while the disk moves to a slow destination: an nbdkit
-    export (a file on the same tmpfs, over a unix socket) whose every write waits
-    SLOW_WRITE_MS (its delay filter).  Mirror mode makes the guest wait for it; auto mode
-    falls back to dirty tracking."""
-    from ublkmig.bench.nbd_server import start_nbd_server
-
+    """The load at a fixed 2000 IOPS while the disk moves to a slow destination, remote
+    (nbdkit) and local (dm-delay), whose every write waits SLOW_WRITE_MS.  Mirror mode makes
+    the guest wait for it; auto mode falls back to dirty tracking."""
     size = min(s.size, 256 * MiB)
-    image, pristine, dest = work / "slow.img", work / "pristine.img", work / "slow-dest.img"
+    image, pristine = work / "slow.img", work / "pristine.img"
     make_image(pristine, size)
     job = replace(load_jobs(s)[0], name="randwrite-4k-qd32-2000iops", rate_iops=2000)
     out: dict[str, Any] = {"size": size, "span": s.load_span, "write_delay_ms": SLOW_WRITE_MS,
                            "runs": []}  # fmt: skip
-    for mode in SLOW_MODES:
-        reps = []
-        for _rep in range(s.reps):
-            shutil.copyfile(pristine, image)
+    for kind in SLOW_DESTS:
+        for mode in SLOW_MODES:
+            reps = []
+            for _rep in range(s.reps):
+                shutil.copyfile(pristine, image)
+                reps.append(_slow_run(s, job, mode, kind, image, work))
+            run = combine(reps)
+            run["mode"] = f"{mode} to {kind}"
+            run["fallbacks"] = reps[0].get("fallbacks")
+            out["runs"].append(run)
+            w = run["windows"]
+            say(f"slow destination ({kind}), {job.name} {mode}: {w['before']['iops']:.0f} "
+                f"IOPS before, {w['during']['iops']:.0f} during (p99 "
+                f"{w['during'].get('lat_p99_ms', 0):.1f} ms), {w['after']['iops']:.0f} after; "
+                f"migration {run['seconds']:.2f} s")  # fmt: skip
+    image.unlink()
+    pristine.unlink()
+    return out
+
+
+def _slow_run(s: Settings, job: FioJob, mode: str, kind: str, image: Path,
+              work: Path) -> dict[str, Any]:  # fmt: skip
+    from ublkmig.bench.dm_delay import delayed_disk
+    from ublkmig.bench.nbd_server import start_nbd_server
+
+    dest = work / "slow-dest.img"
+    size = os.path.getsize(image)
+    try:
+        if kind == "nbdkit":
             server = start_nbd_server("nbdkit-file", "unix", work, size, file=dest,
                                       extra=["--filter=delay"],
                                       params=[f"delay-write={SLOW_WRITE_MS}ms"])  # fmt: skip
             try:
-                reps.append(_load_run(s, job, mode, image, server.uri, work, dest_file=dest))
+                return _load_run(s, job, mode, image, server.uri, work, dest_file=dest)
             finally:
                 server.stop()
+        with open(dest, "wb") as f:
+            f.truncate(size)
+        with delayed_disk(dest, SLOW_WRITE_MS) as disk:
+            return _load_run(s, job, mode, image, disk, work, direct=True)
+    finally:
+        dest.unlink(missing_ok=True)
+
+
+def yielding(s: Settings, work: Path) -> dict[str, Any]:
+    """The unthrottled load while the disk moves to a file on the same tmpfs, in mirror and
+    dbt mode, with the copier yielding to guest I/O (the default: while the guest has
+    requests in flight, 1 chunk in flight and a rest after each) and without (--no-yield)."""
+    size = min(s.size, 256 * MiB)
+    image, dest, pristine = work / "yield.img", work / "yield-dest.img", work / "pristine.img"
+    make_image(pristine, size)
+    job = load_jobs(s)[0]
+    out: dict[str, Any] = {"size": size, "span": s.load_span, "runs": []}
+    for mode in ("mirror", "dbt"):
+        for yields in (True, False):
+            reps = []
+            for _rep in range(s.reps):
+                shutil.copyfile(pristine, image)
+                reps.append(_load_run(s, job, mode, image, dest, work, yields=yields))
                 dest.unlink(missing_ok=True)
-        run = combine(reps)
-        run["fallbacks"] = reps[0].get("fallbacks")
-        out["runs"].append(run)
-        w = run["windows"]
-        say(f"slow destination, {job.name} {mode}: {w['before']['iops']:.0f} IOPS before, "
-            f"{w['during']['iops']:.0f} during (p99 {w['during'].get('lat_p99_ms', 0):.1f} ms), "
-            f"{w['after']['iops']:.0f} after; migration {run['seconds']:.2f} s")  # fmt: skip
+            run = combine(reps)
+            run["mode"] = f"{mode}, {'yielding' if yields else 'not yielding'}"
+            out["runs"].append(run)
+            w = run["windows"]
+            say(f"yield {job.name} {run['mode']}: {w['before']['iops']:.0f} IOPS before, "
+                f"{w['during']['iops']:.0f} during, {w['after']['iops']:.0f} after; "
+                f"migration {run['seconds']:.2f} s, held back {run['yielded_seconds'] or 0:.2f}"
+                f" s (medians of {len(reps)})")  # fmt: skip
     image.unlink()
     pristine.unlink()
     return out
@@ -509,21 +561,25 @@ def combine(reps: list[dict[str, Any]]) -> dict[str, Any]:
         w: {k: med([r["windows"][w].get(k) for r in reps]) for k in reps[0]["windows"][w]}
         for w in reps[0]["windows"]
     }
-    for k in ("bytes_copied", "cutover_stall_ms", "final_pause_ms"):
+    for k in ("bytes_copied", "cutover_stall_ms", "final_pause_ms", "yielded_seconds"):
         run[k] = med([r.get(k) for r in reps])
     run["converged"] = all(r["converged"] for r in reps)
     return run
 
 
 def _load_run(s: Settings, job: FioJob, mode: str, image: Path, dest: Path | str,
-              work: Path, dest_file: Path | None = None) -> dict[str, Any]:  # fmt: skip
-    """One migration under ``job``; ``dest`` a path, or an NBD URI exporting ``dest_file``."""
-    with targets.ublkmig(image, queues=1, depth=128, log=work / "serve.log") as t:
+              work: Path, dest_file: Path | None = None, direct: bool = False,
+              yields: bool = True) -> dict[str, Any]:  # fmt: skip
+    """One migration under ``job``; ``dest`` a path, or an NBD URI exporting ``dest_file``;
+    the image served with O_DIRECT if ``direct``; ``yields``: the copier's --no-yield if
+    False."""
+    with targets.ublkmig(image, queues=1, depth=128, direct=direct,
+                         log=work / "serve.log") as t:  # fmt: skip
         with loaded(job, t.path, work) as f:
             log = PhaseLog(t0=f["t0"])
             time.sleep(s.load_window)
             log.note("start")
-            start_migration(t.path, dest, mode)
+            start_migration(t.path, dest, mode, yields)
             mig = follow(t.path, log)
             time.sleep(s.load_window)
             log.note("end of load")
@@ -548,6 +604,7 @@ def _load_result(job: FioJob, mode: str, f: dict[str, Any], log: PhaseLog,
         "final_pause_ms": mig.get("final_pause_ms"),
         "converged": mig.get("phase") == "completed",
         "fallbacks": mig.get("fallbacks"),
+        "yielded_seconds": mig.get("yielded_seconds"),
         "events": log.events,
         "series": _series(f["samples"], 0.25),
     }  # fmt: skip
