@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from ublkmig.bench import fio, report, scenarios
+from ublkmig.bench import fio, report, scenarios, targets
 from ublkmig.bench.fio import FioJob
 
 needs_fio = pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
@@ -94,7 +95,7 @@ def _results() -> dict:
              "server_cpu_us_per_io": None},
             {**row, "target": "ublkmig auto-zc", "kind": "ublkmig",
              "iops": {"median": 90.0, "min": 90.0, "max": 90.0, "n": 1},
-             "server_cpu_us_per_io": 5.0},
+             "server_cpu_us_per_io": 5.0, "server_peak_rss": 40 << 20},
             {**row, "target": "kublk auto-zc", "kind": "kublk auto-zc",
              "iops": {"median": 95.0, "min": 95.0, "max": 95.0, "n": 1},
              "server_cpu_us_per_io": 4.0},
@@ -106,6 +107,8 @@ def test_report_sets_ublkmig_against_raw_and_kublk(tmp_path: Path) -> None:
     md = report.write(_results(), tmp_path)
     assert (tmp_path / "results.json").is_file() and (tmp_path / "report.md").read_text() == md
     assert "| ublkmig auto-zc | 90 (90–90) |" in md and "| 0.90 |" in md  # vs raw
+    assert "| 5.0 | 40 | 0.90 |" in md  # CPU per I/O, peak RSS in MiB
+    assert "| 4.0 | - | 0.95 |" in md  # (not measured)
     assert "ublkmig / kublk auto-zc (kublk's best): 0.95" in md
     assert "emulation" in md
 
@@ -132,6 +135,7 @@ def test_load_repetitions_combine_into_medians_with_spread(tmp_path: Path) -> No
     md = report.write(r, tmp_path)
     assert "| randwrite-4k-qd32 | dbt | 3.00 (2.00–4.00) | 100 / 60 / 100 | 0.60 (0.50–0.80) |" \
         in md  # fmt: skip
+    assert "| 20.0 ms | - |" in md  # no RSS in these repetitions
     assert (tmp_path / run["plot"]).stat().st_size > 1000  # the PNG
     # the slow destination's section: the same table, and the fallbacks
     auto = {**run, "mode": "auto", "fallbacks": 2}
@@ -163,3 +167,12 @@ def test_migrate_request_is_one_the_daemon_takes(mode: str, tmp_path: Path) -> N
     assert opts.busy_depth > 0  # the copier yields, as it does by default
     eager = scenarios.migrate_args(tmp_path / "d.img", mode, yields=False)
     assert daemon.parse_migrate_args(eager).busy_depth == 0
+
+
+def test_peak_rss_is_the_servers_high_water_mark() -> None:
+    me = targets.Target("this test", "", os.getpid())
+    blob = b"x" * (64 << 20)  # written: resident
+    peak = me.peak_rss()
+    assert peak is not None and peak > len(blob)
+    del blob
+    assert targets.Target("raw file", "/x.img").peak_rss() is None

@@ -18,6 +18,10 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "-" if not a or not b else f"{a / b:.2f}"
 
 
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / MiB:.0f}"
+
+
 def header(r: dict[str, Any]) -> list[str]:
     env = r["environment"]
     lines = [
@@ -42,21 +46,24 @@ def datapath_md(d: dict[str, Any], reps: int) -> list[str]:
            "fio, io_uring, direct, on a tmpfs file in the guest (both servers open it with "
            f"O_DIRECT too); median of {reps} "
            "(min–max); latency in µs; CPU: the server's user+system time per I/O "
-           "(µs, ramp included).", ""]  # fmt: skip
+           "(µs, ramp included); RSS: the server's peak resident memory (VmHWM) after "
+           "every job, MiB.", ""]  # fmt: skip
     jobs = sorted({(r["queues"], r["job"]) for r in rows})
     for q, job in jobs:
         mine = [r for r in rows if r["job"] == job and r["queues"] == q]
         raw = next((r for r in mine if r["kind"] == "raw file"), None)
         ub = next((r for r in mine if r["kind"] == "ublkmig"), None)
         out += [f"**{job}** ({q} queue{'s' if q > 1 else ''})", "",
-                "| target | IOPS (min–max) | MB/s | mean | p99 | p99.9 | CPU/IO | vs raw |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+                "| target | IOPS (min–max) | MB/s | mean | p99 | p99.9 | CPU/IO | RSS "
+                "| vs raw |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
         for r in mine:
             i = r["iops"]
             out.append(
                 f"| {r['target']} | {i['median']:.0f} ({i['min']:.0f}–{i['max']:.0f}) "
                 f"| {r['mbps']:.1f} | {r['lat_mean_us']:.0f} | {r['lat_p99_us']:.0f} "
                 f"| {r['lat_p99.9_us']:.0f} | {_f(r['server_cpu_us_per_io'], '.1f')} "
+                f"| {_mib(r.get('server_peak_rss'))} "
                 f"| {_ratio(i['median'], raw['iops']['median'] if raw else None)} |"
             )
         kub = [r for r in mine if r["kind"].startswith("kublk")]
@@ -100,11 +107,12 @@ def load_md(d: dict[str, Any], title: str) -> list[str]:
            f"fio on the first {d['span'] // MiB} MiB of a {d['size'] // MiB} MiB disk "
            "of random data; windows: before the migration, during it, after it. Latency "
            "(writes) in ms, from every I/O's completion record. Medians of the "
-           "repetitions; the plot shows the first.", "",
+           "repetitions; the plot shows the first. RSS: the daemon's peak resident memory "
+           "(VmHWM) at the end of the load, MiB.", "",
            "| load | mode | seconds (min–max) | IOPS before / during / after "
            "| during/before (min–max) | p50 / p99 / p99.9 / max during | stall or pause "
-           "| plot |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+           "| RSS | plot |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in d["runs"]:
         b, w, a = r["windows"]["before"], r["windows"]["during"], r["windows"]["after"]
         stall = r["final_pause_ms"] if r["final_pause_ms"] is not None else r["cutover_stall_ms"]
@@ -118,7 +126,7 @@ def load_md(d: dict[str, Any], title: str) -> list[str]:
         out.append(f"| {r['job']} | {r['mode']} | {r['seconds']:.2f} ({sp['min']:.2f}–"
                    f"{sp['max']:.2f}) | {b['iops']:.0f} / {w['iops']:.0f} / {a['iops']:.0f} "
                    f"| {ratio} | {lat} | {_f(stall, '.1f')} ms "
-                   f"| ![]({r.get('plot', '')}) |")  # fmt: skip
+                   f"| {_mib(r.get('daemon_peak_rss'))} | ![]({r.get('plot', '')}) |")  # fmt: skip
     return out
 
 

@@ -228,6 +228,7 @@ def datapath(s: Settings, work: Path, features: dict[str, Any]) -> dict[str, Any
         jobs = datapath_jobs(s, queues)
         per: dict[tuple[str, str], list[fio.FioResult]] = {}
         cpu: dict[tuple[str, str], list[float]] = {}
+        rss: dict[str, int] = {}  # the server's peak resident memory, over the repetitions
         names: dict[str, str] = {}
         for rep in range(s.reps):
             # each server started once per repetition, every job run against it
@@ -242,19 +243,22 @@ def datapath(s: Settings, work: Path, features: dict[str, Any]) -> dict[str, Any
                         if tgt.pid is not None and r.ios:
                             # the ramp's I/O counts too: an upper bound (see the report)
                             cpu.setdefault((job.name, kind), []).append((c1 - c0) / r.ios * 1e6)
+                    peak = tgt.peak_rss()
+                    if peak is not None:
+                        rss[kind] = max(rss.get(kind, 0), peak)
                 say(f"{queues} queue(s), repetition {rep + 1}/{s.reps}, {tgt.name}: "
                     + ", ".join(f"{j.name} {per[(j.name, kind)][-1].iops:.0f}" for j in jobs))
         for job in jobs:
             for kind, _ in kinds:
                 rows.append(_datapath_row(job, queues, names[kind], kind, per[(job.name, kind)],
-                                          cpu.get((job.name, kind))))  # fmt: skip
+                                          cpu.get((job.name, kind)), rss.get(kind)))  # fmt: skip
             say(_datapath_line(rows, job.name))
     image.unlink()
     return {"rows": rows}
 
 
 def _datapath_row(job: FioJob, queues: int, name: str, kind: str, results: list[fio.FioResult],
-                  cpu: list[float] | None) -> dict[str, Any]:
+                  cpu: list[float] | None, peak_rss: int | None = None) -> dict[str, Any]:
     def med(get: Callable[[fio.FioResult], float]) -> float:
         return statistics.median(get(r) for r in results)
 
@@ -267,6 +271,7 @@ def _datapath_row(job: FioJob, queues: int, name: str, kind: str, results: list[
         "lat_p99_us": med(lambda r: getattr(r, d)["lat_p99_us"]),
         "lat_p99.9_us": med(lambda r: getattr(r, d)["lat_p99.9_us"]),
         "server_cpu_us_per_io": statistics.median(cpu) if cpu else None,
+        "server_peak_rss": peak_rss,  # after every job of the repetitions (VmHWM)
         "fio": [r.argv for r in results][:1],
     }  # fmt: skip
 
@@ -561,7 +566,8 @@ def combine(reps: list[dict[str, Any]]) -> dict[str, Any]:
         w: {k: med([r["windows"][w].get(k) for r in reps]) for k in reps[0]["windows"][w]}
         for w in reps[0]["windows"]
     }
-    for k in ("bytes_copied", "cutover_stall_ms", "final_pause_ms", "yielded_seconds"):
+    for k in ("bytes_copied", "cutover_stall_ms", "final_pause_ms", "yielded_seconds",
+              "daemon_peak_rss"):
         run[k] = med([r.get(k) for r in reps])
     run["converged"] = all(r["converged"] for r in reps)
     return run
@@ -583,6 +589,7 @@ def _load_run(s: Settings, job: FioJob, mode: str, image: Path, dest: Path | str
             mig = follow(t.path, log)
             time.sleep(s.load_window)
             log.note("end of load")
+        mig["daemon_peak_rss"] = t.peak_rss()
         if mig["phase"] != "completed":
             raise RuntimeError(f"{mode} under load {mig['phase']}: {mig['error']}")
         check_same(t.path, dest_file or Path(dest), os.path.getsize(image))
@@ -605,6 +612,7 @@ def _load_result(job: FioJob, mode: str, f: dict[str, Any], log: PhaseLog,
         "converged": mig.get("phase") == "completed",
         "fallbacks": mig.get("fallbacks"),
         "yielded_seconds": mig.get("yielded_seconds"),
+        "daemon_peak_rss": mig.get("daemon_peak_rss"),
         "events": log.events,
         "series": _series(f["samples"], 0.25),
     }  # fmt: skip
@@ -653,6 +661,8 @@ def _qemu_run(s: Settings, job: FioJob, mode: str, image: Path, dest: Path,
                 log.note("completed")
             time.sleep(s.load_window)
             log.note("end of load")
+        assert peer.proc is not None
+        peak_rss = targets.Target("qemu-storage-daemon", peer.device, peer.proc.pid).peak_rss()
         if res is not None and res.error:
             raise RuntimeError(f"QEMU's mirror ({copy_mode}) under load failed: {res.error}")
         if res is not None:
@@ -661,5 +671,5 @@ def _qemu_run(s: Settings, job: FioJob, mode: str, image: Path, dest: Path,
            "bytes_copied": res.offset if res else None, "pass": None,
            "cutover_after": res.elapsed if res else s.peer_timeout,
            "cutover_stall_ms": None if res is None or res.cutover is None else res.cutover * 1000,
-           "final_pause_ms": None}  # fmt: skip
+           "final_pause_ms": None, "daemon_peak_rss": peak_rss}  # fmt: skip
     return _load_result(job, mode, f, log, mig)

@@ -38,6 +38,15 @@ class Target:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def peak_rss(self) -> int | None:
+        """The server's peak resident memory so far (VmHWM), bytes; None for the raw file."""
+        if self.pid is None:
+            return None
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return None
+
 
 def set_scheduler_none(device: str) -> None:
     """No I/O scheduler on a benchmarked device (a ublk device's default is mq-deadline)."""
