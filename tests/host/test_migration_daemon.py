@@ -9,9 +9,11 @@ import json
 import os
 import random
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 import pytest
 from control_fakes import fake_info, serving
 
-from ublkmig import control, native
+from ublkmig import control, native, state
 from ublkmig.cli import main
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="data plane not built")
@@ -389,3 +391,25 @@ def test_protocol_bad_migrate_requests(daemon: Daemon, args: dict[str, Any], mes
     with pytest.raises(control.ControlError) as e:
         control.request(control.socket_path(42), "migrate", **args)
     assert str(e.value).startswith(message)
+
+
+def test_resume_goes_on_with_the_saved_options(
+    daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``migrate --resume`` takes the interrupted migration's options from its saved state
+    (here dbt, and a copier that does not yield) and compares what lies below ``reach``."""
+    dest = tmp_path / "dest.img"
+    shutil.copyfile(daemon.image, dest)  # an earlier copy: the first chunks are there
+    state.write(state.migration_path(42), {
+        "device": DEV, "source": str(daemon.image), "dest": str(dest), "mode": "dbt",
+        "chunk_size": 1 << 20, "speed": None, "no_cutover": False, "verify": False,
+        "fallback_wait_ms": 20.0, "yield": False, "phase": "copying", "reach": 4,
+        "chunks": SIZE >> 20, "cut_over": False, "updated": time.time(),
+    })  # fmt: skip
+    rc, out, err = cli(capsys, "migrate", "42", "--resume", "--wait")
+    assert rc == 0, err
+    mig = status(capsys)["migration"]
+    assert mig["phase"] == "completed" and mig["mode"] == "dbt" and mig["resumed"], mig
+    assert mig["busy_depth"] == 0 and mig["yielded_seconds"] == 0, mig
+    assert mig["bytes_matched"] == 4 << 20, mig  # the 4 chunks below reach, all equal
+    assert dest.read_bytes() == daemon.image.read_bytes()
