@@ -98,14 +98,14 @@ struct ubm_migration {
 	uint64_t mirrored_writes, tracked_writes, parked, dest_errors;
 	uint64_t max_latency_ns, cutover_latency_ns, cutover_ns;
 	uint64_t mirror_waits, mirror_wait_ns;
-	uint64_t yield_ns;         /* the copier held back for guest I/O (busy_depth) */
+	uint64_t yield_ns;         /* the copier held back reads for guest I/O (busy_depth) */
 	uint64_t pause_start_ns, last_pause_ns;
 	/* the copier */
 	struct ubm_queue cq;
 	struct copy_slot slots[MAX_COPY_DEPTH];
 	unsigned copy_depth;
-	unsigned busy_depth;       /* copies in flight while the guest has requests in flight */
-	uint64_t busy_resume_ns;   /* ... and no new copy before this (the copier thread's) */
+	unsigned busy_depth;       /* source reads while the guest has requests in flight */
+	uint64_t busy_resume_ns;   /* ... and none starts before this (the copier thread's) */
 };
 
 #define A_LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
@@ -1134,17 +1134,6 @@ static bool all_zero(const void *buf, size_t len)
 	return true;
 }
 
-/* A slot's copy ended.  While the guest is busy the copier then rests as long
- * as the copy took before the next one starts: it works at most half the time. */
-static void slot_free(struct ubm_migration *m, struct copy_slot *cs)
-{
-	uint64_t now = now_ns(), resume = now + (now - cs->t_start);
-
-	cs->state = CS_FREE;
-	if (resume > m->busy_resume_ns)
-		m->busy_resume_ns = resume;
-}
-
 /* A copy step failed: the chunk stays (or goes) dirty, the slot is free. */
 static int copy_failed(struct ubm_migration *m, unsigned i, int err)
 {
@@ -1227,12 +1216,19 @@ static int copy_result(struct ubm_migration *m, unsigned i, unsigned be_slot, in
 	if (res < 0)
 		return copy_failed(m, i, res);
 	if (cs->state == CS_READING) {
+		/* while the guest is busy, the next source read waits as long as
+		 * this one took (from the lock): the guest has the source at
+		 * least half the time */
+		uint64_t now = now_ns(), resume = now + (now - cs->t_start);
+
+		if (resume > m->busy_resume_ns)
+			m->busy_resume_ns = resume;
 		A_ADD(&m->bytes_read, io->req.len);
 		cs->zero = all_zero(cs->buf, io->req.len);
 		if (cs->zero && m->dest_zeroed && cs->first_copy) {
 			A_ADD(&m->bytes_skipped, io->req.len);
 			unlock_chunk(m, cs->chunk, true);
-			slot_free(m, cs);
+			cs->state = CS_FREE;
 			return 0;
 		}
 		if (cs->check)
@@ -1245,14 +1241,14 @@ static int copy_result(struct ubm_migration *m, unsigned i, unsigned be_slot, in
 			     : !memcmp(cs->buf, cs->check_buf, io->req.len)) {
 			A_ADD(&m->bytes_matched, io->req.len);
 			unlock_chunk(m, cs->chunk, true);
-			slot_free(m, cs);
+			cs->state = CS_FREE;
 			return 0;
 		}
 		return copy_write(m, i);
 	}
 	A_ADD(&m->bytes_copied, io->req.len);
 	unlock_chunk(m, cs->chunk, true);
-	slot_free(m, cs);
+	cs->state = CS_FREE;
 	return 0;
 }
 
@@ -1330,12 +1326,17 @@ UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *
 	}
 	for (;;) {
 		bool stop = ret < 0 || A_LOAD(&m->abort) || A_LOAD(&m->error);
-		/* the copier yields to the guest: while guest requests are in
-		 * flight it keeps at most busy_depth chunks in flight, and rests
-		 * between them (slot_free) */
+		/* the copier yields the source to the guest: while guest requests
+		 * are in flight it reads at most busy_depth chunks at a time and
+		 * rests after each read as long as it took (copy_result); writes
+		 * to the destination stay pipelined */
 		unsigned limit = A_LOAD(&m->inflight) ? m->busy_depth : m->copy_depth;
 		bool resting = limit < m->copy_depth && now_ns() < m->busy_resume_ns;
 		bool held = false;
+		unsigned reading = 0;
+
+		for (i = 0; i < m->copy_depth; i++)
+			reading += m->slots[i].state == CS_LOCKING || m->slots[i].state == CS_READING;
 
 		/* fill free slots with the next chunks of this pass */
 		for (i = 0; i < m->copy_depth && !stop; i++) {
@@ -1349,13 +1350,14 @@ UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *
 				next++;
 			if (next >= m->nr_chunks)
 				break;
-			if (busy >= limit || resting) {
+			if (reading >= limit || resting) {
 				held = true;
 				break;
 			}
 			cs->chunk = next++;
 			cs->state = CS_LOCKING;
 			cs->t_start = now_ns();
+			reading++;
 			if (pass == UBM_PASS_DIRTY)
 				m->hot[cs->chunk]++;
 			__atomic_fetch_or(&m->chunk[cs->chunk], CH_LOCKED, __ATOMIC_SEQ_CST);

@@ -127,8 +127,9 @@ struct ubm_mig_config {
 	uint64_t speed;            /* copier bytes/s, 0 = unlimited */
 	uint32_t direct;           /* open the destination with O_DIRECT */
 	uint32_t copy_depth;       /* chunks the copier keeps in flight (0: 4) */
-	uint32_t busy_depth;       /* ... while guest requests are in flight, resting after
-				    * each chunk as long as it took: the copier yields to
+	uint32_t busy_depth;       /* chunks read from the source at a time while guest
+				    * requests are in flight, with a rest after each read
+				    * as long as it took: the copier yields the source to
 				    * the guest (0: copy_depth, no yielding) */
 	const char *delta_dir;     /* snapshot: where the (unlinked) delta files live;
 				    * NULL: beside the source */
@@ -179,7 +180,7 @@ struct ubm_mig_stats {
 				    * destination (the cost of mirroring to the guest) */
 	uint64_t bytes_matched;    /* resuming: checked on the destination and found equal,
 				    * so not written */
-	uint64_t yield_ns;         /* time the copier held back (busy_depth, resting)
+	uint64_t yield_ns;         /* time the copier held back reads (busy_depth, rests)
 				    * because guest requests were in flight */
 };
 

@@ -364,9 +364,9 @@ def _ask(device: int, cmd: str, **args: Any) -> dict[str, Any]:
 @click.option(
     "--no-yield",
     is_flag=True,
-    help="Copy at full speed (4 chunks in flight) even while the guest has I/O in flight; "
-    "by default the copier then yields to the guest: 1 chunk in flight, and a rest as long "
-    "as each chunk took before the next.",
+    help="Copy at full speed even while the guest has I/O in flight; by default the copier "
+    "then yields the source to the guest: it reads 1 chunk at a time (not 4) and rests after "
+    "each read as long as the read took.",
 )
 @click.option(
     "--no-cutover",

@@ -155,8 +155,9 @@ def markdown(r: dict[str, Any]) -> str:
         d = sc["yield"]
         lines += load_md(d, "## 5. The copier yielding to guest I/O")
         lines += ["", "Yielding (the default): while the guest has requests in flight the "
-                  "copier keeps 1 chunk in flight and rests as long as each chunk took "
-                  "before the next; not yielding (--no-yield): always 4, no rest. "
+                  "copier reads 1 chunk at a time from the source and rests after each read "
+                  "as long as it took (writes to the destination stay pipelined); not "
+                  "yielding (--no-yield): 4 chunks at a time, no rest. "
                   "Seconds the copier held back (median): "
                   + ", ".join(f"{r['mode']} {r.get('yielded_seconds') or 0:.2f}"
                               for r in d["runs"]) + "."]  # fmt: skip

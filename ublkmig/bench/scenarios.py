@@ -522,7 +522,8 @@ def _slow_run(s: Settings, job: FioJob, mode: str, kind: str, image: Path,
 def yielding(s: Settings, work: Path) -> dict[str, Any]:
     """The unthrottled load while the disk moves to a file on the same tmpfs, in mirror and
     dbt mode, with the copier yielding to guest I/O (the default: while the guest has
-    requests in flight, 1 chunk in flight and a rest after each) and without (--no-yield)."""
+    requests in flight, one source read at a time and a rest after each) and without
+    (--no-yield)."""
     size = min(s.size, 256 * MiB)
     image, dest, pristine = work / "yield.img", work / "yield-dest.img", work / "pristine.img"
     make_image(pristine, size)
