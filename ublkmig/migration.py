@@ -48,7 +48,8 @@ from ublkmig.native import MigStats, Pass
 from ublkmig.units import format_size
 
 DEFAULT_CHUNK_SIZE = 1 << 20
-# chunks the copier keeps in flight while the guest has requests in flight (of 4 otherwise)
+# chunks the copier reads from the source at a time while the guest has requests in
+# flight (4 in flight otherwise)
 DEFAULT_BUSY_DEPTH = 1
 
 

@@ -275,7 +275,7 @@ class MigrationConfig:
     speed: int = 0  # copier bytes/s, 0 = unlimited
     direct: bool = False
     copy_depth: int = 0  # chunks in flight (0: the data plane's default)
-    busy_depth: int = 0  # ... while guest requests are in flight (0: copy_depth, no yielding)
+    busy_depth: int = 0  # source reads at a time while the guest is busy (0: no yielding)
     delta_dir: str | os.PathLike[str] | None = None  # snapshot deltas; None: beside the source
     check_below: int = 0  # resuming: chunks below this are compared before being written
 
