@@ -20,13 +20,21 @@
  * reply completes its request through q->be_done(), as a CQE would.
  *
  * A connection that fails (send or receive error, end of stream, a reply
- * that makes no sense) is dead: every request on it fails with the error
- * and later ones fail at once.  Before the cutover that is a destination
- * error (the chunk goes dirty; the migration fails, the source stays).
+ * that makes no sense, or no reply due within the timeout) is dead: every
+ * request on it fails with the error and later ones fail at once.  Before
+ * the cutover that is a destination error (the chunk goes dirty; the
+ * migration reconnects or fails, the source stays).
+ *
+ * Every wait on the server has a deadline (be->timeout_ms, 30 s unless set):
+ * each armed receive carries a linked timeout, the dial and the handshake
+ * run against one deadline (and take at most MAX_OPT_REPLIES replies), TCP
+ * connections give up unacknowledged data after it (TCP_USER_TIMEOUT) and
+ * probe idle peers (keepalive), and the control thread's requests share it.
  */
 #include <arpa/inet.h>
 #include <ctype.h>
 #include <endian.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -36,6 +44,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -63,7 +72,8 @@ enum { CMD_READ = 0, CMD_WRITE = 1, CMD_DISC = 2, CMD_FLUSH = 3, CMD_WRITE_ZEROE
 enum { CMD_FLAG_FUA = 1, CMD_FLAG_NO_HOLE = 2 };
 
 #define MAX_PAYLOAD (32u << 20)  /* the protocol's advice, and qemu-nbd's limit */
-#define HANDSHAKE_TIMEOUT 10     /* seconds, per connect / read / write */
+#define DEFAULT_TIMEOUT_MS 30000 /* be->timeout_ms unset */
+#define MAX_OPT_REPLIES 64       /* replies to NBD_OPT_GO before it is given up */
 
 struct nbd_request {
 	uint32_t magic;
@@ -84,7 +94,7 @@ enum { STAGE_MAIN = 0, STAGE_SYNC = 1 };
 enum { NQ_IDLE = 0, NQ_QUEUED, NQ_SENT };
 
 /* what a connection's CQE was (user_data bits 48..55) */
-enum { W_SEND_HDR = 1, W_SEND_DATA = 2, W_REPLY = 3, W_DATA = 4 };
+enum { W_SEND_HDR = 1, W_SEND_DATA = 2, W_REPLY = 3, W_DATA = 4, W_TIMEOUT = 5 };
 
 struct nbd_conn {
 	struct nbd_conn *next;
@@ -104,6 +114,8 @@ struct nbd_conn {
 	bool rx_armed;
 	int dead;                  /* 0, or the -errno that killed it */
 	int fresh_fd;              /* dialled by reconnect(), for the ring to take (atomic) */
+	uint64_t seq;              /* cookies: tag | seq << 16, so a stale reply is refused */
+	struct __kernel_timespec timeout;  /* the armed receive's deadline (linked timeout) */
 	struct nbd_reply rep;
 };
 
@@ -111,7 +123,10 @@ struct nbd_backend {
 	char *uri, *host, *port, *socket, *export;
 	uint16_t flags;
 	uint32_t max_payload;
-	pthread_mutex_t lock;      /* the sync connection and the list */
+	uint32_t timeout_ms;       /* every wait on the server: a reply, a handshake, a dial */
+	uint64_t dial_deadline;    /* open(), then attach() of every ring: one deadline */
+	pthread_mutex_t lock;      /* the sync connection (held while a request waits) */
+	pthread_mutex_t list_lock; /* the list of connections (never held while waiting) */
 	int sync_fd;
 	uint64_t sync_cookie;
 	struct nbd_conn *conns;
@@ -226,16 +241,55 @@ static int parse_uri(struct nbd_backend *nb, const char *uri)
 
 /* ---- the handshake (blocking) --------------------------------------------------- */
 
-static int full_io(int fd, void *buf, size_t len, bool wr)
+static uint64_t mono_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t deadline_after(const struct nbd_backend *nb)
+{
+	return mono_ns() + (uint64_t)nb->timeout_ms * 1000000ull;
+}
+
+/* Wait until fd is ready for `events`, or the deadline passes; 0 or -errno. */
+static int wait_fd(int fd, short events, uint64_t deadline)
+{
+	struct pollfd p = { .fd = fd, .events = events };
+
+	for (;;) {
+		uint64_t now = mono_ns();
+		int r;
+
+		if (now >= deadline)
+			return -ETIMEDOUT;
+		r = poll(&p, 1, (int)((deadline - now + 999999) / 1000000));
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0)
+			return -errno;
+		if (r > 0)
+			return 0;
+	}
+}
+
+/* Send or receive len bytes by the deadline (the whole transfer, not each call). */
+static int full_io(int fd, void *buf, size_t len, bool wr, uint64_t deadline)
 {
 	for (size_t done = 0; done < len;) {
-		ssize_t n = wr ? send(fd, (char *)buf + done, len - done, MSG_NOSIGNAL)
-			       : recv(fd, (char *)buf + done, len - done, 0);
+		ssize_t n;
+		int ret = wait_fd(fd, wr ? POLLOUT : POLLIN, deadline);
 
-		if (n < 0 && errno == EINTR)
+		if (ret < 0)
+			return ret;
+		n = wr ? send(fd, (char *)buf + done, len - done, MSG_NOSIGNAL | MSG_DONTWAIT)
+		       : recv(fd, (char *)buf + done, len - done, MSG_DONTWAIT);
+		if (n < 0 && (errno == EINTR || errno == EAGAIN))
 			continue;
 		if (n < 0)
-			return errno == EAGAIN ? -ETIMEDOUT : -errno;
+			return -errno;
 		if (n == 0)
 			return -ECONNRESET;
 		done += (size_t)n;
@@ -243,43 +297,44 @@ static int full_io(int fd, void *buf, size_t len, bool wr)
 	return 0;
 }
 
-static void set_timeouts(int fd, int seconds)
+/* connect() by the deadline; 0 or -errno */
+static int connect_fd(int fd, const struct sockaddr *sa, socklen_t len, uint64_t deadline)
 {
-	struct timeval tv = { .tv_sec = seconds };
-
-	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-}
-
-/* connect(), finishing one a signal interrupted; 0 or -errno */
-static int connect_fd(int fd, const struct sockaddr *sa, socklen_t len)
-{
-	struct pollfd p = { .fd = fd, .events = POLLOUT };
-	int err = 0;
+	int flags = fcntl(fd, F_GETFL), err = 0, ret;
 	socklen_t n = sizeof(err);
 
-	if (connect(fd, sa, len) == 0)
-		return 0;
-	if (errno != EINTR)
-		return errno == EINPROGRESS ? -ETIMEDOUT : -errno;
-	/* the attempt goes on in the background: wait for its outcome */
-	for (;;) {
-		int r = poll(&p, 1, HANDSHAKE_TIMEOUT * 1000);
-
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r <= 0)
-			return r == 0 ? -ETIMEDOUT : -errno;
-		break;
-	}
-	if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &n) < 0)
+	if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0)
 		return -errno;
-	return -err;
+	ret = connect(fd, sa, len) == 0 ? 0 : -errno;
+	if (ret == -EINPROGRESS || ret == -EINTR) {
+		ret = wait_fd(fd, POLLOUT, deadline);
+		if (ret == 0)
+			ret = getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &n) < 0 ? -errno : -err;
+	}
+	if (ret == 0 && fcntl(fd, F_SETFL, flags) < 0)
+		ret = -errno;
+	return ret;
 }
 
-static int dial(struct nbd_backend *nb)
+/* A TCP connection whose peer vanishes (a partition, a dead host) fails within the timeout
+ * rather than never: unacknowledged data gives up after it, and an idle connection is
+ * probed (the replies' own deadline covers a peer that acknowledges but never answers). */
+static void tcp_deadlines(int fd, uint32_t timeout_ms)
 {
-	int fd, err = 0, one = 1;
+	int one = 1, idle = (int)(timeout_ms / 3000) ? (int)(timeout_ms / 3000) : 1, cnt = 3;
+	unsigned user = timeout_ms;
+
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
+	setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
+	setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &idle, sizeof(idle));
+	setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt));
+	setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &user, sizeof(user));
+}
+
+static int dial(struct nbd_backend *nb, uint64_t deadline)
+{
+	int fd, err = 0;
 
 	if (nb->socket) {
 		struct sockaddr_un sa = { .sun_family = AF_UNIX };
@@ -288,8 +343,7 @@ static int dial(struct nbd_backend *nb)
 		fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 		if (fd < 0)
 			return ubm_fail(errno, "%s: socket: %s", nb->uri, strerror(errno));
-		set_timeouts(fd, HANDSHAKE_TIMEOUT);
-		err = -connect_fd(fd, (struct sockaddr *)&sa, sizeof(sa));
+		err = -connect_fd(fd, (struct sockaddr *)&sa, sizeof(sa), deadline);
 		if (err == 0)
 			return fd;
 		close(fd);
@@ -309,8 +363,7 @@ static int dial(struct nbd_backend *nb)
 			err = errno;
 			continue;
 		}
-		set_timeouts(fd, HANDSHAKE_TIMEOUT);
-		err = -connect_fd(fd, a->ai_addr, a->ai_addrlen);
+		err = -connect_fd(fd, a->ai_addr, a->ai_addrlen, deadline);
 		if (err == 0)
 			break;
 		close(fd);
@@ -320,13 +373,21 @@ static int dial(struct nbd_backend *nb)
 	if (fd < 0)
 		return ubm_fail(err, "%s: cannot connect to %s port %s: %s", nb->uri, nb->host,
 				nb->port, strerror(err));
-	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	tcp_deadlines(fd, nb->timeout_ms);
 	return fd;
 }
 
 /* Fixed newstyle handshake with NBD_OPT_GO; fills *size and *flags. */
+/* Control characters of a server's text (an error message) as '?': it reaches a terminal. */
+static void printable(char *text)
+{
+	for (unsigned char *p = (unsigned char *)text; *p; p++)
+		if (*p < 0x20 || *p == 0x7f)
+			*p = '?';
+}
+
 static int handshake(struct nbd_backend *nb, int fd, uint64_t *size, uint16_t *flags,
-		     uint32_t *max_payload)
+		     uint32_t *max_payload, uint64_t deadline)
 {
 	struct {
 		uint64_t magic, opt;
@@ -341,9 +402,10 @@ static int handshake(struct nbd_backend *nb, int fd, uint64_t *size, uint16_t *f
 	};
 	uint16_t no_infos = 0;
 	bool have_export = false;
+	unsigned replies = 0;
 	int ret;
 
-	ret = full_io(fd, &hello, sizeof(hello), false);
+	ret = full_io(fd, &hello, sizeof(hello), false, deadline);
 	if (ret < 0)
 		return ubm_fail(-ret, "%s: no NBD greeting from the server: %s", nb->uri,
 				strerror(-ret));
@@ -356,9 +418,10 @@ static int handshake(struct nbd_backend *nb, int fd, uint64_t *size, uint16_t *f
 		return ubm_fail(EPROTO, "%s: the NBD server does not offer fixed newstyle "
 				"negotiation", nb->uri);
 	client = htobe32(HS_FIXED_NEWSTYLE | (be16toh(hello.flags) & HS_NO_ZEROES));
-	if ((ret = full_io(fd, &client, 4, true)) < 0 || (ret = full_io(fd, &go, sizeof(go), true)) < 0 ||
-	    (ret = full_io(fd, nb->export, namelen, true)) < 0 ||
-	    (ret = full_io(fd, &no_infos, 2, true)) < 0)
+	if ((ret = full_io(fd, &client, 4, true, deadline)) < 0 ||
+	    (ret = full_io(fd, &go, sizeof(go), true, deadline)) < 0 ||
+	    (ret = full_io(fd, nb->export, namelen, true, deadline)) < 0 ||
+	    (ret = full_io(fd, &no_infos, 2, true, deadline)) < 0)
 		return ubm_fail(-ret, "%s: the NBD handshake failed: %s", nb->uri, strerror(-ret));
 	*max_payload = MAX_PAYLOAD;
 	for (;;) {
@@ -369,10 +432,13 @@ static int handshake(struct nbd_backend *nb, int fd, uint64_t *size, uint16_t *f
 		char data[1024];
 		uint32_t type, len;
 
-		ret = full_io(fd, &rep, sizeof(rep), false);
+		if (++replies > MAX_OPT_REPLIES)
+			return ubm_fail(EPROTO, "%s: the NBD server sent more than %d replies to one "
+					"option", nb->uri, MAX_OPT_REPLIES);
+		ret = full_io(fd, &rep, sizeof(rep), false, deadline);
 		if (ret < 0)
 			return ubm_fail(-ret, "%s: the NBD handshake failed: %s", nb->uri,
-					strerror(-ret));
+					ret == -ETIMEDOUT ? "no answer in time" : strerror(-ret));
 		type = be32toh(rep.type);
 		len = be32toh(rep.len);
 		if (be64toh(rep.magic) != OPT_REPLY_MAGIC || be32toh(rep.opt) != OPT_GO)
@@ -382,13 +448,14 @@ static int handshake(struct nbd_backend *nb, int fd, uint64_t *size, uint16_t *f
 			uint32_t n = len - got < sizeof(data) ? len - got : (uint32_t)sizeof(data);
 
 			/* keep the first 1 KiB (all we read), skip the rest */
-			ret = full_io(fd, got ? (char[1024]){0} : data, n, false);
+			ret = full_io(fd, got ? (char[1024]){0} : data, n, false, deadline);
 			if (ret < 0)
 				return ubm_fail(-ret, "%s: the NBD handshake failed: %s", nb->uri,
 						strerror(-ret));
 			got += n;
 		}
 		data[sizeof(data) - 1] = 0;
+		printable(data);
 		if (type == REP_ACK)
 			break;
 		if (type == REP_INFO && len >= 2) {
@@ -444,26 +511,30 @@ static int handshake(struct nbd_backend *nb, int fd, uint64_t *size, uint16_t *f
 	return 0;
 }
 
-/* A new connection, past the handshake; checks it matches the first one's export. */
-static int nbd_connect(struct ubm_backend *be)
+/* A new connection, past the handshake, by the deadline; checks it matches the first one's
+ * export. */
+static int nbd_connect(struct ubm_backend *be, uint64_t deadline)
 {
 	struct nbd_backend *nb = be->priv;
 	uint64_t size = 0;
 	uint16_t flags = 0;
 	uint32_t max_payload;
-	int fd = dial(nb), ret;
+	int fd = dial(nb, deadline), ret;
 
 	if (fd < 0)
 		return fd;
-	ret = handshake(nb, fd, &size, &flags, &max_payload);
+	ret = handshake(nb, fd, &size, &flags, &max_payload, deadline);
 	if (ret < 0) {
 		close(fd);
 		return ret;
 	}
 	if (be->size && (size != be->size || flags != nb->flags)) {
+		/* also on a reconnect: a server restarted on another export is refused */
 		close(fd);
-		return ubm_fail(EPROTO, "%s: a second connection to the NBD server saw a different "
-				"export", nb->uri);
+		return ubm_fail(EPROTO, "%s: a new connection to the NBD server saw a different "
+				"export (%llu bytes, flags 0x%x; was %llu bytes, flags 0x%x)", nb->uri,
+				(unsigned long long)size, flags, (unsigned long long)be->size,
+				nb->flags);
 	}
 	be->size = size;
 	nb->flags = flags;
@@ -479,6 +550,7 @@ static void nbd_free(struct nbd_backend *nb)
 	free(nb->socket);
 	free(nb->export);
 	pthread_mutex_destroy(&nb->lock);
+	pthread_mutex_destroy(&nb->list_lock);
 	free(nb);
 }
 
@@ -490,13 +562,17 @@ static int nbd_open(struct ubm_backend *be, const char *uri)
 	if (!nb)
 		return ubm_fail(ENOMEM, "out of memory");
 	pthread_mutex_init(&nb->lock, NULL);
+	pthread_mutex_init(&nb->list_lock, NULL);
+	nb->timeout_ms = be->timeout_ms ? be->timeout_ms : DEFAULT_TIMEOUT_MS;
 	nb->sync_fd = -1;
 	be->priv = nb;
 	be->size = 0;
 	nb->uri = strdup(uri);
 	ret = nb->uri ? parse_uri(nb, uri) : ubm_fail(ENOMEM, "out of memory");
+	/* the migration's start dials a connection for every ring next: all by then */
+	nb->dial_deadline = deadline_after(nb);
 	if (ret == 0)
-		ret = nbd_connect(be);
+		ret = nbd_connect(be, nb->dial_deadline);
 	if (ret < 0) {
 		nbd_free(nb);
 		be->priv = NULL;
@@ -600,20 +676,22 @@ static int nbd_attach(struct ubm_backend *be, struct ubm_queue *q, unsigned slot
 		goto fail;
 	}
 	pthread_mutex_lock(&nb->lock);
-	fd = nbd_connect(be);
+	fd = nbd_connect(be, nb->dial_deadline);
 	pthread_mutex_unlock(&nb->lock);
 	if (fd < 0)
 		goto fail;
-	set_timeouts(fd, 0);
 	c->fd = fd;
 	c->fresh_fd = -1;
 	c->q = q;
 	c->slot = slot;
 	c->serial = __atomic_add_fetch(&next_serial, 1, __ATOMIC_RELAXED);
-	pthread_mutex_lock(&nb->lock);
+	c->timeout = (struct __kernel_timespec){
+		.tv_sec = nb->timeout_ms / 1000, .tv_nsec = (nb->timeout_ms % 1000) * 1000000ll,
+	};
+	pthread_mutex_lock(&nb->list_lock);
 	c->next = nb->conns;
 	nb->conns = c;
-	pthread_mutex_unlock(&nb->lock);
+	pthread_mutex_unlock(&nb->list_lock);
 	__atomic_store_n(&q->be_ctx[slot], c, __ATOMIC_RELEASE);
 	return 0;
 fail:
@@ -649,7 +727,7 @@ static void nbd_detach(struct ubm_backend *be, struct ubm_queue *q)
 
 	if (!nb)
 		return;
-	pthread_mutex_lock(&nb->lock);
+	pthread_mutex_lock(&nb->list_lock);
 	for (pc = &nb->conns; (c = *pc);) {
 		if (c->q == q) {
 			*pc = c->next;
@@ -658,7 +736,7 @@ static void nbd_detach(struct ubm_backend *be, struct ubm_queue *q)
 			pc = &c->next;
 		}
 	}
-	pthread_mutex_unlock(&nb->lock);
+	pthread_mutex_unlock(&nb->list_lock);
 }
 
 /* On the owning ring, with nothing in flight on it: take the connection
@@ -765,20 +843,54 @@ static void start_chain(struct nbd_conn *c)
 		sqe->msg_flags &= ~MSG_MORE;  /* the chain's end: push it out */
 }
 
+/*
+ * Two SQEs for a receive and its linked timeout: the server has
+ * nb->timeout_ms to send what is due (with requests outstanding), or the
+ * connection is dead (-ETIMEDOUT): a server that takes requests and never
+ * answers, or a partition TCP does not notice, ends the requests on it as a
+ * lost connection would.  NULL if the ring has no room.
+ */
+static struct io_uring_sqe *prep_timed_recv(struct nbd_conn *c)
+{
+	struct io_uring *ring = &c->q->ring;
+
+	if (io_uring_sq_space_left(ring) < 2)
+		io_uring_submit(ring);
+	if (io_uring_sq_space_left(ring) < 2)
+		return NULL;
+	return io_uring_get_sqe(ring);  /* (the caller links it, after its prep) */
+}
+
+static void link_timeout(struct nbd_conn *c)
+{
+	struct io_uring_sqe *sqe = io_uring_get_sqe(&c->q->ring);
+
+	io_uring_prep_link_timeout(sqe, &c->timeout, 0);
+	io_uring_sqe_set_data64(sqe, conn_ud(c, 0, W_TIMEOUT));
+}
+
 static void arm_reply(struct nbd_conn *c)
 {
 	struct io_uring_sqe *sqe;
 
 	if (c->rx_armed || c->dead || !c->outstanding)
 		return;
-	sqe = ubm_queue_sqe(c->q);
+	sqe = prep_timed_recv(c);
 	if (!sqe) {
 		conn_dead(c, -EBUSY);
 		return;
 	}
 	io_uring_prep_recv(sqe, c->fd, &c->rep, sizeof(c->rep), MSG_WAITALL);
+	sqe->flags |= IOSQE_IO_LINK;  /* (prep clears the flags) */
 	io_uring_sqe_set_data64(sqe, conn_ud(c, 0, W_REPLY));
+	link_timeout(c);
 	c->rx_armed = true;
+}
+
+/* A receive's result as the connection's error: its linked timeout cancelled it. */
+static int recv_error(int res, int eof)
+{
+	return res == -ECANCELED ? -ETIMEDOUT : res < 0 ? res : eof;
 }
 
 static int submit(struct nbd_conn *c, unsigned tag, const struct ubm_req *req, uint16_t type,
@@ -792,7 +904,7 @@ static int submit(struct nbd_conn *c, unsigned tag, const struct ubm_req *req, u
 	h->magic = htobe32(REQUEST_MAGIC);
 	h->flags = htobe16(flags);
 	h->type = htobe16(type);
-	h->cookie = htobe64(tag);
+	h->cookie = htobe64(tag | ++c->seq << 16);
 	h->offset = htobe64(data ? req->offset : 0);
 	h->length = htobe32(data ? req->len : 0);
 	c->req[tag] = req;
@@ -908,6 +1020,8 @@ static void nbd_conn_cqe(struct ubm_backend *be, struct ubm_queue *q,
 	if (!c || c->serial != (uint16_t)(cqe->user_data >> 32))
 		return;  /* a connection closed since */
 	switch (what) {
+	case W_TIMEOUT:  /* its receive says what happened */
+		break;
 	case W_SEND_HDR:
 	case W_SEND_DATA: {
 		int want = what == W_SEND_HDR ? (int)sizeof(struct nbd_request) : (int)c->req[tag]->len;
@@ -924,18 +1038,20 @@ static void nbd_conn_cqe(struct ubm_backend *be, struct ubm_queue *q,
 		if (c->dead)
 			break;
 		if (cqe->res != (int)sizeof(c->rep)) {
-			conn_dead(c, cqe->res < 0 ? cqe->res : -ECONNRESET);
+			conn_dead(c, recv_error(cqe->res, -ECONNRESET));
 			break;
 		}
-		tag = (unsigned)be64toh(c->rep.cookie);
+		tag = (unsigned)(be64toh(c->rep.cookie) & 0xffff);
+		/* the whole cookie: a stale or duplicate reply must not end the
+		 * tag's next request */
 		if (be32toh(c->rep.magic) != SIMPLE_REPLY_MAGIC || tag >= c->depth ||
-		    c->state[tag] != NQ_SENT) {
+		    c->state[tag] != NQ_SENT || c->rep.cookie != c->hdr[tag].cookie) {
 			conn_dead(c, -EPROTO);
 			break;
 		}
 		req = c->req[tag];
 		if (be16toh(c->hdr[tag].type) == CMD_READ && c->rep.error == 0) {
-			struct io_uring_sqe *sqe = ubm_queue_sqe(q);
+			struct io_uring_sqe *sqe = prep_timed_recv(c);
 
 			if (!sqe) {
 				conn_dead(c, -EBUSY);
@@ -949,7 +1065,9 @@ static void nbd_conn_cqe(struct ubm_backend *be, struct ubm_queue *q,
 			} else {
 				io_uring_prep_recv(sqe, c->fd, req->buf, req->len, MSG_WAITALL);
 			}
+			sqe->flags |= IOSQE_IO_LINK;
 			io_uring_sqe_set_data64(sqe, conn_ud(c, tag, W_DATA));
+			link_timeout(c);
 			c->rx_armed = true;
 			c->rx_tag = tag;
 			break;
@@ -962,7 +1080,7 @@ static void nbd_conn_cqe(struct ubm_backend *be, struct ubm_queue *q,
 		if (c->dead)
 			break;
 		if (cqe->res != (int)c->req[c->rx_tag]->len) {
-			conn_dead(c, cqe->res < 0 ? cqe->res : -ECONNRESET);
+			conn_dead(c, recv_error(cqe->res, -ECONNRESET));
 			break;
 		}
 		request_done(c, c->rx_tag, cqe->res);
@@ -978,6 +1096,7 @@ static int nbd_sync_io(struct ubm_backend *be, int op, void *buf, uint32_t len, 
 	struct nbd_backend *nb = be->priv;
 	struct nbd_request h = { .magic = htobe32(REQUEST_MAGIC) };
 	struct nbd_reply r;
+	uint64_t deadline;
 	int ret;
 
 	if (op == UBLK_IO_OP_READ) {
@@ -992,16 +1111,22 @@ static int nbd_sync_io(struct ubm_backend *be, int op, void *buf, uint32_t len, 
 		return -EOPNOTSUPP;
 	}
 	pthread_mutex_lock(&nb->lock);
+	deadline = deadline_after(nb);
 	h.cookie = htobe64(++nb->sync_cookie);
-	ret = full_io(nb->sync_fd, &h, sizeof(h), true);
+	ret = full_io(nb->sync_fd, &h, sizeof(h), true, deadline);
 	if (ret == 0)
-		ret = full_io(nb->sync_fd, &r, sizeof(r), false);
+		ret = full_io(nb->sync_fd, &r, sizeof(r), false, deadline);
 	if (ret == 0 && (be32toh(r.magic) != SIMPLE_REPLY_MAGIC || r.cookie != h.cookie))
 		ret = -EPROTO;
 	if (ret == 0 && r.error)
 		ret = reply_errno(be32toh(r.error));
 	else if (ret == 0 && op == UBLK_IO_OP_READ)
-		ret = full_io(nb->sync_fd, buf, len, false);
+		ret = full_io(nb->sync_fd, buf, len, false, deadline);
+	if (ret == -ETIMEDOUT || ret == -EPROTO) {
+		/* the stream's place is lost (a late reply would come next):
+		 * the connection is of no further use; reconnect() dials it */
+		shutdown(nb->sync_fd, SHUT_RDWR);
+	}
 	pthread_mutex_unlock(&nb->lock);
 	return ret;
 }
@@ -1013,11 +1138,14 @@ static unsigned nbd_down(struct ubm_backend *be)
 
 	if (!nb)
 		return 0;
-	pthread_mutex_lock(&nb->lock);
+	/* not nb->lock: a request on the control thread's connection holds it for
+	 * up to the timeout, and stats must not wait that long */
+	pthread_mutex_lock(&nb->list_lock);
 	for (struct nbd_conn *c = nb->conns; c; c = c->next)
 		n += lost(c);
-	n += hung_up(nb->sync_fd);  /* the control thread's (reconnect() dials it too) */
-	pthread_mutex_unlock(&nb->lock);
+	pthread_mutex_unlock(&nb->list_lock);
+	/* the control thread's (reconnect() dials it too) */
+	n += hung_up(__atomic_load_n(&nb->sync_fd, __ATOMIC_ACQUIRE));
 	return n;
 }
 
@@ -1029,23 +1157,24 @@ static unsigned nbd_down(struct ubm_backend *be)
 static int nbd_reconnect(struct ubm_backend *be)
 {
 	struct nbd_backend *nb = be->priv;
+	uint64_t deadline = deadline_after(nb);  /* for all of them */
 	int fd;
 
 	for (struct nbd_conn *c = nb->conns; c; c = c->next) {
 		if (!lost(c))
 			continue;
-		fd = nbd_connect(be);
+		fd = nbd_connect(be, deadline);
 		if (fd < 0)
 			return fd;
-		set_timeouts(fd, 0);
 		__atomic_store_n(&c->fresh_fd, fd, __ATOMIC_RELEASE);
 	}
-	fd = nbd_connect(be);  /* the control thread's may be just as broken */
+	fd = nbd_connect(be, deadline);  /* the control thread's may be just as broken */
 	if (fd < 0)
 		return fd;
 	pthread_mutex_lock(&nb->lock);
 	close(nb->sync_fd);
-	nb->sync_fd = be->fd = fd;
+	__atomic_store_n(&nb->sync_fd, fd, __ATOMIC_RELEASE);
+	be->fd = fd;
 	pthread_mutex_unlock(&nb->lock);
 	return 0;
 }
@@ -1065,7 +1194,7 @@ static void nbd_close(struct ubm_backend *be)
 	}
 	if (nb->sync_fd >= 0) {
 		/* a polite goodbye; the server may close without one too */
-		full_io(nb->sync_fd, &h, sizeof(h), true);
+		full_io(nb->sync_fd, &h, sizeof(h), true, mono_ns() + 1000000000ull);
 		close(nb->sync_fd);
 	}
 	nbd_free(nb);

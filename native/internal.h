@@ -108,6 +108,7 @@ struct ubm_backend {
 	bool read_only, direct, is_blockdev;
 	bool can_discard;       /* the backend can deallocate (punch holes / discard) */
 	bool no_zero_range;     /* FALLOC_FL_ZERO_RANGE refused once: punch instead */
+	uint32_t timeout_ms;    /* remote backends: the longest wait on the server (0: 30 s) */
 	struct __kernel_timespec delay;  /* tests: hold every write this long first */
 	void *priv;             /* the backend's own state */
 };
@@ -266,8 +267,8 @@ static inline void ubm_stat_inc(uint64_t *c, uint64_t v)
 int ubm_mig_route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag);
 /* 1: the request failed on a snapshot delta and must be routed again (park it) */
 int ubm_mig_io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag);
-/* a backend's part of a request routed by the migration ended */
-void ubm_mig_part_done(struct ubm_migration *m, struct ubm_io *io, unsigned slot);
+/* a backend's part of a request routed by the migration ended with res */
+void ubm_mig_part_done(struct ubm_migration *m, struct ubm_io *io, unsigned slot, int res);
 
 /* dev.c: a FETCH / COMMIT_AND_FETCH completed on a ublk queue */
 void ubm_dev_cmd_cqe(struct ubm_queue *q, const struct io_uring_cqe *cqe);

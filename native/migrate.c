@@ -51,9 +51,14 @@
 #define MIG_IO_MIRRORED 1  /* sent to both sides */
 #define MIG_IO_TRACKED 2   /* source only, touching copied chunks: dirty them when done */
 #define MIG_IO_REFS 4      /* holds chunk references */
+#define MIG_IO_DEST_FAILED 8  /* its destination part failed, and that is recorded */
 
 #define HOT_PASSES 2       /* dirtied again in this many dirty passes: defer to the final one */
 #define MAX_COPY_DEPTH 16
+/* a destination that can lose its connections (NBD) is flushed this often
+ * while the copier runs: what a lost connection may have lost since is what
+ * is copied again (ubm_mig_reconnect) */
+#define FLUSH_INTERVAL_NS 1000000000ull
 
 enum { CS_FREE = 0, CS_LOCKING, CS_READING, CS_CHECKING, CS_WRITING };
 
@@ -61,7 +66,9 @@ struct copy_slot {
 	int state;
 	unsigned from;     /* backend slot the chunk is read from */
 	uint64_t chunk;
-	bool first_copy;   /* the destination chunk was never written */
+	bool first_copy;   /* the copier has not copied the chunk before */
+	bool fresh;        /* ... and nothing wrote it on the destination: on a zeroed
+			    * destination it reads as zeroes */
 	bool check;        /* resuming: compare with the destination's before writing */
 	bool zero;         /* the source chunk reads as zeroes */
 	uint64_t t_start;  /* when the copy began (ns) */
@@ -75,6 +82,10 @@ struct ubm_migration {
 	unsigned chunk_shift;
 	uint32_t *chunk;           /* state words */
 	uint64_t *dirty;           /* bitmap */
+	uint64_t *dest_written;    /* bitmap: chunks a guest write was sent to on the destination
+				    * (a zero chunk there is not known to read as zeroes) */
+	uint64_t *unflushed;       /* bitmap: chunks written on the destination since its last
+				    * successful flush (a lost connection may have lost them) */
 	uint8_t *hot;              /* dirty passes a chunk was copied in, in a row */
 	uint8_t *newest;           /* snapshot: generation holding each chunk's newest data */
 	struct ubm_backend delta[UBM_MAX_DELTAS];
@@ -85,6 +96,9 @@ struct ubm_migration {
 	uint32_t paused;
 	uint32_t abort;
 	uint32_t cut_over;
+	uint32_t held;             /* the cutover's hold paused guest I/O (ubm_mig_cutover_hold) */
+	uint64_t hold_start_ns, cutover_pause_ns;
+	uint64_t last_flush_ns;    /* the copier's last flush of the destination */
 	int32_t error;
 	uint32_t epoch;            /* ubm_mig_reconnect() count: failures routed before are old */
 	uint32_t delta_failed;     /* snapshot: DELTA_FAILED or DELTA_UNFOLDABLE, else 0 */
@@ -139,13 +153,14 @@ static void set_error(struct ubm_migration *m, int err)
 				    __ATOMIC_SEQ_CST);
 }
 
-/* A guest request failed on the destination.  One routed before the last
- * ubm_mig_reconnect() failed on a connection since replaced: counted, but
- * not the migration's error any more (its chunks went dirty all the same). */
-static void dest_failed(struct ubm_migration *m, const struct ubm_io *io)
+/* A guest request failed on the destination with err.  One routed before
+ * the last ubm_mig_reconnect() failed on a connection since replaced:
+ * counted, but not the migration's error any more (its chunks went dirty all
+ * the same). */
+static void dest_failed(struct ubm_migration *m, const struct ubm_io *io, int err)
 {
 	if (io->mig_epoch == A_LOAD(&m->epoch))
-		set_error(m, io->dest_result);
+		set_error(m, err);
 	else
 		A_ADD(&m->dest_errors, 1);
 }
@@ -172,11 +187,24 @@ static void fail_deltas(struct ubm_migration *m, int err)
 				    __ATOMIC_SEQ_CST);
 }
 
-/* ---- dirty map ----------------------------------------------------------------- */
+/* ---- chunk bitmaps: the dirty map, what the destination was written ------------ */
+
+static bool bit_test(uint64_t *map, uint64_t c)
+{
+	return A_LOAD(&map[c / 64]) & (1ull << (c % 64));
+}
+
+static void bit_set(uint64_t *map, uint64_t c)
+{
+	uint64_t bit = 1ull << (c % 64);
+
+	if (!(A_LOAD(&map[c / 64]) & bit))
+		__atomic_fetch_or(&map[c / 64], bit, __ATOMIC_SEQ_CST);
+}
 
 static bool is_dirty(struct ubm_migration *m, uint64_t c)
 {
-	return A_LOAD(&m->dirty[c / 64]) & (1ull << (c % 64));
+	return bit_test(m->dirty, c);
 }
 
 static void mark_dirty(struct ubm_migration *m, uint64_t c)
@@ -374,6 +402,10 @@ int ubm_mig_route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 	to_slot(io, SLOT_SOURCE, req->offset, req->len);
 	if (mirror) {
 		io->mflags |= MIG_IO_MIRRORED;
+		/* before it is sent: the copier (waiting for this write's
+		 * reference) must not take the destination's chunk for zeroes */
+		for (uint64_t c = c0; c <= c1; c++)
+			bit_set(m->dest_written, c);
 		to_slot(io, SLOT_DEST, req->offset, req->len);
 		return 0;
 	}
@@ -391,11 +423,45 @@ park:
 	return 1;
 }
 
-void ubm_mig_part_done(struct ubm_migration *m, struct ubm_io *io, unsigned slot)
+/*
+ * A backend's part of a request routed by the migration ended with res
+ * (bytes, or -errno).  A destination failure is recorded here, the moment it
+ * happens, not when the whole request ends: a mirrored write whose source
+ * part is still in flight must not look clean to a cutover meanwhile.  The
+ * chunks go dirty while the write still holds their references, so a copier
+ * waiting for those sees the bit.
+ */
+void ubm_mig_part_done(struct ubm_migration *m, struct ubm_io *io, unsigned slot, int res)
 {
-	(void)m;
-	if (slot == SLOT_SOURCE && (io->mflags & MIG_IO_MIRRORED))
-		io->t_source_done = now_ns();
+	const struct ubm_req *req = &io->req;
+	bool data = is_write(req->op) && req->len;
+	uint64_t c0 = 0, c1 = 0;
+
+	if (slot == SLOT_SOURCE) {
+		if (io->mflags & MIG_IO_MIRRORED)
+			io->t_source_done = now_ns();
+		return;
+	}
+	/* after the cutover the destination is the disk: its errors are the guest's */
+	if (slot != SLOT_DEST || A_LOAD(&m->cut_over))
+		return;
+	if (data) {
+		c0 = req->offset >> m->chunk_shift;
+		c1 = (req->offset + req->len - 1) >> m->chunk_shift;
+	}
+	if (res >= 0) {
+		/* acknowledged, not yet durable: a lost connection may lose it */
+		for (uint64_t c = c0; data && c <= c1; c++)
+			bit_set(m->unflushed, c);
+		return;
+	}
+	if (io->mflags & MIG_IO_DEST_FAILED)
+		return;
+	io->mflags |= MIG_IO_DEST_FAILED;
+	/* the source has it (or will), the destination may not */
+	for (uint64_t c = c0; data && c <= c1; c++)
+		mark_dirty(m, c);
+	dest_failed(m, io, res);
 }
 
 int ubm_mig_io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
@@ -425,12 +491,7 @@ int ubm_mig_io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 				A_ADD(&m->mirror_wait_ns, now - io->t_source_done);
 			}
 			io->t_source_done = 0;
-			if (io->dest_result < 0 && !cut_over) {
-				/* the source has it, the destination may not */
-				for (uint64_t c = c0; c <= c1; c++)
-					mark_dirty(m, c);
-				dest_failed(m, io);
-			}
+			/* (a destination failure is recorded already: ubm_mig_part_done) */
 		} else if (io->mflags & MIG_IO_TRACKED) {
 			A_ADD(&m->tracked_writes, 1);
 			if (io->result >= 0) {
@@ -441,8 +502,6 @@ int ubm_mig_io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 		}
 		/* dirty before unreferenced: a copier waiting for the count sees the bit */
 		chunks_put(m, c0, c1);
-	} else if (req->op == UBLK_IO_OP_FLUSH && io->dest_result < 0 && !cut_over) {
-		dest_failed(m, io);
 	}
 	if (retry) {
 		A_SUB(&m->inflight, 1);
@@ -510,6 +569,8 @@ static void mig_free(struct ubm_migration *m)
 	free(m->cq.ios);
 	free(m->chunk);
 	free(m->dirty);
+	free(m->dest_written);
+	free(m->unflushed);
 	free(m->hot);
 	free(m->newest);
 	free(m->delta_dir);
@@ -685,6 +746,7 @@ UBM_EXPORT int ubm_mig_start(struct ubm_target *t, const struct ubm_mig_config *
 	dest->file_index = migration_file_index(SLOT_DEST);
 	dest->logical_bs = t->source.logical_bs;
 	dest->direct = cfg->direct;
+	dest->timeout_ms = cfg->dest_timeout_ms;
 	ret = dest->ops->open(dest, cfg->dest_path);
 	if (ret < 0)
 		return ret;
@@ -719,10 +781,13 @@ UBM_EXPORT int ubm_mig_start(struct ubm_target *t, const struct ubm_mig_config *
 	m->dest_zeroed = cfg->dest_zeroed;
 	m->check_below = cfg->dest_zeroed ? 0 : cfg->check_below;
 	m->copy_depth = cfg->copy_depth ? cfg->copy_depth : 4;
+	m->last_flush_ns = now_ns();
 	m->busy_depth = cfg->busy_depth && cfg->busy_depth < m->copy_depth ? cfg->busy_depth
 									    : m->copy_depth;
 	m->chunk = calloc(m->nr_chunks, sizeof(*m->chunk));
 	m->dirty = calloc((m->nr_chunks + 63) / 64, sizeof(*m->dirty));
+	m->dest_written = calloc((m->nr_chunks + 63) / 64, sizeof(*m->dest_written));
+	m->unflushed = calloc((m->nr_chunks + 63) / 64, sizeof(*m->unflushed));
 	m->hot = calloc(m->nr_chunks, 1);
 	m->newest = calloc(m->nr_chunks, 1);
 	m->cq.ios = calloc(m->copy_depth, sizeof(*m->cq.ios));
@@ -736,7 +801,7 @@ UBM_EXPORT int ubm_mig_start(struct ubm_target *t, const struct ubm_mig_config *
 		m->delta_dir = slash ? strndup(t->source_path, (size_t)(slash - t->source_path + 1))
 				     : strdup(".");
 	}
-	ret = (!m->chunk || !m->dirty || !m->hot || !m->newest || !m->cq.ios || !m->delta_dir)
+	ret = (!m->chunk || !m->dirty || !m->dest_written || !m->unflushed || !m->hot || !m->newest || !m->cq.ios || !m->delta_dir)
 		? ubm_fail(ENOMEM, "out of memory") : 0;
 	for (unsigned i = 0; ret == 0 && i < m->copy_depth; i++) {
 		if (posix_memalign(&m->slots[i].buf, 4096, m->chunk_size) ||
@@ -874,19 +939,13 @@ UBM_EXPORT int ubm_mig_resume(struct ubm_target *t)
 	return 0;
 }
 
-UBM_EXPORT int ubm_mig_cutover(struct ubm_target *t)
+/* Why the migration cannot cut over now (ubm_fail text), or 0. */
+static int not_in_sync(struct ubm_migration *m)
 {
-	struct ubm_migration *m = t->mig;
-	int ret;
+	struct ubm_target *t = m->t;
 
-	if (!m)
-		return ubm_fail(ENOENT, "no migration is running");
-	if (A_LOAD(&m->cut_over))
-		return 0;
 	if (A_LOAD(&m->error))
 		return ubm_fail(EIO, "the destination failed: %s", strerror(-A_LOAD(&m->error)));
-	if (A_LOAD(&m->mode) != UBM_MIG_MIRROR && !A_LOAD(&m->paused))
-		return ubm_fail(EAGAIN, "not in sync: dirty tracking needs a pause to cut over");
 	if (A_LOAD(&m->chunks_copied) != m->nr_chunks || A_LOAD(&m->dirty_count) ||
 	    __atomic_load_n(&m->unmirrored, __ATOMIC_SEQ_CST))
 		return ubm_fail(EAGAIN, "not in sync: %llu of %llu chunks copied, %llu dirty",
@@ -896,16 +955,116 @@ UBM_EXPORT int ubm_mig_cutover(struct ubm_target *t)
 	/* a connection lost unnoticed (idle) would fail guest I/O after the switch */
 	if (t->dest.ops->down && t->dest.ops->down(&t->dest))
 		return ubm_fail(ENOTCONN, "connections to the destination are lost");
-	/* what the guest flushed to the source must be durable here too */
-	ret = t->dest.ops->sync_io(&t->dest, UBLK_IO_OP_FLUSH, NULL, 0, 0);
+	return 0;
+}
+
+/*
+ * Flush the destination.  What the destination acknowledged before the
+ * flush began is durable once it succeeds: those chunks leave the unflushed
+ * map (taken out first; writes acknowledged from then on go back in).  On
+ * failure they stay in it.
+ */
+static int flush_dest(struct ubm_migration *m)
+{
+	struct ubm_backend *dest = &m->t->dest;
+	uint64_t words = (m->nr_chunks + 63) / 64, *taken = calloc(words, sizeof(*taken));
+	int ret;
+
+	if (!taken)
+		return -ENOMEM;
+	for (uint64_t w = 0; w < words; w++)
+		taken[w] = __atomic_exchange_n(&m->unflushed[w], 0, __ATOMIC_SEQ_CST);
+	ret = dest->ops->sync_io(dest, UBLK_IO_OP_FLUSH, NULL, 0, 0);
+	if (ret < 0) {
+		for (uint64_t w = 0; w < words; w++)
+			if (taken[w])
+				__atomic_fetch_or(&m->unflushed[w], taken[w], __ATOMIC_SEQ_CST);
+	}
+	free(taken);
+	return ret;
+}
+
+/*
+ * The cutover, in two steps around the control plane's durable record:
+ *
+ *   hold    flush the destination (what the copier wrote must be durable
+ *           there: the guest flushed it on the source), then hold new guest
+ *           requests and let those in flight finish (mirrored writes end on
+ *           both sides, each destination failure recorded), check again
+ *           that the destination holds every byte;
+ *   (the control plane makes the record saying the destination is the disk
+ *   durable: nothing is in flight, so both sides are equal, and a daemon
+ *   dying from here on leaves a successor the right image)
+ *   switch  all I/O goes to the destination, then release the held requests
+ *           (or, without commit, release them to the source).
+ *
+ * Without the hold, a mirrored write whose destination part fails while its
+ * source part is still in flight could be acknowledged after the switch,
+ * missing from the disk the device then serves.  In DBT and snapshot mode
+ * guest I/O is paused already (the final pass): the hold adds nothing.
+ */
+UBM_EXPORT int ubm_mig_cutover_hold(struct ubm_target *t)
+{
+	struct ubm_migration *m = t->mig;
+	int ret;
+
+	if (!m)
+		return ubm_fail(ENOENT, "no migration is running");
+	if (A_LOAD(&m->cut_over))
+		return ubm_fail(EINVAL, "the migration has cut over already");
+	if (A_LOAD(&m->mode) != UBM_MIG_MIRROR && !A_LOAD(&m->paused))
+		return ubm_fail(EAGAIN, "not in sync: dirty tracking needs a pause to cut over");
+	ret = not_in_sync(m);
+	if (ret < 0)
+		return ret;
+	/* before the hold, to keep it short */
+	ret = flush_dest(m);
 	if (ret < 0)
 		return ubm_fail(-ret, "flushing the destination failed: %s", strerror(-ret));
-	if (A_LOAD(&m->error))
-		return ubm_fail(EIO, "the destination failed: %s", strerror(-A_LOAD(&m->error)));
-	A_STORE(&m->cutover_ns, now_ns());
-	__atomic_store_n(&m->cut_over, 1, __ATOMIC_SEQ_CST);
-	__atomic_store_n(&t->primary, SLOT_DEST, __ATOMIC_SEQ_CST);
+	m->hold_start_ns = now_ns();
+	if (!A_LOAD(&m->paused)) {
+		/* a pause of its own (ubm_mig_pause's flag; its length is the
+		 * cutover pause, not last_pause_ns) */
+		A_STORE(&m->held, 1);
+		__atomic_store_n(&m->paused, 1, __ATOMIC_SEQ_CST);
+		wait_inflight(m);
+	}
+	/* nothing in flight now: what failed on the destination is recorded */
+	ret = not_in_sync(m);
+	if (ret < 0)
+		ubm_mig_cutover_switch(t, 0);
+	return ret;
+}
+
+UBM_EXPORT int ubm_mig_cutover_switch(struct ubm_target *t, uint32_t commit)
+{
+	struct ubm_migration *m = t->mig;
+
+	if (!m)
+		return ubm_fail(ENOENT, "no migration is running");
+	if (!m->hold_start_ns)
+		return ubm_fail(EINVAL, "the cutover is not held");
+	if (commit) {
+		A_STORE(&m->cutover_ns, now_ns());
+		__atomic_store_n(&m->cut_over, 1, __ATOMIC_SEQ_CST);
+		__atomic_store_n(&t->primary, SLOT_DEST, __ATOMIC_SEQ_CST);
+	}
+	A_STORE(&m->cutover_pause_ns, now_ns() - m->hold_start_ns);
+	m->hold_start_ns = 0;
+	if (A_LOAD(&m->held)) {
+		A_STORE(&m->held, 0);
+		__atomic_store_n(&m->paused, 0, __ATOMIC_SEQ_CST);
+		/* parked requests are routed again: to the destination after a commit */
+		ubm_target_ring_bells(t, ACT_RETRY_PARKED);
+	}
 	return 0;
+}
+
+UBM_EXPORT int ubm_mig_cutover(struct ubm_target *t)
+{
+	int ret = ubm_mig_cutover_hold(t);
+
+	return ret < 0 ? ret : ubm_mig_cutover_switch(t, 1);
 }
 
 UBM_EXPORT int ubm_mig_finish(struct ubm_target *t)
@@ -1032,6 +1191,19 @@ UBM_EXPORT int ubm_mig_reconnect(struct ubm_target *t)
 	ret = t->dest.ops->reconnect(&t->dest);
 	if (ret < 0)
 		return ret;
+	/* What the destination acknowledged since its last successful flush is
+	 * not trusted: its server may have lost it with the connection (a
+	 * write-back cache, a restart).  Those chunks are copied again; a
+	 * chunk not copied yet will be, in full (dest_written keeps it from
+	 * being skipped as zeroes). */
+	for (uint64_t c = 0; c < m->nr_chunks; c++) {
+		if (!bit_test(m->unflushed, c))
+			continue;
+		__atomic_fetch_and(&m->unflushed[c / 64], ~(1ull << (c % 64)), __ATOMIC_SEQ_CST);
+		bit_set(m->dest_written, c);
+		if (A_LOAD(&m->chunk[c]) & CH_COPIED)
+			mark_dirty(m, c);
+	}
 	/* Requests routed until now that fail (on the lost connections, which
 	 * they may still find dead) are old news: the chunks they touch go
 	 * dirty, and that is all.  Those routed from now on find the new
@@ -1084,6 +1256,7 @@ UBM_EXPORT int ubm_mig_get_stats(struct ubm_target *t, struct ubm_mig_stats *out
 	out->mirror_wait_ns = A_LOAD(&m->mirror_wait_ns);
 	out->bytes_matched = A_LOAD(&m->bytes_matched);
 	out->yield_ns = A_LOAD(&m->yield_ns);
+	out->cutover_pause_ns = A_LOAD(&m->cutover_pause_ns);
 	pthread_mutex_unlock(&t->mig_lock);
 	return 0;
 }
@@ -1160,6 +1333,8 @@ static int copy_op(struct ubm_migration *m, unsigned i, unsigned be_slot, uint8_
 		.buf = state == CS_CHECKING ? cs->check_buf : cs->buf, .buf_index = -1,
 	};
 	cs->state = state;
+	if (be_slot == SLOT_DEST && op != UBLK_IO_OP_READ)
+		bit_set(m->dest_written, cs->chunk);  /* even if the write fails half-way */
 	ret = be->ops->queue_io(be, &m->cq, i, be_slot, &io->req);
 	return ret < 0 ? copy_failed(m, i, ret) : 0;
 }
@@ -1175,12 +1350,15 @@ static int copy_begin(struct ubm_migration *m, unsigned i)
 	/* clear before reading: a write that lands after this re-dirties it */
 	clear_dirty(m, cs->chunk);
 	cs->first_copy = !(A_LOAD(&m->chunk[cs->chunk]) & CH_COPIED);
+	/* a mirrored write may have reached the destination's chunk before the
+	 * copier (it is locked now: no other can come) */
+	cs->fresh = m->dest_zeroed && cs->first_copy && !bit_test(m->dest_written, cs->chunk);
 	cs->check = cs->first_copy && cs->chunk < m->check_below;
 	cs->from = m->gen ? layer_slot(m, cs->chunk) : SLOT_SOURCE;
 	data = lseek(m->t->be[cs->from]->fd, (off_t)off, SEEK_DATA);
 	if ((data < 0 && errno == ENXIO) || (data >= 0 && (uint64_t)data >= off + len)) {
 		/* a hole in the source */
-		if (m->dest_zeroed && cs->first_copy) {
+		if (cs->fresh) {
 			A_ADD(&m->bytes_skipped, len);
 			unlock_chunk(m, cs->chunk, true);
 			cs->state = CS_FREE;
@@ -1225,7 +1403,7 @@ static int copy_result(struct ubm_migration *m, unsigned i, unsigned be_slot, in
 			m->busy_resume_ns = resume;
 		A_ADD(&m->bytes_read, io->req.len);
 		cs->zero = all_zero(cs->buf, io->req.len);
-		if (cs->zero && m->dest_zeroed && cs->first_copy) {
+		if (cs->zero && cs->fresh) {
 			A_ADD(&m->bytes_skipped, io->req.len);
 			unlock_chunk(m, cs->chunk, true);
 			cs->state = CS_FREE;
@@ -1247,6 +1425,7 @@ static int copy_result(struct ubm_migration *m, unsigned i, unsigned be_slot, in
 		return copy_write(m, i);
 	}
 	A_ADD(&m->bytes_copied, io->req.len);
+	bit_set(m->unflushed, cs->chunk);
 	unlock_chunk(m, cs->chunk, true);
 	cs->state = CS_FREE;
 	return 0;
@@ -1325,7 +1504,16 @@ UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *
 		A_STORE(&m->hot_count, hot);
 	}
 	for (;;) {
-		bool stop = ret < 0 || A_LOAD(&m->abort) || A_LOAD(&m->error);
+		bool stop;
+
+		if (t->dest.ops->reconnect && !A_LOAD(&m->error) &&
+		    now_ns() - m->last_flush_ns > FLUSH_INTERVAL_NS) {
+			m->last_flush_ns = now_ns();
+			r = flush_dest(m);
+			if (r < 0)
+				set_error(m, r);
+		}
+		stop = ret < 0 || A_LOAD(&m->abort) || A_LOAD(&m->error);
 		/* the copier yields the source to the guest: while guest requests
 		 * are in flight it reads at most busy_depth chunks at a time and
 		 * rests after each read as long as it took (copy_result); writes

@@ -163,6 +163,23 @@ int ubm_queue_set_file(struct ubm_queue *q, unsigned index, int fd)
 
 static void route_io(struct ubm_queue *q, unsigned tag);
 
+/* Backend `slot`'s part of the request ended with res (bytes or -errno).  A
+ * destination error before the cutover is the migration's business (it
+ * records it at once), not the guest's; any other error is the guest's. */
+static void part_result(struct ubm_queue *q, struct ubm_io *io, unsigned slot, int res)
+{
+	if (ubm_unlikely(io->mig != NULL))
+		ubm_mig_part_done(io->mig, io, slot, res);
+	if (res >= 0)
+		return;
+	if (slot == SLOT_DEST && q->tgt->primary != SLOT_DEST) {
+		if (io->dest_result >= 0)
+			io->dest_result = res;
+	} else if (io->result >= 0) {
+		io->result = res;
+	}
+}
+
 static void doorbell(struct ubm_queue *q)
 {
 	uint64_t count;
@@ -295,10 +312,8 @@ static void route_io(struct ubm_queue *q, unsigned tag)
 		n = be->ops->queue_io(be, q, tag, slot, &io->sreq[slot]);
 		if (n >= 0)
 			io->pending += n;
-		else if (slot == SLOT_DEST && t->primary != SLOT_DEST)
-			io->dest_result = n;
 		else
-			io->result = n;
+			part_result(q, io, slot, n);
 	}
 	if (io->pending == 0)
 		ubm_queue_backends_done(q, tag);
@@ -360,18 +375,7 @@ static void backend_cqe(struct ubm_queue *q, unsigned tag, unsigned slot, int cq
 
 	if (be->ops->complete(be, q, tag, slot, &io->sreq[slot], cqe_res, &res))
 		return;  /* a follow-up operation is on its way */
-	if (ubm_unlikely(io->mig != NULL))
-		ubm_mig_part_done(io->mig, io, slot);
-	if (res < 0) {
-		/* a destination error before cutover is the migration's
-		 * business, not the guest's */
-		if (slot == SLOT_DEST && q->tgt->primary != SLOT_DEST) {
-			if (io->dest_result >= 0)
-				io->dest_result = res;
-		} else if (io->result >= 0) {
-			io->result = res;
-		}
-	}
+	part_result(q, io, slot, res);
 	if (--io->pending == 0)
 		ubm_queue_backends_done(q, tag);
 }

@@ -15,7 +15,7 @@
 extern "C" {
 #endif
 
-#define UBM_API_VERSION 3
+#define UBM_API_VERSION 4
 
 /* Data path a device uses to move request data between the kernel and the
  * backends.  Chosen from the driver's features unless forced. */
@@ -136,6 +136,9 @@ struct ubm_mig_config {
 	uint64_t check_below;      /* resuming: chunks below this may hold an earlier copy;
 				    * their first copy reads the destination's and writes
 				    * only if it differs (0: none) */
+	uint32_t dest_timeout_ms;  /* an NBD destination: the longest wait for the server
+				    * (a reply, the dial and handshake), after which the
+				    * connection counts as lost (0: 30 s) */
 };
 
 /* Which chunks a pass copies.  In snapshot mode every pass but the final
@@ -182,6 +185,8 @@ struct ubm_mig_stats {
 				    * so not written */
 	uint64_t yield_ns;         /* time the copier held back reads (busy_depth, rests)
 				    * because guest requests were in flight */
+	uint64_t cutover_pause_ns; /* the cutover's hold: from holding guest requests to the
+				    * switch (ubm_mig_cutover_hold .. _switch) */
 };
 
 /* Open the destination, check it, and start routing guest I/O through the
@@ -199,8 +204,18 @@ int ubm_mig_new_delta(struct ubm_target *t);
 /* Hold new guest requests and wait until those in flight are done. */
 int ubm_mig_pause(struct ubm_target *t);
 int ubm_mig_resume(struct ubm_target *t);
-/* Switch the target to the destination; -EAGAIN unless every chunk is
- * copied and clean (and, in DBT mode, guest I/O is paused). */
+/* The cutover, in two steps: ubm_mig_cutover_hold() flushes the
+ * destination, holds new guest requests, waits for those in flight and
+ * checks that the destination holds every byte: -EAGAIN unless every chunk
+ * is copied and clean (and, in DBT and snapshot mode, guest I/O is paused),
+ * -EIO after a destination failure, -ENOTCONN with connections lost; on any
+ * error nothing stays held.  Then the caller makes its record of the switch
+ * durable and calls ubm_mig_cutover_switch(commit=1) to switch the target to
+ * the destination and release the held requests there, or with commit=0
+ * (the record could not be made) to release them to the source.
+ * ubm_mig_cutover() is both with no record between. */
+int ubm_mig_cutover_hold(struct ubm_target *t);
+int ubm_mig_cutover_switch(struct ubm_target *t, uint32_t commit);
 int ubm_mig_cutover(struct ubm_target *t);
 /* With guest I/O paused: compare every chunk of the destination with the
  * disk's current content (the source, or in snapshot mode the newest

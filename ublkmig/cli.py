@@ -304,6 +304,11 @@ def _node(device: int) -> str:
     return f"/dev/ublkb{device}"
 
 
+# a cancel or a resume may wait for a migration's start: its destination's dial and handshake
+# (bounded by its --dest-timeout, 30 s by default)
+START_WAIT = 90.0
+
+
 def _ask(device: int, cmd: str, **args: Any) -> dict[str, Any]:
     """One control request to the daemon of DEVICE; UserError if there is none."""
     path = control.socket_path(device)
@@ -352,6 +357,16 @@ def _ask(device: int, cmd: str, **args: Any) -> dict[str, Any]:
     "milliseconds on average for the destination after the source is done (sustained).",
 )
 @click.option(
+    "--dest-timeout",
+    type=float,
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="An NBD destination: the longest wait for the server (a reply, connecting, the "
+    "handshake).  Past it the connection counts as lost: guest writes complete from the "
+    "source, their chunks are copied again, and the migration reconnects.",
+)
+@click.option(
     "--chunk-size",
     type=Size(),
     default="1M",
@@ -393,6 +408,7 @@ def migrate(
     resume: bool,
     mode: str,
     fallback_wait: float,
+    dest_timeout: float,
     chunk_size: int,
     speed: int | None,
     no_yield: bool,
@@ -405,29 +421,37 @@ def migrate(
     When the copy is in sync the device switches to DEST: the same /dev/ublkbN goes on
     serving, now from DEST.  A cancelled or failed migration leaves the source as it was.
     """
-    from ublkmig.migration import check_chunk_size, check_fallback_wait, check_speed, is_nbd_uri
+    from ublkmig.migration import (
+        check_chunk_size,
+        check_dest_timeout,
+        check_fallback_wait,
+        check_speed,
+        is_nbd_uri,
+    )
 
     check_chunk_size(chunk_size)
     check_speed(speed)
     check_fallback_wait(fallback_wait)
+    check_dest_timeout(dest_timeout)
     if resume:
         given = [f"--{n.replace('_', '-')}" for n in
-                 ("dest", "mode", "fallback_wait", "chunk_size", "no_yield", "no_cutover",
-                  "verify")
+                 ("dest", "mode", "fallback_wait", "dest_timeout", "chunk_size", "no_yield",
+                  "no_cutover", "verify")
                  if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE]
         if given:
             what = ", ".join(g.replace("--dest", "--to") for g in given)
             raise UserError(f"--resume takes the interrupted migration's options: not {what}")
         extra = {"speed": speed} if speed is not None else {}
-        answer = _ask(device, "migrate", resume=True, **extra)
+        answer = _ask(device, "migrate", resume=True, timeout=START_WAIT, **extra)
     elif dest is None:
         raise UserError("migrate needs --to DEST (or --resume)")
     else:
         to = dest if is_nbd_uri(dest) else os.path.abspath(dest)
+        # (its start waits for the destination: a dial and handshake, within dest_timeout)
         answer = _ask(
             device, "migrate", to=to, mode=mode, chunk_size=chunk_size, speed=speed,
             no_cutover=no_cutover, verify=verify, fallback_wait_ms=fallback_wait,
-            **{"yield": not no_yield},
+            dest_timeout=dest_timeout, timeout=dest_timeout + 10, **{"yield": not no_yield},
         )  # fmt: skip
     mig = answer["migration"]
     no_cutover = bool(mig.get("no_cutover", no_cutover))
@@ -478,7 +502,8 @@ def cutover(device: int, no_wait: bool) -> int:
 @click.option("--no-wait", is_flag=True, help="Return once the daemon accepted the request.")
 def cancel(device: int, no_wait: bool) -> int:
     """Stop the migration of DEVICE: the source stays authoritative and untouched."""
-    _ask(device, "cancel")
+    # (one still starting is cancelled once its destination answered, or timed out)
+    _ask(device, "cancel", timeout=START_WAIT)
     if no_wait:
         click.echo(f"cancelling the migration of {_node(device)}")
         return 0
@@ -587,10 +612,11 @@ def _status_lines(st: dict[str, Any]) -> list[str]:
             f"guest writes   {mig['mirrored_writes']} mirrored, {mig['tracked_writes']} tracked, "
             f"{mig['parked']} parked; longest I/O {_ms(mig.get('max_latency_ms'))}"
         )
-        if mig.get("cutover_stall_ms") is not None or mig.get("final_pause_ms") is not None:
+        if mig.get("cutover_pause_ms") is not None or mig.get("final_pause_ms") is not None:
             lines.append(
-                f"switch         cutover stall {_ms(mig.get('cutover_stall_ms'))}, "
-                f"final pause {_ms(mig.get('final_pause_ms'))}"
+                f"switch         cutover pause {_ms(mig.get('cutover_pause_ms'))}, slowest "
+                f"request around it {_ms(mig.get('cutover_stall_ms'))}, final pause "
+                f"{_ms(mig.get('final_pause_ms'))}"
             )
         if mig.get("reconnects") or mig.get("dest_down"):
             lines.append(
@@ -658,6 +684,8 @@ def _finish_follow(device: int, mig: dict[str, Any]) -> int:
     phase = mig["phase"]
     if phase == "completed":
         details = [f"in {format_duration(mig['elapsed'])}"]
+        if mig.get("cutover_pause_ms") is not None:
+            details.append(f"cutover pause {_ms(mig['cutover_pause_ms'])}")
         if mig.get("cutover_stall_ms") is not None:
             details.append(f"cutover stall {_ms(mig['cutover_stall_ms'])}")
         if mig.get("final_pause_ms") is not None:

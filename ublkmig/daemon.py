@@ -245,6 +245,10 @@ class Daemon:
         self._mig_dest: migration.Destination | None = None
         self._mig_settled: anyio.Event | None = None
         self._mig_starting = False
+        # set once a migration's start (its destination's dial and handshake, bounded by the
+        # destination timeout) is over, whichever way; a cancel meanwhile waits for it
+        self._mig_started = anyio.Event()
+        self._mig_started.set()
         self.migration_policy = migration.Policy()
 
     # --- control commands: one handler each -------------------------------------------------
@@ -284,6 +288,7 @@ class Daemon:
         else:
             opts = parse_migrate_args(args, direct=self.opts.direct)
         self._mig_starting = True
+        self._mig_started = anyio.Event()
         try:
             dest = await anyio.to_thread.run_sync(self._open_destination, opts.dest, dev)
             opts = dataclasses.replace(opts, dest_zeroed=dest.created)
@@ -299,6 +304,7 @@ class Daemon:
                 raise
         finally:
             self._mig_starting = False
+            self._mig_started.set()
         self.migration = mig
         self._mig_dest = dest
         self._mig_settled = anyio.Event()
@@ -328,6 +334,7 @@ class Daemon:
         try:
             keys = ("mode", "chunk_size", "speed", "no_cutover", "verify", "fallback_wait_ms")
             fields = {k: saved[k] for k in keys}
+            fields["dest_timeout"] = saved.get("dest_timeout", migration.DEFAULT_DEST_TIMEOUT)
             fields["yield"] = saved.get("yield", True)  # (not saved before it existed)
             if "speed" in args:  # a new limit for the rest
                 fields["speed"] = args["speed"]
@@ -449,6 +456,7 @@ class Daemon:
         return {"migration": mig.status()}
 
     async def cmd_cancel(self, args: dict[str, Any]) -> dict[str, Any]:
+        await self._mig_started.wait()  # a migration still starting is cancelled once started
         mig = self._running_migration()
         mig.cancel("request")
         return {"migration": mig.status()}
@@ -461,6 +469,9 @@ class Daemon:
     async def _cancel_migration(self) -> None:
         """Before the device stops: cancel a running migration and wait until it let go of the
         destination (a migration past its cutover completes instead)."""
+        # one still starting uses the device: wait for its start (bounded by its destination's
+        # timeout), then cancel it like any other
+        await self._mig_started.wait()
         mig = self.migration
         if mig is None or self._mig_settled is None:
             return
@@ -680,6 +691,9 @@ def parse_migrate_args(args: dict[str, Any], direct: bool = False) -> migration.
     wait = args.get("fallback_wait_ms", 20.0)
     if not isinstance(wait, int | float) or isinstance(wait, bool):
         raise UserError("fallback_wait_ms must be a number")
+    timeout = args.get("dest_timeout", migration.DEFAULT_DEST_TIMEOUT)
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool):
+        raise UserError("dest_timeout must be a number of seconds")
     return migration.MigrationOptions(
         dest=to if migration.is_nbd_uri(to) else Path(to),
         mode=mode,
@@ -690,6 +704,7 @@ def parse_migrate_args(args: dict[str, Any], direct: bool = False) -> migration.
         direct=direct,
         busy_depth=migration.DEFAULT_BUSY_DEPTH if args.get("yield", True) else 0,
         fallback_wait_ms=migration.check_fallback_wait(float(wait)),
+        dest_timeout=migration.check_dest_timeout(float(timeout)),
     )
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
+import anyio.lowlevel
 
 from ublkmig import native
 from ublkmig.errors import UserError
@@ -98,7 +99,7 @@ class MigrationTarget(Protocol):
     def new_delta(self) -> None: ...
     def pause(self) -> None: ...
     def resume(self) -> None: ...
-    def cutover(self) -> None: ...
+    def cutover(self, record: Callable[[], None] | None = None) -> None: ...
     def verify(self) -> int: ...
     def reconnect(self) -> None: ...
     def abort(self) -> None: ...
@@ -131,6 +132,10 @@ class Policy:
     reconnect_budget: float = 60.0  # give up (fail) when it is not back within this
 
 
+DEFAULT_DEST_TIMEOUT = 30.0  # seconds
+MIN_DEST_TIMEOUT, MAX_DEST_TIMEOUT = 0.1, 3600.0
+
+
 def is_nbd_uri(text: str) -> bool:
     """Whether a destination names an NBD export (the data plane parses and checks it)."""
     return text.startswith(("nbd://", "nbd+unix://", "nbds://", "nbds+unix://"))
@@ -159,6 +164,10 @@ class MigrationOptions:
     # compared before they are written
     resumed: bool = False
     check_below: int = 0
+    # an NBD destination: the longest wait for the server (a reply, the dial, the handshake);
+    # then the connection counts as lost (guest writes complete from the source, the chunks
+    # go dirty, the migration reconnects)
+    dest_timeout: float = DEFAULT_DEST_TIMEOUT
 
     def native_config(self) -> native.MigrationConfig:
         return native.MigrationConfig(
@@ -172,6 +181,7 @@ class MigrationOptions:
             busy_depth=self.busy_depth,
             delta_dir=self.delta_dir,
             check_below=self.check_below,
+            dest_timeout_ms=round(self.dest_timeout * 1000),
         )
 
 
@@ -185,10 +195,24 @@ def check_chunk_size(n: int) -> int:
     return n
 
 
+MAX_SPEED = (1 << 63) - 1  # what the data plane's uint64 holds with room to spare
+
+
 def check_speed(n: int | None) -> int | None:
     if n is not None and n <= 0:
         raise UserError("speed must be more than 0 bytes/s (leave it out for no limit)")
+    if n is not None and n > MAX_SPEED:
+        raise UserError(f"speed must be at most {MAX_SPEED} bytes/s, not {n}")
     return n
+
+
+def check_dest_timeout(seconds: float) -> float:
+    if not MIN_DEST_TIMEOUT <= seconds <= MAX_DEST_TIMEOUT:
+        raise UserError(
+            f"the destination timeout must be from {MIN_DEST_TIMEOUT} to {MAX_DEST_TIMEOUT} "
+            f"seconds, not {seconds}"
+        )
+    return seconds
 
 
 def check_fallback_wait(ms: float) -> float:
@@ -439,6 +463,9 @@ class Migration:
             "verify": self.opts.verify,
             "verify_mismatches": self.verify_mismatches,
             "max_latency_ms": ms(s.max_latency_ns),
+            # the cutover's hold of guest I/O (in DBT and snapshot mode inside the final
+            # pause), and the slowest guest request within a second of the switch
+            "cutover_pause_ms": ms(s.cutover_pause_ns) if self._cut_over else None,
             "cutover_stall_ms": ms(self.cutover_stall_ns),
             "final_pause_ms": ms(self.final_pause_ns),
             "error": self.error,
@@ -490,18 +517,24 @@ class Migration:
             "mode": str(o.mode), "chunk_size": o.chunk_size, "speed": self.speed,
             "no_cutover": o.no_cutover, "verify": o.verify, "direct": o.direct,
             "fallback_wait_ms": o.fallback_wait_ms, "yield": o.busy_depth > 0,
+            "dest_timeout": o.dest_timeout,
             "phase": str(self.phase),
             "reach": self._reach, "chunks": self._last.nr_chunks,
             "cut_over": self._cutting_over, "updated": time.time(),
         }  # fmt: skip
 
-    def _persist(self) -> None:
+    def _persist(self, strict: bool = False) -> None:
+        """Save resume_state(); a failure is only logged unless ``strict`` (the cutover record:
+        the switch waits for it and does not happen without it)."""
         if self.on_state is None:
             return
         self._persisted_at = time.monotonic()
         try:
             self.on_state(self.resume_state())
-        except OSError as e:  # the migration goes on; only a crash would miss it
+        except OSError as e:
+            if strict:
+                raise
+            # the migration goes on: the source stays the disk, only --resume would miss it
             self.log.warning("migration.state_not_saved", device=self.device, error=str(e))
 
     # --- the state machine --------------------------------------------------------------------
@@ -515,14 +548,23 @@ class Migration:
             verify=o.verify, dest_zeroed=o.dest_zeroed,
             resumed_below=o.check_below if o.resumed else None,
         )  # fmt: skip
+        # shielded: a start that succeeds must be known to have (a cancellation arriving while
+        # the worker thread runs would otherwise leave the data plane's migration running)
+        with anyio.CancelScope(shield=True):
+            try:
+                await anyio.to_thread.run_sync(self.target.mig_start, o.native_config())
+            except native.NativeError as e:
+                self.error = f"cannot start the migration to {o.dest}: {e.detail}"
+                self._set_phase(Phase.FAILED)
+                self._done.set()
+                raise UserError(self.error) from None
+            self._live = True
         try:
-            await anyio.to_thread.run_sync(self.target.mig_start, o.native_config())
-        except native.NativeError as e:
-            self.error = f"cannot start the migration to {o.dest}: {e.detail}"
-            self._set_phase(Phase.FAILED)
+            await anyio.lowlevel.checkpoint()
+        except BaseException:  # cancelled meanwhile (the daemon going away): let go again
+            await self._end(Phase.CANCELLED)
             self._done.set()
-            raise UserError(self.error) from None
-        self._live = True
+            raise
         self._started = time.monotonic()
         self._stats()
 
@@ -581,6 +623,8 @@ class Migration:
         p = self.policy
         await self._resume()  # a lost destination must not hold up the guest
         self._apply_speed(self.speed or 0)  # (a final pass runs unlimited)
+        if self.opts.mode is Mode.AUTO and self.writes_mirrored and not self._auto_final:
+            self._fall_back()  # track the guest's writes on the source while it is away
         self.log.warning("migration.destination_lost", device=self.device, error=why,
                          dest=str(self.opts.dest))  # fmt: skip
         self._set_phase(Phase.RECONNECTING, error=why)
@@ -835,22 +879,29 @@ class Migration:
         await self._cutover()
         await self._resume()
 
+    def _record_cutover(self) -> None:
+        """Target.cutover's record, with guest I/O held and both sides equal: from here on the
+        destination is the disk, whether the switch happens or the daemon dies first (its
+        successor must serve the destination).  Durable before the switch, or no switch."""
+        self._cutting_over = "intent"
+        try:
+            self._persist(strict=True)
+        except OSError:
+            self._cutting_over = None
+            raise
+
     async def _cutover(self) -> None:
         for attempt in range(self.policy.cutover_tries):
             self._check_cancel()
-            s = self._stats()
-            if (s.chunks_copied == s.nr_chunks and not s.dirty_chunks and not s.error
-                    and (self.writes_mirrored or self._paused)):  # fmt: skip
-                # in sync: the destination holds everything from here on, whether the switch
-                # happens or the daemon dies first (its successor must serve the destination)
-                self._cutting_over = "intent"
-                self._persist()
             try:
-                await anyio.to_thread.run_sync(self.target.cutover)
+                await anyio.to_thread.run_sync(self.target.cutover, self._record_cutover)
+            except OSError as e:
+                self._persist()  # (the old record stands, or this one says the source)
+                raise _Failed(
+                    f"the cutover was not made: its record could not be saved ({e}); the source "
+                    "stays the disk"
+                ) from None
             except native.NativeError as e:
-                if self._cutting_over:
-                    self._cutting_over = None
-                    self._persist()
                 if e.errno != errno.EAGAIN:
                     raise _Failed(f"the cutover failed: {e.detail}") from None
                 self.log.info(
@@ -862,6 +913,11 @@ class Migration:
             self._cut_over = True
             self._cutover_after = time.monotonic() - self._started
             self._cutting_over = "done"
+            s = self._stats()
+            self.log.info(
+                "migration.switched", device=self.device,
+                cutover_pause_ms=round(s.cutover_pause_ns / 1e6, 3),
+            )  # fmt: skip
             self._persist()
             return
         raise _Failed(f"the cutover failed: not in sync after {self.policy.cutover_tries} tries")

@@ -21,13 +21,14 @@ import importlib.machinery
 import os
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ublkmig.errors import UblkmigError
 
-API_VERSION = 3  # UBM_API_VERSION this binding was written against
+API_VERSION = 4  # UBM_API_VERSION this binding was written against
 ENV_LIB = "UBLKMIG_NATIVE_LIB"
 # struct ubm_config's limits
 MAX_QUEUES = 64
@@ -199,6 +200,7 @@ class _MigConfig(ctypes.Structure):
         ("busy_depth", ctypes.c_uint32),
         ("delta_dir", ctypes.c_char_p),
         ("check_below", ctypes.c_uint64),
+        ("dest_timeout_ms", ctypes.c_uint32),
     ]
 
 
@@ -214,6 +216,7 @@ MIG_STAT_TYPES: tuple[tuple[str, Any], ...] = (
     ("cut_over", _U32), ("generation", _U32), ("delta_chunks", _U64), ("cow_chunks", _U64),
     ("delta_failed", _U32), ("dest_down", _U32), ("mirror_waits", _U64),
     ("mirror_wait_ns", _U64), ("bytes_matched", _U64), ("yield_ns", _U64),
+    ("cutover_pause_ns", _U64),
 )  # fmt: skip
 MIG_STAT_FIELDS = tuple(name for name, _ in MIG_STAT_TYPES)
 
@@ -258,6 +261,7 @@ class MigStats:
     mirror_wait_ns: int = 0  # ... in all
     bytes_matched: int = 0  # resuming: equal on the destination already, so not written
     yield_ns: int = 0  # the copier held back for guest I/O (busy_depth, resting)
+    cutover_pause_ns: int = 0  # the cutover's hold of guest I/O, up to the switch
 
     @classmethod
     def _from_c(cls, s: _MigStats) -> MigStats:
@@ -278,6 +282,7 @@ class MigrationConfig:
     busy_depth: int = 0  # source reads at a time while the guest is busy (0: no yielding)
     delta_dir: str | os.PathLike[str] | None = None  # snapshot deltas; None: beside the source
     check_below: int = 0  # resuming: chunks below this are compared before being written
+    dest_timeout_ms: int = 0  # NBD: the longest wait for the server (0: the data plane's 30 s)
 
     def _to_c(self) -> _MigConfig:
         return _MigConfig(
@@ -291,6 +296,7 @@ class MigrationConfig:
             busy_depth=self.busy_depth,
             delta_dir=os.fsencode(self.delta_dir) if self.delta_dir is not None else None,
             check_below=self.check_below,
+            dest_timeout_ms=self.dest_timeout_ms,
         )
 
 
@@ -337,8 +343,21 @@ class Target:
     def resume(self) -> None:
         _check(_lib().ubm_mig_resume(self._t()), "resume")
 
-    def cutover(self) -> None:
-        _check(_lib().ubm_mig_cutover(self._t()), "cutover")
+    def cutover(self, record: Callable[[], None] | None = None) -> None:
+        """Hold guest I/O, let what is in flight finish, check that the destination holds
+        every byte (NativeError otherwise: EAGAIN not in sync, EIO it failed, ENOTCONN
+        connections lost), call ``record()`` (the caller's durable record that the destination
+        is the disk), switch to the destination and release.  If ``record`` raises, guest I/O
+        is released to the source and the exception propagates."""
+        t = self._t()
+        _check(_lib().ubm_mig_cutover_hold(t), "cutover")
+        try:
+            if record is not None:
+                record()
+        except BaseException:
+            _lib().ubm_mig_cutover_switch(t, 0)
+            raise
+        _check(_lib().ubm_mig_cutover_switch(t, 1), "cutover")
 
     def verify(self) -> int:
         """Compare the destination with the disk (guest I/O paused): chunks that differ."""
@@ -454,7 +473,8 @@ def _lib() -> ctypes.CDLL:
         "ubm_mig_set_speed": (ctypes.c_int, [_P, ctypes.c_uint64]),
         "ubm_mig_pause": (ctypes.c_int, [_P]),
         "ubm_mig_resume": (ctypes.c_int, [_P]),
-        "ubm_mig_cutover": (ctypes.c_int, [_P]),
+        "ubm_mig_cutover_hold": (ctypes.c_int, [_P]),
+        "ubm_mig_cutover_switch": (ctypes.c_int, [_P, ctypes.c_uint32]),
         "ubm_mig_abort": (ctypes.c_int, [_P]),
         "ubm_mig_reconnect": (ctypes.c_int, [_P]),
         "ubm_mig_finish": (ctypes.c_int, [_P]),

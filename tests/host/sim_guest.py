@@ -268,8 +268,8 @@ class SimTarget:
 
         self._on_guest("resume", resume)
 
-    def cutover(self) -> None:
-        self._on_guest("cutover", self.t.cutover)
+    def cutover(self, record: Callable[[], None] | None = None) -> None:
+        self._on_guest("cutover", self.t.cutover, record)
 
     def verify(self) -> int:
         return int(self._on_guest("verify", self.t.verify))

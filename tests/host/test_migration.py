@@ -219,6 +219,7 @@ def test_completes_with_guest_io(tmp: Path, mode: Mode, capsys: pytest.CaptureFi
     assert status["bytes_to_copy"] == 0 and status["eta_seconds"] == 0.0
     assert status["chunks_copied"] == status["chunks"] == SIZE // chunk_size(mode)
     assert status["cutover_stall_ms"] is not None
+    assert status["cutover_pause_ms"] is not None and status["cutover_pause_ms"] < 5000, status
     assert status["bytes_skipped"] >= 1 << 20, "holes in the source were copied"
     expected = {
         Mode.MIRROR: ["starting", "copying", "cutover", "completed"],

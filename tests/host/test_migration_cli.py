@@ -47,6 +47,13 @@ def one_error_line(err: str) -> str:
         (["migrate", "0", "--to", "/x", "--speed", "0"], 1,
          "speed must be more than 0 bytes/s (leave it out for no limit)"),
         (["speed", "0", "0"], 1, "speed must be more than 0 bytes/s"),
+        # not truncated at the data plane's 64 bits (to 1 B/s)
+        (["speed", "0", "18446744073709551617"], 1,
+         "speed must be at most 9223372036854775807 bytes/s, not 18446744073709551617"),
+        (["migrate", "0", "--to", "/x", "--speed", "18446744073709551616"], 1,
+         "speed must be at most"),
+        (["migrate", "0", "--to", "/x", "--dest-timeout", "0"], 1,
+         "the destination timeout must be from 0.1 to 3600.0 seconds, not 0.0"),
         (["speed", "0", "lots"], 1, "not a speed: 'lots'"),
         (["status", "x"], 2, "'x' is not a ublk device"),
         (["cutover"], 2, "Missing argument 'DEVICE'"),
@@ -79,6 +86,7 @@ def test_migrate_sends_what_was_asked(
         rc, out, err = run_cli(
             capsys, "migrate", "3", "--to", "/d.img", "--mode", "snapshot", "--chunk-size",
             "4M", "--speed", "100M/s", "--no-cutover", "--verify", "--no-yield",
+            "--dest-timeout", "5",
         )  # fmt: skip
         assert rc == 0, err
         assert (
@@ -91,13 +99,18 @@ def test_migrate_sends_what_was_asked(
         assert rc == 0 and out == f"migrating /dev/ublkb3 to {uri} (auto, chunks of 1 MiB)\n"
     assert got == [
         {"to": f"{tmp_path}/rel.img", "mode": "auto", "chunk_size": 1 << 20, "speed": None,
-         "no_cutover": False, "verify": False, "fallback_wait_ms": 20.0, "yield": True},
+         "no_cutover": False, "verify": False, "fallback_wait_ms": 20.0, "dest_timeout": 30.0,
+         "yield": True},
         {"to": "/d.img", "mode": "snapshot", "chunk_size": 4 << 20, "speed": 100 << 20,
-         "no_cutover": True, "verify": True, "fallback_wait_ms": 20.0, "yield": False},
+         "no_cutover": True, "verify": True, "fallback_wait_ms": 20.0, "dest_timeout": 5.0,
+         "yield": False},
         {"to": uri, "mode": "auto", "chunk_size": 1 << 20, "speed": None,
-         "no_cutover": False, "verify": False, "fallback_wait_ms": 20.0, "yield": True},
+         "no_cutover": False, "verify": False, "fallback_wait_ms": 20.0, "dest_timeout": 30.0,
+         "yield": True},
     ]  # fmt: skip
     assert daemon.parse_migrate_args({"to": uri}).dest == uri
+    assert daemon.parse_migrate_args({"to": uri, "dest_timeout": 2}).dest_timeout == 2.0
+    assert daemon.parse_migrate_args({"to": uri}).native_config().dest_timeout_ms == 30000
     # the copier yields to guest I/O unless told not to
     assert daemon.parse_migrate_args({"to": uri}).busy_depth == 1
     assert daemon.parse_migrate_args({"to": uri, "yield": False}).busy_depth == 0
