@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /* Backend: a regular file or a block device on this host, through io_uring. */
 #include <fcntl.h>
+#include <stdio.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
 #include <string.h>
@@ -16,10 +17,24 @@ enum { STAGE_MAIN = 0, STAGE_SYNC = 1 };
 static int file_open(struct ubm_backend *be, const char *path)
 {
 	int flags = (be->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC | (be->direct ? O_DIRECT : 0);
-	struct stat st;
+	struct stat st, via;
+	char proc[32];
 	int fd;
 
-	fd = open(path, flags);
+	if (be->via_fd > 0) {
+		/* the same file, whatever the path names by now (a link swapped in) */
+		snprintf(proc, sizeof(proc), "/proc/self/fd/%d", be->via_fd);
+		if (fstat(be->via_fd, &via) < 0)
+			return ubm_fail(errno, "%s: %s", path, strerror(errno));
+		fd = open(proc, flags);
+		if (fd >= 0 && (fstat(fd, &st) < 0 || st.st_dev != via.st_dev ||
+				st.st_ino != via.st_ino)) {
+			close(fd);
+			return ubm_fail(ESTALE, "%s: reopening it gave another file", path);
+		}
+	} else {
+		fd = open(path, flags);
+	}
 	if (fd < 0 && errno == EINVAL && be->direct)
 		return ubm_fail(EINVAL, "%s: the filesystem does not support O_DIRECT (--direct)", path);
 	if (fd < 0)

@@ -195,6 +195,7 @@ static int open_source(struct ubm_dev *dev)
 	be->logical_bs = dev->cfg.logical_bs;
 	be->read_only = dev->cfg.read_only;
 	be->direct = dev->cfg.direct;
+	be->via_fd = dev->cfg.source_fd;
 	ret = be->ops->open(be, dev->cfg.source_path);
 	if (ret < 0)
 		return ret;

@@ -109,6 +109,8 @@ struct ubm_backend {
 	bool can_discard;       /* the backend can deallocate (punch holes / discard) */
 	bool no_zero_range;     /* FALLOC_FL_ZERO_RANGE refused once: punch instead */
 	uint32_t timeout_ms;    /* remote backends: the longest wait on the server (0: 30 s) */
+	int via_fd;             /* files: > 0, open this descriptor's file again (the one the
+				 * control plane checked), not whatever the path names now */
 	struct __kernel_timespec delay;  /* tests: hold every write this long first */
 	void *priv;             /* the backend's own state */
 };

@@ -747,6 +747,7 @@ UBM_EXPORT int ubm_mig_start(struct ubm_target *t, const struct ubm_mig_config *
 	dest->logical_bs = t->source.logical_bs;
 	dest->direct = cfg->direct;
 	dest->timeout_ms = cfg->dest_timeout_ms;
+	dest->via_fd = cfg->dest_fd;
 	ret = dest->ops->open(dest, cfg->dest_path);
 	if (ret < 0)
 		return ret;

@@ -38,6 +38,9 @@ struct ubm_config {
 	int32_t dev_id;            /* -1: let the kernel choose */
 	uint32_t recover;          /* 0/1: take over device dev_id, whose server died (its
 				    * geometry and data path come from the device) */
+	int32_t source_fd;         /* > 0: the caller's descriptor on the source (checked,
+				    * locked): opened again through it, never by the path,
+				    * which may name another file by now (0: by the path) */
 };
 
 /* Counters summed over the queues; monotonic except inflight. */
@@ -136,6 +139,8 @@ struct ubm_mig_config {
 	uint64_t check_below;      /* resuming: chunks below this may hold an earlier copy;
 				    * their first copy reads the destination's and writes
 				    * only if it differs (0: none) */
+	int32_t dest_fd;           /* > 0: a file destination the caller checked and locked,
+				    * opened again through it (0: by the path) */
 	uint32_t dest_timeout_ms;  /* an NBD destination: the longest wait for the server
 				    * (a reply, the dial and handshake), after which the
 				    * connection counts as lost (0: 30 s) */

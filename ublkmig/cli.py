@@ -123,6 +123,13 @@ def cli(log_level: str | None, log_json: bool) -> None:
     "served: after a completed migration, its destination); it keeps its queues, depth and "
     "block size.",
 )
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Serve IMAGE even though a completed migration left it (another image is the disk: "
+    "this copy lacks every write since), or recover without a record of what the device "
+    "served.",
+)
 def serve(
     image: Path,
     queues: int,
@@ -132,6 +139,7 @@ def serve(
     direct: bool,
     data_path: str,
     recover: int | None,
+    force: bool,
 ) -> int:
     """Serve IMAGE as /dev/ublkbN in the foreground.
 
@@ -152,6 +160,7 @@ def serve(
         direct=direct,
         data_path=DataPath.from_label(data_path),
         recover=recover,
+        force=force,
     )
     return daemon.serve(opts)
 

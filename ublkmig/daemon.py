@@ -68,6 +68,7 @@ class ServeOptions:
     direct: bool = False
     data_path: DataPath = DataPath.AUTO
     recover: int | None = None  # take over /dev/ublkb<N>, whose daemon died
+    force: bool = False  # serve an image a record says is not the disk (or recover without one)
 
 
 class Image:
@@ -100,10 +101,15 @@ def open_image(opts: ServeOptions) -> Image:
     if opts.direct:
         _check_direct(path, opts.image)
     mode = "reading" if opts.read_only else "reading and writing"
+    # a block device exclusively: refused while mounted or claimed (a partition of it too)
+    excl = os.O_EXCL if stat.S_ISBLK(st.st_mode) else 0
     try:
-        fd = os.open(path, (os.O_RDONLY if opts.read_only else os.O_RDWR) | os.O_CLOEXEC)
+        fd = os.open(path, (os.O_RDONLY if opts.read_only else os.O_RDWR) | os.O_CLOEXEC | excl)
     except OSError as e:
         hint = "" if opts.read_only else " (--read-only serves it read-only)"
+        if e.errno == errno.EBUSY and excl:
+            raise UserError(f"image is in use (mounted, or held by another program): "
+                            f"{opts.image}") from None  # fmt: skip
         if e.errno == errno.EROFS:
             raise UserError(f"image is on a read-only file system: {opts.image}{hint}") from None
         raise UserError(f"cannot open image {opts.image} for {mode}: {e.strerror}{hint}") from None
@@ -291,7 +297,8 @@ class Daemon:
         self._mig_started = anyio.Event()
         try:
             dest = await anyio.to_thread.run_sync(self._open_destination, opts.dest, dev)
-            opts = dataclasses.replace(opts, dest_zeroed=dest.created)
+            # the data plane opens the destination checked and locked here, through its fd
+            opts = dataclasses.replace(opts, dest_zeroed=dest.created, dest_fd=max(dest.fd, 0))
             mig = migration.Migration(
                 dev.target(), opts, device=self._node(), source=str(self.image.path),
                 size=dev.size, io_stats=dev.stats, policy=self.migration_policy,
@@ -315,7 +322,10 @@ class Daemon:
     def _resume_options(self, args: dict[str, Any]) -> migration.MigrationOptions:
         """The options of the migration the last daemon of this device left unfinished."""
         assert self.device is not None
-        saved = state.read(state.migration_path(self.device.id))
+        try:
+            saved = state.read(state.migration_path(self.device.id))
+        except state.Damaged as e:
+            raise control.ControlError(str(e)) from None
         if saved is None:
             raise control.ControlError(f"no interrupted migration of {self._node()} to resume")
         if saved.get("cut_over"):
@@ -356,8 +366,15 @@ class Daemon:
         must serve (the destination, once a cutover is in sync)."""
         assert self.device is not None
         state.write(state.migration_path(self.device.id), data)
-        image = data["dest"] if data.get("cut_over") else str(self.image.path)
+        cut_over = bool(data.get("cut_over"))
+        image = data["dest"] if cut_over else str(self.image.path)
         self._save_device_state(image)
+        if cut_over:  # the source is not the disk any more: `serve SOURCE` must refuse it
+            state.mark_superseded(str(self.image.path), data["dest"], self._node())
+            if not migration.is_nbd_uri(data["dest"]):
+                state.unmark(data["dest"])  # (a migration back to an image it left)
+        else:
+            state.unmark(str(self.image.path))
 
     def _save_device_state(self, image: str | None = None) -> None:
         assert self.device is not None
@@ -378,6 +395,20 @@ class Daemon:
         def who_holds(path: Path) -> str | None:
             infos = control.list_daemons(timeout=2.0, exclude=self._socket)
             return migration.describe_holder(infos, path)
+
+        # another ublkmig device serving this image (or storage under it) is the source too
+        with contextlib.suppress(OSError):
+            node = os.stat(dest)
+            if stat.S_ISBLK(node.st_mode):
+                for info in control.list_daemons(timeout=2.0, exclude=self._socket):
+                    with contextlib.suppress(OSError, KeyError, TypeError):
+                        if (os.stat(info["path"]).st_rdev == node.st_rdev
+                                and migration.storage_overlap(os.stat(info["image"]),
+                                                              os.stat(self.image.path))):
+                            raise UserError(
+                                f"the destination {dest} is a ublkmig device serving "
+                                f"{info['image']}, which is the source's storage"
+                            )  # fmt: skip
 
         return migration.open_destination(
             dest, source=self.image.path, size=dev.size, device_node=dev.block_path,
@@ -423,7 +454,10 @@ class Daemon:
         """The migration the last daemon of this device left unfinished, if any."""
         if self.device is None or self.migration is not None:
             return None
-        saved = state.read(state.migration_path(self.device.id))
+        try:
+            saved = state.read(state.migration_path(self.device.id))
+        except state.Damaged as e:
+            return {"damaged": str(e)}
         return saved if saved is not None and not saved.get("cut_over") else None
 
     def _note_interrupted(self) -> None:
@@ -555,6 +589,7 @@ class Daemon:
         o = self.opts
         config = native.DeviceConfig(
             source=self.image.path,
+            source_fd=self.image.fd,  # the file checked and locked, whatever the path is now
             queues=o.queues,
             depth=o.depth,
             logical_block_size=o.logical_block_size,
@@ -739,9 +774,21 @@ def _probe(path: str, length: int) -> None:
         os.close(fd)
 
 
-def check_takeover(dev_id: int, image: Path) -> None:
+def check_superseded(image: Path) -> None:
+    """``serve IMAGE``: UserError if a completed migration left IMAGE (another is the disk)."""
+    mark = state.superseded_by(str(image))
+    if mark is not None:
+        raise UserError(
+            f"{image} is not the disk any more: {mark.get('device', 'its device')} migrated to "
+            f"{mark.get('superseded_by')}, which holds every write since; serve that (or pass "
+            "--force to serve this old copy)"
+        )
+
+
+def check_takeover(dev_id: int, image: Path, force: bool = False) -> None:
     """``serve IMAGE --recover N``: UserError unless IMAGE is what /dev/ublkbN's dead daemon
-    served (as its state files say, when it left them), and nothing was lost with it."""
+    served (as its state files say), and nothing was lost with it.  Without a record of what
+    it served nothing can be concluded: refused unless ``force``."""
     node = f"/dev/ublkb{dev_id}"
     try:
         info = control.request(control.socket_path(dev_id), "info", timeout=5.0)
@@ -751,6 +798,11 @@ def check_takeover(dev_id: int, image: Path) -> None:
         raise UserError(f"{node} is served by a live ublkmig daemon (pid {info.get('pid')}): "
                         f"`ublkmig stop {node}` stops it")
     dev = state.read(state.device_path(dev_id))
+    if dev is None and not force:
+        raise UserError(
+            f"no record of what {node} served ({state.device_path(dev_id)} is missing, as after "
+            "its daemon failed to save it): pass --force if you know it was this image"
+        )
     if dev is not None:
         served = str(dev.get("image", ""))
         same = False
@@ -777,8 +829,10 @@ def serve(opts: ServeOptions, out: TextIO | None = None) -> int:
     image = open_image(opts)
     try:
         check_root()
+        if not opts.force:
+            check_superseded(Path(image.path))
         if opts.recover is not None:
-            check_takeover(opts.recover, Path(image.path))
+            check_takeover(opts.recover, Path(image.path), force=opts.force)
         ensure_driver()
         check_data_path(opts.data_path)
         d = Daemon(opts, image, out or sys.stdout)

@@ -168,6 +168,7 @@ class MigrationOptions:
     # then the connection counts as lost (guest writes complete from the source, the chunks
     # go dirty, the migration reconnects)
     dest_timeout: float = DEFAULT_DEST_TIMEOUT
+    dest_fd: int = 0  # > 0: a file destination's checked, locked descriptor (not saved)
 
     def native_config(self) -> native.MigrationConfig:
         return native.MigrationConfig(
@@ -182,6 +183,7 @@ class MigrationOptions:
             delta_dir=self.delta_dir,
             check_below=self.check_below,
             dest_timeout_ms=round(self.dest_timeout * 1000),
+            dest_fd=self.dest_fd,
         )
 
 
@@ -1097,6 +1099,69 @@ def _same_storage(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
+def _sysfs_block(st: os.stat_result, sysfs: Path) -> Path | None:
+    import stat
+
+    if not stat.S_ISBLK(st.st_mode):
+        return None
+    return sysfs / "dev" / "block" / f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _loop_backing(st: os.stat_result, sysfs: Path) -> os.stat_result | None:
+    """A loop device's backing file, as it is now (None: not a loop device, or detached); for a
+    partition of one, its disk's."""
+    node = _sysfs_block(st, sysfs)
+    if node is not None and (node / "partition").exists():
+        node = node.resolve().parent
+    backing = _read(node / "loop" / "backing_file") if node is not None else None
+    if not backing:
+        return None
+    try:
+        return os.stat(backing.removesuffix(" (deleted)"))
+    except OSError:
+        return None
+
+
+def _extent(st: os.stat_result, sysfs: Path) -> tuple[str, int, int] | None:
+    """A block device as (its whole disk's MAJ:MIN, first sector, sectors)."""
+    node = _sysfs_block(st, sysfs)
+    if node is None:
+        return None
+    size = _read(node / "size")
+    if size is None:
+        return None
+    if (node / "partition").exists():
+        whole = _read(node.resolve().parent / "dev")
+        start = _read(node / "start")
+        if whole is None or start is None:
+            return None
+        return whole, int(start), int(size)
+    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}", 0, int(size)
+
+
+def storage_overlap(a: os.stat_result, b: os.stat_result, sysfs: Path = Path("/sys")) -> bool:
+    """Whether writing one would change the other: the same file or device, a loop device over
+    the other (either way round), or block devices sharing sectors of one disk (a partition
+    and its whole disk, overlapping partitions)."""
+    if _same_storage(a, b):
+        return True
+    ea, eb = _extent(a, sysfs), _extent(b, sysfs)
+    if ea is not None and eb is not None and ea[0] == eb[0]:  # one disk: by its sectors
+        return ea[1] < eb[1] + eb[2] and eb[1] < ea[1] + ea[2]
+    for x, y in ((a, b), (b, a)):
+        backing = _loop_backing(x, sysfs)
+        if backing is not None and storage_overlap(backing, y, sysfs):
+            return True
+    return False
+
+
 def open_destination(
     dest: Path,
     *,
@@ -1134,6 +1199,12 @@ def open_destination(
             raise UserError(f"the destination is not a regular file or a block device: {dest}")
         if _same_storage(st, src_st):
             raise UserError(f"the destination is the source: {dest}")
+        if storage_overlap(st, src_st):
+            raise UserError(
+                f"the destination {dest} shares storage with the source {source} (a loop device "
+                "over it, or overlapping partitions of one disk): writing one would change "
+                "the other"
+            )
         if device_node is not None:
             try:
                 if _same_storage(st, os.stat(device_node)):
@@ -1159,6 +1230,9 @@ def open_destination(
         raise UserError(f"cannot {what} the destination {dest}: {e.strerror}") from None
     d = Destination(dest, fd, 0, created)
     try:
+        if st is not None and not _same_storage(os.fstat(fd), st):
+            # (the data plane uses this descriptor, not the path, so what was checked is used)
+            raise UserError(f"the destination {dest} changed while it was being checked")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -138,6 +138,7 @@ class _Config(ctypes.Structure):
         ("data_path", ctypes.c_uint32),
         ("dev_id", ctypes.c_int32),
         ("recover", ctypes.c_uint32),
+        ("source_fd", ctypes.c_int32),
     ]
 
 
@@ -200,6 +201,7 @@ class _MigConfig(ctypes.Structure):
         ("busy_depth", ctypes.c_uint32),
         ("delta_dir", ctypes.c_char_p),
         ("check_below", ctypes.c_uint64),
+        ("dest_fd", ctypes.c_int32),
         ("dest_timeout_ms", ctypes.c_uint32),
     ]
 
@@ -283,6 +285,7 @@ class MigrationConfig:
     delta_dir: str | os.PathLike[str] | None = None  # snapshot deltas; None: beside the source
     check_below: int = 0  # resuming: chunks below this are compared before being written
     dest_timeout_ms: int = 0  # NBD: the longest wait for the server (0: the data plane's 30 s)
+    dest_fd: int = 0  # > 0: a file destination's checked, locked descriptor, opened again
 
     def _to_c(self) -> _MigConfig:
         return _MigConfig(
@@ -296,6 +299,7 @@ class MigrationConfig:
             busy_depth=self.busy_depth,
             delta_dir=os.fsencode(self.delta_dir) if self.delta_dir is not None else None,
             check_below=self.check_below,
+            dest_fd=self.dest_fd,
             dest_timeout_ms=self.dest_timeout_ms,
         )
 
@@ -544,6 +548,7 @@ class DeviceConfig:
     data_path: DataPath = DataPath.AUTO
     dev_id: int = -1  # let the kernel choose
     recover: bool = False  # take over device dev_id, whose server died (its geometry wins)
+    source_fd: int = 0  # > 0: the checked, locked descriptor the data plane opens again
 
     def _to_c(self) -> _Config:
         return _Config(
@@ -557,6 +562,7 @@ class DeviceConfig:
             data_path=int(self.data_path),
             dev_id=self.dev_id,
             recover=int(self.recover),
+            source_fd=self.source_fd,
         )
 
 

@@ -208,6 +208,9 @@ def _guest_script(argv: Sequence[str], rwdir: Path, env: dict[str, str], cwd: Pa
     path = f"{Path(sys.executable).parent}:{GUEST_PATH}"
     exports = {"PATH": path, "HOME": "/tmp", "UBLKMIG_IN_VM": "1",
                "UBLKMIG_VM_RWDIR": str(rwdir), "PYTHONUNBUFFERED": "1",
+               # the guest's /var/lib is the host's, read-only: superseded-image marks go to
+               # the guest's own tmpfs (a test deleting /run still finds them)
+               "UBLKMIG_STATE_DIR": "/tmp/ublkmig-state",
                "PYTHONDONTWRITEBYTECODE": "1", **env}
     lines = [
         "#!/bin/sh",

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ublkmig import control
+from ublkmig import control, state
+
+
+@pytest.fixture(autouse=True)
+def state_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """$UBLKMIG_STATE_DIR pointing at a fresh directory for every test (and the daemons it
+    starts): no test reads or leaves superseded-image marks in /var/lib/ublkmig."""
+    d = Path(tempfile.mkdtemp(prefix="ubm-state-"))
+    monkeypatch.setenv(state.ENV_STATE_DIR, str(d))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -101,7 +101,7 @@ def events(err: str) -> list[str]:
 
 
 def test_migrate_wait_completes_and_serves_the_destination(
-    daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str], run_dir: Path
 ) -> None:
     before = daemon.image.read_bytes()
     st = status(capsys)
@@ -157,6 +157,19 @@ def test_migrate_wait_completes_and_serves_the_destination(
     phases = [line.split("phase=")[1].split()[0] for line in err.splitlines()
               if "event=migration.phase" in line]  # fmt: skip
     assert phases == ["starting", "copying", "cutover", "completed"]
+
+    # a reboot loses /run (and the device); the old image is still known not to be the disk
+    for p in run_dir.iterdir():
+        p.unlink()
+    capsys.readouterr()
+    rc, out, err = cli(capsys, "serve", str(daemon.image))
+    assert rc == 1 and out == ""
+    assert error_line(err) == (
+        f"{daemon.image} is not the disk any more: {DEV} migrated to {dest}, which holds every "
+        "write since; serve that (or pass --force to serve this old copy)"
+    )
+    rc, _, err = cli(capsys, "serve", str(daemon.image), "--force")
+    assert rc == 1 and "is not the disk any more" not in err  # (refused later: no ublk here)
 
 
 @pytest.mark.parametrize("mode", ["dbt", "snapshot"])

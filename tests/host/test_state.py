@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ublkmig import state
-from ublkmig.daemon import check_takeover
+from ublkmig.daemon import check_superseded, check_takeover
 from ublkmig.errors import UserError
 
 
@@ -22,10 +22,13 @@ def test_write_read_remove(run_dir: Path) -> None:
     assert state.read(path) == {"version": state.VERSION, "image": "/b.img", "pid": 2}
     assert sorted(p.name for p in run_dir.iterdir()) == ["ublkb3.json"]  # no temporary left
     assert os.stat(run_dir).st_mode & 0o777 == 0o700
+    # torn or foreign: never taken for a missing record
     path.write_text("{not json")
-    assert state.read(path) is None
+    with pytest.raises(state.Damaged, match="is damaged"):
+        state.read(path)
     path.write_text('{"version": 999}')
-    assert state.read(path) is None
+    with pytest.raises(state.Damaged, match="not a state file of this ublkmig"):
+        state.read(path)
     state.remove(path, state.migration_path(3))  # (a missing one is fine)
     assert not path.exists()
     state.write(path, {"image": "/a.img"})
@@ -38,7 +41,13 @@ def test_takeover_checks(run_dir: Path, tmp_path: Path) -> None:
     image, dest = tmp_path / "disk.img", tmp_path / "dest.img"
     image.write_bytes(b"x")
     dest.write_bytes(b"y")
-    check_takeover(5, image)  # nothing left behind: nothing to check
+    # nothing left behind: nothing says which image is the disk
+    with pytest.raises(UserError, match="no record of what /dev/ublkb5 served"):
+        check_takeover(5, image)
+    check_takeover(5, image, force=True)
+    state.device_path(5).write_text('{"image": "/x.i')  # torn
+    with pytest.raises(state.Damaged):
+        check_takeover(5, image, force=True)
     state.write(state.device_path(5), {"image": str(image), "pid": 1})
     check_takeover(5, image)
     check_takeover(5, tmp_path / "." / "disk.img")  # the same file, another spelling
@@ -57,7 +66,41 @@ def test_takeover_checks(run_dir: Path, tmp_path: Path) -> None:
     state.write(state.migration_path(5), {"mode": "snapshot", "cut_over": None})
     with pytest.raises(UserError, match="died during a snapshot-mode migration"):
         check_takeover(5, image)
+    state.migration_path(5).write_text("")  # torn: the snapshot refusal is not skipped
+    with pytest.raises(state.Damaged):
+        check_takeover(5, image)
     # cut over (or in sync and switching): the destination holds everything, deltas or not
     state.write(state.device_path(5), {"image": str(dest), "pid": 1})
     state.write(state.migration_path(5), {"mode": "snapshot", "cut_over": "intent"})
     check_takeover(5, dest)
+
+
+def test_superseded_images(state_dir: Path, tmp_path: Path) -> None:
+    """A cutover marks the image it left, durably and outside /run: `serve` of it is refused,
+    under any spelling or hard link, until a migration back to it makes it the disk again."""
+    old, new = tmp_path / "old.img", tmp_path / "new.img"
+    old.write_bytes(b"o")
+    new.write_bytes(b"n")
+    assert state.superseded_by(str(old)) is None
+    state.mark_superseded(str(old), str(new), "/dev/ublkb4")
+    assert [p.parent.name for p in state_dir.rglob("*.json")] == ["superseded"]
+    for spelling in (old, tmp_path / "." / "old.img"):
+        mark = state.superseded_by(str(spelling))
+        assert mark is not None and mark["superseded_by"] == str(new)
+    os.link(old, tmp_path / "link.img")
+    assert state.superseded_by(str(tmp_path / "link.img")) is not None
+    assert state.superseded_by(str(new)) is None
+    with pytest.raises(UserError) as e:
+        check_superseded(old)
+    assert str(e.value) == (
+        f"{old} is not the disk any more: /dev/ublkb4 migrated to {new}, which holds every "
+        "write since; serve that (or pass --force to serve this old copy)"
+    )
+    state.unmark(str(tmp_path / "link.img"))
+    assert state.superseded_by(str(old)) is None
+    check_superseded(old)
+    # a mark that cannot be read might be this image's: fail closed
+    state.mark_superseded(str(new), str(old), "/dev/ublkb4")
+    next(state_dir.rglob("*.json")).write_text("{")
+    with pytest.raises(state.Damaged, match="serve with --force"):
+        check_superseded(old)

@@ -6,6 +6,7 @@ Bad takeovers are refused in one line, leaving the device as it was."""
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
 import subprocess
 import time
@@ -37,7 +38,7 @@ from vmlib import (
     write_device,
 )
 
-from ublkmig import state
+from ublkmig import control, state
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -245,6 +246,14 @@ def test_recover_after_a_completed_migration_needs_the_destination(
     assert read_device(again.device, 0, 5 * MiB) == data + pattern(25, MiB)
     assert cli_status(again.device)["interrupted"] is None
     again.stop()
+    # a reboot loses /run with the device; the record that the old image is not the disk
+    # any more is elsewhere (persistent), so serving it is refused
+    shutil.rmtree(control.run_dir(), ignore_errors=True)
+    r = run_cli("serve", str(image))
+    line = assert_one_line_error(r, "serve the migrated-from image")
+    assert line == (f"ublkmig: error: {image} is not the disk any more: {dev.device} migrated to "
+                    f"{dest}, which holds every write since; serve that (or pass --force to "
+                    "serve this old copy)"), line
 
 
 def test_recover_refuses_after_a_snapshot_migration_lost_its_deltas(

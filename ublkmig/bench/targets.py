@@ -65,8 +65,11 @@ def ublkmig(image: Path, *, queues: int, depth: int, data_path: str = "auto",
             direct: bool = False, log: Path | None = None) -> Iterator[Target]:  # fmt: skip
     """``ublkmig serve IMAGE`` in the background; stopped with SIGTERM on exit.  ``direct``:
     O_DIRECT on the image, as kublk's loop target always opens its file."""
+    # --force: every repetition serves the image again that the last one migrated away from
+    # (put back as it was): the bench knows it is the disk it means
     argv = [sys.executable, "-m", "ublkmig", "serve", str(image), f"--queues={queues}",
-            f"--depth={depth}", f"--data-path={data_path}", *(["--direct"] if direct else [])]
+            f"--depth={depth}", f"--data-path={data_path}", "--force",
+            *(["--direct"] if direct else [])]
     errf = open(log or os.devnull, "w")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errf, text=True,
                             stdin=subprocess.DEVNULL)  # fmt: skip
