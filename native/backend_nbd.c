@@ -386,6 +386,12 @@ static void printable(char *text)
 			*p = '?';
 }
 
+static int handshake_failed(const struct nbd_backend *nb, int ret)
+{
+	return ubm_fail(-ret, "%s: the NBD handshake failed: %s", nb->uri,
+			ret == -ETIMEDOUT ? "no answer in time" : strerror(-ret));
+}
+
 static int handshake(struct nbd_backend *nb, int fd, uint64_t *size, uint16_t *flags,
 		     uint32_t *max_payload, uint64_t deadline)
 {
@@ -408,7 +414,7 @@ static int handshake(struct nbd_backend *nb, int fd, uint64_t *size, uint16_t *f
 	ret = full_io(fd, &hello, sizeof(hello), false, deadline);
 	if (ret < 0)
 		return ubm_fail(-ret, "%s: no NBD greeting from the server: %s", nb->uri,
-				strerror(-ret));
+				ret == -ETIMEDOUT ? "no answer in time" : strerror(-ret));
 	if (be64toh(hello.magic) != NBDMAGIC)
 		return ubm_fail(EPROTO, "%s: the server does not speak NBD", nb->uri);
 	if (be64toh(hello.opt) != IHAVEOPT)
@@ -422,7 +428,7 @@ static int handshake(struct nbd_backend *nb, int fd, uint64_t *size, uint16_t *f
 	    (ret = full_io(fd, &go, sizeof(go), true, deadline)) < 0 ||
 	    (ret = full_io(fd, nb->export, namelen, true, deadline)) < 0 ||
 	    (ret = full_io(fd, &no_infos, 2, true, deadline)) < 0)
-		return ubm_fail(-ret, "%s: the NBD handshake failed: %s", nb->uri, strerror(-ret));
+		return handshake_failed(nb, ret);
 	*max_payload = MAX_PAYLOAD;
 	for (;;) {
 		struct {
@@ -437,8 +443,7 @@ static int handshake(struct nbd_backend *nb, int fd, uint64_t *size, uint16_t *f
 					"option", nb->uri, MAX_OPT_REPLIES);
 		ret = full_io(fd, &rep, sizeof(rep), false, deadline);
 		if (ret < 0)
-			return ubm_fail(-ret, "%s: the NBD handshake failed: %s", nb->uri,
-					ret == -ETIMEDOUT ? "no answer in time" : strerror(-ret));
+			return handshake_failed(nb, ret);
 		type = be32toh(rep.type);
 		len = be32toh(rep.len);
 		if (be64toh(rep.magic) != OPT_REPLY_MAGIC || be32toh(rep.opt) != OPT_GO)
@@ -450,8 +455,7 @@ static int handshake(struct nbd_backend *nb, int fd, uint64_t *size, uint16_t *f
 			/* keep the first 1 KiB (all we read), skip the rest */
 			ret = full_io(fd, got ? (char[1024]){0} : data, n, false, deadline);
 			if (ret < 0)
-				return ubm_fail(-ret, "%s: the NBD handshake failed: %s", nb->uri,
-						strerror(-ret));
+				return handshake_failed(nb, ret);
 			got += n;
 		}
 		data[sizeof(data) - 1] = 0;

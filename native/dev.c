@@ -324,11 +324,14 @@ static int recover_begin(struct ubm_dev *dev)
 	ret = open_source(dev);
 	if (ret < 0)
 		return ret;
-	if (dev->tgt.source.size != (uint64_t)p->basic.dev_sectors << 9)
+	/* a migration's destination may be larger than the device (allowed): the
+	 * device keeps its size, and serves that much of the image */
+	if (dev->tgt.source.size < (uint64_t)p->basic.dev_sectors << 9)
 		return ubm_fail(EINVAL, "%s holds %llu bytes but /dev/ublkb%u has %llu: not the "
 				"image it served", dev->cfg.source_path,
 				(unsigned long long)dev->tgt.source.size, id,
 				(unsigned long long)p->basic.dev_sectors << 9);
+	dev->tgt.source.size = (uint64_t)p->basic.dev_sectors << 9;
 	for (waited = 0;; waited += 20) {
 		ret = ubm_ctrl_cmd(&dev->ctrl, UBLK_U_CMD_START_USER_RECOVERY, id, NULL, 0, 0);
 		if (ret != -EBUSY || waited >= RECOVERY_WAIT_MS)

@@ -52,6 +52,8 @@
 #define MIG_IO_TRACKED 2   /* source only, touching copied chunks: dirty them when done */
 #define MIG_IO_REFS 4      /* holds chunk references */
 #define MIG_IO_DEST_FAILED 8  /* its destination part failed, and that is recorded */
+#define MIG_IO_DEST_DONE 16   /* mirrored: its destination part ended */
+#define MIG_IO_WAITING 32     /* mirrored: source done, waiting for the destination (counted) */
 
 #define HOT_PASSES 2       /* dirtied again in this many dirty passes: defer to the final one */
 #define MAX_COPY_DEPTH 16
@@ -112,6 +114,8 @@ struct ubm_migration {
 	uint64_t mirrored_writes, tracked_writes, parked, dest_errors;
 	uint64_t max_latency_ns, cutover_latency_ns, cutover_ns;
 	uint64_t mirror_waits, mirror_wait_ns;
+	uint64_t dest_waiting;     /* mirrored writes done on the source, not yet on the dest */
+	uint64_t dest_waiting_since; /* ... the sum of the times their source parts ended */
 	uint64_t yield_ns;         /* the copier held back reads for guest I/O (busy_depth) */
 	uint64_t pause_start_ns, last_pause_ns;
 	/* the copier */
@@ -438,9 +442,26 @@ void ubm_mig_part_done(struct ubm_migration *m, struct ubm_io *io, unsigned slot
 	uint64_t c0 = 0, c1 = 0;
 
 	if (slot == SLOT_SOURCE) {
-		if (io->mflags & MIG_IO_MIRRORED)
+		if (io->mflags & MIG_IO_MIRRORED) {
 			io->t_source_done = now_ns();
+			/* the guest now waits for the destination alone: counted
+			 * while it does, so a destination that stops answering
+			 * shows before any write completes (auto mode's fallback) */
+			if (!(io->mflags & MIG_IO_DEST_DONE)) {
+				io->mflags |= MIG_IO_WAITING;
+				A_ADD(&m->dest_waiting_since, io->t_source_done);
+				A_ADD(&m->dest_waiting, 1);
+			}
+		}
 		return;
+	}
+	if (slot == SLOT_DEST) {
+		io->mflags |= MIG_IO_DEST_DONE;
+		if (io->mflags & MIG_IO_WAITING) {
+			io->mflags &= ~MIG_IO_WAITING;
+			A_SUB(&m->dest_waiting, 1);
+			A_SUB(&m->dest_waiting_since, io->t_source_done);
+		}
 	}
 	/* after the cutover the destination is the disk: its errors are the guest's */
 	if (slot != SLOT_DEST || A_LOAD(&m->cut_over))
@@ -1258,6 +1279,14 @@ UBM_EXPORT int ubm_mig_get_stats(struct ubm_target *t, struct ubm_mig_stats *out
 	out->bytes_matched = A_LOAD(&m->bytes_matched);
 	out->yield_ns = A_LOAD(&m->yield_ns);
 	out->cutover_pause_ns = A_LOAD(&m->cutover_pause_ns);
+	{
+		/* (two loads, not one snapshot: a mean that is off by a write at most) */
+		uint64_t n = A_LOAD(&m->dest_waiting), since = A_LOAD(&m->dest_waiting_since);
+		uint64_t now = now_ns();
+
+		out->dest_waiting = n;
+		out->dest_waiting_ns = n && since / n < now ? now - since / n : 0;
+	}
 	pthread_mutex_unlock(&t->mig_lock);
 	return 0;
 }

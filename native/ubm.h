@@ -67,8 +67,9 @@ const char *ubm_path_name(int path);
 
 /* Open the source, add the device (ADD_DEV), set its parameters; or, with
  * cfg->recover, take over device cfg->dev_id (GET_DEV_INFO, GET_PARAMS: the
- * source must have its size; START_USER_RECOVERY).  Devices are added with
- * UBLK_F_USER_RECOVERY and _REISSUE: they outlive a server that dies, holding
+ * source must have at least its size, and serves that much of itself, as a
+ * migration to a larger destination leaves it; START_USER_RECOVERY).  Devices
+ * are added with UBLK_F_USER_RECOVERY and _REISSUE: they outlive a server that dies, holding
  * their I/O until another takes over.  On success *out holds the device; its
  * id is ubm_dev_id(). */
 int ubm_dev_create(const struct ubm_config *cfg, struct ubm_dev **out);
@@ -192,6 +193,9 @@ struct ubm_mig_stats {
 				    * because guest requests were in flight */
 	uint64_t cutover_pause_ns; /* the cutover's hold: from holding guest requests to the
 				    * switch (ubm_mig_cutover_hold .. _switch) */
+	uint64_t dest_waiting;     /* mirrored writes done on the source, waiting now for the
+				    * destination ... */
+	uint64_t dest_waiting_ns;  /* ... and how long, on average, they have waited so far */
 };
 
 /* Open the destination, check it, and start routing guest I/O through the

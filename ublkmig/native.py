@@ -218,7 +218,7 @@ MIG_STAT_TYPES: tuple[tuple[str, Any], ...] = (
     ("cut_over", _U32), ("generation", _U32), ("delta_chunks", _U64), ("cow_chunks", _U64),
     ("delta_failed", _U32), ("dest_down", _U32), ("mirror_waits", _U64),
     ("mirror_wait_ns", _U64), ("bytes_matched", _U64), ("yield_ns", _U64),
-    ("cutover_pause_ns", _U64),
+    ("cutover_pause_ns", _U64), ("dest_waiting", _U64), ("dest_waiting_ns", _U64),
 )  # fmt: skip
 MIG_STAT_FIELDS = tuple(name for name, _ in MIG_STAT_TYPES)
 
@@ -264,6 +264,8 @@ class MigStats:
     bytes_matched: int = 0  # resuming: equal on the destination already, so not written
     yield_ns: int = 0  # the copier held back for guest I/O (busy_depth, resting)
     cutover_pause_ns: int = 0  # the cutover's hold of guest I/O, up to the switch
+    dest_waiting: int = 0  # mirrored writes done on the source, waiting for the destination now
+    dest_waiting_ns: int = 0  # ... their mean wait so far
 
     @classmethod
     def _from_c(cls, s: _MigStats) -> MigStats:

@@ -15,10 +15,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from faulty_nbd import FaultyNbd
+from test_migration import FAST, Run
 
 from ublkmig import native
+from ublkmig.migration import Mode, Phase
 from ublkmig.native import MigMode, MigrationConfig, NativeError, Op, Pass, Sim
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="data plane not built")
@@ -167,3 +170,31 @@ def test_stats_do_not_wait_for_a_slow_flush(tmp: Path) -> None:
             th.join()
         assert slowest < 0.5, slowest
         t.finish()
+
+
+def test_auto_mode_falls_back_while_the_destination_does_not_answer(tmp: Path) -> None:
+    """Auto mode judges the writes waiting for the destination now, not only those that
+    completed: a server that stops answering makes it fall back well before the timeout ends
+    the connections; then it reconnects, and the migration completes byte for byte."""
+    import test_migration
+
+    with FaultyNbd(test_migration.SIZE) as srv:
+        r = Run(tmp, Mode.AUTO, seed=41, dest=srv.uri, dest_zeroed=False, speed=4 << 20,
+                dest_timeout=4.0, policy=FAST)  # fmt: skip
+        seen: dict[str, float] = {}
+
+        async def during(r: Run) -> None:
+            await anyio.sleep(0.5)
+            srv.silent = True
+            t0 = time.monotonic()
+            while not r.mig.fallbacks and time.monotonic() - t0 < 3.5:
+                await anyio.sleep(0.02)
+            seen["fell_back_after"] = time.monotonic() - t0
+            srv.silent = False  # (what it took meanwhile stays unanswered: the timeout ends it)
+
+        assert r.run(during, timeout=90) is Phase.COMPLETED, r.mig.status()
+        status = r.mig.status()
+        assert status["fallbacks"] >= 1 and seen["fell_back_after"] < 3.5, (seen, status)
+        assert status["reconnects"] >= 1, status
+        r.stop(after_io=0.2)
+        assert bytes(srv.data) == bytes(r.model)

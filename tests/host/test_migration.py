@@ -104,6 +104,7 @@ class Run:
     policy: Policy = FAST
     check_below: int = 0  # resuming: chunks compared with the destination's first
     busy_depth: int = MigrationOptions.busy_depth  # copies while guest I/O is in flight
+    dest_timeout: float = MigrationOptions.dest_timeout  # NBD: the longest wait for the server
     source: Path = field(init=False)
     model: bytearray = field(init=False)
     sim: Sim = field(init=False)
@@ -129,7 +130,7 @@ class Run:
             dest=self.dest, mode=self.mode, chunk_size=chunk_size(self.mode), speed=self.speed,
             no_cutover=self.no_cutover, verify=self.verify, dest_zeroed=self.dest_zeroed,
             delta_dir=self.tmp, resumed=self.check_below > 0, check_below=self.check_below,
-            busy_depth=self.busy_depth,
+            busy_depth=self.busy_depth, dest_timeout=self.dest_timeout,
         )  # fmt: skip
         self.mig = Migration(
             self.target, opts, device="/dev/ublkb-sim", source=str(self.source), size=SIZE,

@@ -233,6 +233,8 @@ def test_recover_after_a_completed_migration_needs_the_destination(
     data = pattern(24, 4 * MiB)
     image = make_image(SIZE, data=data)
     dest = scratch / "moved.img"
+    with open(dest, "wb") as f:  # larger than the device (allowed), so recovered as such
+        f.truncate(SIZE + 8 * MiB)
     dev = serve(image)
     orphans.append(dev.device)
     finish_migrate(start_migrate(dev.device, dest))
