@@ -823,7 +823,8 @@ UBM_EXPORT int ubm_mig_start(struct ubm_target *t, const struct ubm_mig_config *
 		m->delta_dir = slash ? strndup(t->source_path, (size_t)(slash - t->source_path + 1))
 				     : strdup(".");
 	}
-	ret = (!m->chunk || !m->dirty || !m->dest_written || !m->unflushed || !m->hot || !m->newest || !m->cq.ios || !m->delta_dir)
+	ret = (!m->chunk || !m->dirty || !m->dest_written || !m->unflushed || !m->hot ||
+	       !m->newest || !m->cq.ios || !m->delta_dir)
 		? ubm_fail(ENOMEM, "out of memory") : 0;
 	for (unsigned i = 0; ret == 0 && i < m->copy_depth; i++) {
 		if (posix_memalign(&m->slots[i].buf, 4096, m->chunk_size) ||

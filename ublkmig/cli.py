@@ -579,7 +579,9 @@ def _status_lines(st: dict[str, Any]) -> list[str]:
     io = st.get("stats") or {}
     mig = st.get("migration")
     gone = st.get("interrupted")
-    if mig is None and gone:
+    if mig is None and gone and "damaged" in gone:
+        lines.append(f"interrupted    a migration, whose saved state is damaged: {gone['damaged']}")
+    elif mig is None and gone:
         lines.append(
             f"interrupted    {gone['mode']} migration to {gone['dest']} ({gone['phase']}) when "
             f"the last daemon died: `ublkmig migrate {st['path']} --resume` goes on with it"
