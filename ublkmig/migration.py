@@ -718,16 +718,15 @@ class Migration:
         if self.phase not in SYNCING or self._paused or self._cut_over or self._auto_done:
             return
         if self.writes_mirrored:
-            # writes waiting for the destination right now count too: one that stopped
-            # answering shows before any of them completes
-            waiting_ms = s.dest_waiting_ns / 1e6 if s.dest_waiting else 0.0
             if s.mirror_waits <= n0:
-                if not waiting_ms:
+                # none completed: the writes waiting for the destination right now are
+                # judged by their wait so far (one that stopped answering shows before any
+                # of them completes)
+                if not s.dest_waiting:
                     return  # no mirrored writes this sample: nothing to judge
-                self.mirror_wait_ms = waiting_ms
+                self.mirror_wait_ms = s.dest_waiting_ns / 1e6
             else:
-                done_ms = (s.mirror_wait_ns - ns0) / (s.mirror_waits - n0) / 1e6
-                self.mirror_wait_ms = max(done_ms, waiting_ms)
+                self.mirror_wait_ms = (s.mirror_wait_ns - ns0) / (s.mirror_waits - n0) / 1e6
             over = self.mirror_wait_ms > self.opts.fallback_wait_ms
             self._over = self._over + 1 if over else 0
             if self._over >= p.auto_sustain and not self._auto_final:

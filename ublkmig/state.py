@@ -15,10 +15,11 @@ sockets; tmpfs, so they live exactly as long as a ublk device can):
 
 Per superseded image, one file in the state directory (``/var/lib/ublkmig/superseded``,
 persistent: it must outlive a reboot, which ends the device and /run with it): written at a
-cutover, with the record above, naming the image the migration left and the one that is the
-disk now.  ``serve`` refuses a superseded image (unless ``--force``): serving it again would
-silently drop every write made since the cutover.  A later migration *to* that image (it is
-the disk again once that one cuts over) removes the mark.
+cutover, with the record above, naming the image the migration left (its real path, and the
+file or device there) and the one that is the disk now.  ``serve`` refuses a superseded
+image (unless ``--force``): serving it again would silently drop every write made since the
+cutover.  A later migration *to* that image (it is the disk again once that one cuts over)
+removes the mark.
 
 A clean stop removes the device's two files.  Each write replaces its file atomically and
 durably (write, fsync, rename, fsync the folder).  A record that exists but cannot be read
@@ -164,11 +165,12 @@ def _marks() -> list[tuple[Path, dict[str, Any] | None]]:
 
 
 def _same(mark: dict[str, Any], ident: dict[str, Any]) -> bool:
-    if mark.get("image") == ident["image"]:
-        return True
-    if "ino" not in ident:
+    """The same path, and still the same file there (or the same block device): a file made
+    later at that path is another image, and a new file that reuses a deleted one's inode
+    number (tmpfs does) at another path is too."""
+    if mark.get("image") != ident["image"] or "ino" not in ident:
         return False
-    if ident.get("rdev"):  # a block device: the same device number
+    if ident.get("rdev"):
         return bool(mark.get("rdev") == ident["rdev"])
     return bool(mark.get("dev") == ident["dev"] and mark.get("ino") == ident["ino"])
 

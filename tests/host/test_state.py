@@ -77,7 +77,8 @@ def test_takeover_checks(run_dir: Path, tmp_path: Path) -> None:
 
 def test_superseded_images(state_dir: Path, tmp_path: Path) -> None:
     """A cutover marks the image it left, durably and outside /run: `serve` of it is refused,
-    under any spelling or hard link, until a migration back to it makes it the disk again."""
+    under any spelling, until a migration back to it makes it the disk again; another file
+    at that path later is another image."""
     old, new = tmp_path / "old.img", tmp_path / "new.img"
     old.write_bytes(b"o")
     new.write_bytes(b"n")
@@ -87,8 +88,8 @@ def test_superseded_images(state_dir: Path, tmp_path: Path) -> None:
     for spelling in (old, tmp_path / "." / "old.img"):
         mark = state.superseded_by(str(spelling))
         assert mark is not None and mark["superseded_by"] == str(new)
-    os.link(old, tmp_path / "link.img")
-    assert state.superseded_by(str(tmp_path / "link.img")) is not None
+    (tmp_path / "link").symlink_to(old)
+    assert state.superseded_by(str(tmp_path / "link")) is not None
     assert state.superseded_by(str(new)) is None
     with pytest.raises(UserError) as e:
         check_superseded(old)
@@ -96,7 +97,11 @@ def test_superseded_images(state_dir: Path, tmp_path: Path) -> None:
         f"{old} is not the disk any more: /dev/ublkb4 migrated to {new}, which holds every "
         "write since; serve that (or pass --force to serve this old copy)"
     )
-    state.unmark(str(tmp_path / "link.img"))
+    os.rename(old, tmp_path / "kept.img")  # a new file where the old image was
+    old.write_bytes(b"o")
+    assert state.superseded_by(str(old)) is None
+    os.replace(tmp_path / "kept.img", old)
+    state.unmark(str(tmp_path / "link"))
     assert state.superseded_by(str(old)) is None
     check_superseded(old)
     # a mark that cannot be read might be this image's: fail closed
