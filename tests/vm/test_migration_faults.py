@@ -71,7 +71,8 @@ def test_cancel_midway(mode: str, make_image: MakeImage, serve: ServeFactory,
     busy.wait_runs(1)
     t("serve, first fio job")
 
-    r = run_cli("migrate", dev.device, "--to", str(dest), "--mode", mode, "--speed", "8M")
+    # 4M: the status polls (a Python start each, seconds under TCG) must see it midway
+    r = run_cli("migrate", dev.device, "--to", str(dest), "--mode", mode, "--speed", "4M")
     assert r.returncode == 0, r
     mig = wait_migration(dev.device, lambda m: m["chunks_copied"] >= m["chunks"] // 8,
                          timeout=60, what="an eighth copied")
