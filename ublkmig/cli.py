@@ -207,9 +207,11 @@ def stop(device: int, timeout: float, no_wait: bool) -> int:
     try:
         answer = control.request(path, "stop")
     except control.DaemonGone:
+        from ublkmig import daemon
+
         with contextlib.suppress(OSError):
             path.unlink()  # a dead daemon's socket
-        if not Path(node).exists() and not Path(f"/dev/ublkc{device}").exists():
+        if not daemon.ublk_device_exists(device):
             raise UserError(f"no ublkmig daemon serves {node}") from None
         try:
             native.Device.remove_orphan(device)

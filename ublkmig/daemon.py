@@ -785,6 +785,11 @@ def check_superseded(image: Path) -> None:
         )
 
 
+def ublk_device_exists(dev_id: int) -> bool:
+    """Whether ublk device DEV_ID exists (its block or its char device node)."""
+    return Path(f"/dev/ublkb{dev_id}").exists() or Path(f"/dev/ublkc{dev_id}").exists()
+
+
 def check_takeover(dev_id: int, image: Path, force: bool = False) -> None:
     """``serve IMAGE --recover N``: UserError unless IMAGE is what /dev/ublkbN's dead daemon
     served (as its state files say), and nothing was lost with it.  Without a record of what
@@ -798,6 +803,8 @@ def check_takeover(dev_id: int, image: Path, force: bool = False) -> None:
         raise UserError(f"{node} is served by a live ublkmig daemon (pid {info.get('pid')}): "
                         f"`ublkmig stop {node}` stops it")
     dev = state.read(state.device_path(dev_id))
+    if dev is None and not ublk_device_exists(dev_id):
+        raise UserError(f"cannot recover {node}: there is no ublk device {dev_id}")
     if dev is None and not force:
         raise UserError(
             f"no record of what {node} served ({state.device_path(dev_id)} is missing, as after "
@@ -829,10 +836,11 @@ def serve(opts: ServeOptions, out: TextIO | None = None) -> int:
     image = open_image(opts)
     try:
         check_root()
-        if not opts.force:
-            check_superseded(Path(image.path))
+        # a takeover's own record names the image more precisely than a superseded mark
         if opts.recover is not None:
             check_takeover(opts.recover, Path(image.path), force=opts.force)
+        if not opts.force:
+            check_superseded(Path(image.path))
         ensure_driver()
         check_data_path(opts.data_path)
         d = Daemon(opts, image, out or sys.stdout)

@@ -145,9 +145,13 @@ def test_bad_takeovers_one_line_each(make_image: MakeImage, serve: ServeFactory,
     r = run_cli("serve", str(other), "--recover", dev.device)
     line = assert_one_line_error(r, "recover with another image")
     assert line == f"ublkmig: error: {dev.device} was serving {image}: recover it with that image"
-    # without the state its daemon left (one that could not write it), the size still tells
+    # without the state its daemon left (one that could not write it) nothing is concluded:
+    # refused unless --force, and then the size still tells
     state.device_path(dev.dev_id).unlink()
     r = run_cli("serve", str(other), "--recover", dev.device)
+    line = assert_one_line_error(r, "recover without a record")
+    assert line.startswith(f"ublkmig: error: no record of what {dev.device} served"), line
+    r = run_cli("serve", str(other), "--recover", dev.device, "--force")
     line = assert_one_line_error(r, "recover with an image of another size")
     assert "holds 33554432 bytes but" in line and "not the image it served" in line, line
     r = run_cli("serve", str(image), "--recover", "/dev/ublkb999")
@@ -155,8 +159,8 @@ def test_bad_takeovers_one_line_each(make_image: MakeImage, serve: ServeFactory,
     assert line.startswith(
         "ublkmig: error: cannot recover /dev/ublkb999: there is no ublk device 999"), line
 
-    # refused takeovers leave it recoverable
-    again = serve(image, "--recover", dev.device)
+    # refused takeovers leave it recoverable (with --force: its record is gone)
+    again = serve(image, "--recover", dev.device, "--force")
     assert read_device(again.device, 0, MiB) == pattern(22, MiB)
     again.stop()
 
