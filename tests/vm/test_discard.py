@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from vmlib import MakeImage, ServeFactory, drop_caches, pattern, read_device
 
+pytestmark = pytest.mark.every_kernel  # the kernel's discard and write-zeroes requests
+
 MiB = 1 << 20
 SIZE = 16 * MiB
 ZERO = bytes(MiB)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 from vmlib import (
     ALL_PATHS,
     IN_VM,
@@ -20,6 +21,8 @@ from vmlib import (
 )
 
 from ublkmig import vm
+
+pytestmark = pytest.mark.every_kernel  # what the kernel offers, and what the CLI says of it
 
 MiB = 1 << 20
 

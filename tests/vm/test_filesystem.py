@@ -8,7 +8,10 @@ import random
 import subprocess
 from pathlib import Path
 
+import pytest
 from vmlib import MakeImage, ServeFactory, pattern
+
+pytestmark = pytest.mark.every_kernel  # a filesystem through the kernel's block layer
 
 MiB = 1 << 20
 

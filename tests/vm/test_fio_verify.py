@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 from vmlib import MakeImage, ServeFactory, data_paths, device_info
 
+pytestmark = pytest.mark.every_kernel  # the data path (copy mode on 6.12, zero copy on the newest)
+
 MiB = 1 << 20
 SIZE = 64 * MiB
 Fio = Callable[..., dict[str, Any]]

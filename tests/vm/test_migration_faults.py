@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +16,6 @@ from typing import Any
 
 import pytest
 from vmlib import (
-    MODES,
     FioLoop,
     MakeImage,
     ServeFactory,
@@ -59,7 +59,9 @@ def _check_source_serves(dev_device: str, image: Path, busy: FioLoop, data: byte
     return assert_same_bytes(dev_device, image, SIZE)
 
 
-@pytest.mark.parametrize("mode", MODES)
+# mirror (mirrored writes to undo) and snapshot (deltas to fold back); dbt's cancel is
+# mirror's without them
+@pytest.mark.parametrize("mode", ["mirror", "snapshot"])
 def test_cancel_midway(mode: str, make_image: MakeImage, serve: ServeFactory,
                        fio_loop: FioLoopFactory, scratch: Path) -> None:
     t = Steps(f"cancel-{mode}")
@@ -220,7 +222,8 @@ def test_destination_out_of_space(make_image: MakeImage, serve: ServeFactory,
     t("migrate again, compare")
 
 
-@pytest.mark.parametrize("mode", MODES)
+# mirror (the guest's writes meet the failure) and snapshot (deltas to fold back)
+@pytest.mark.parametrize("mode", ["mirror", "snapshot"])
 def test_destination_starts_failing(mode: str, make_image: MakeImage, serve: ServeFactory,
                                     fio_loop: FioLoopFactory, scratch: Path) -> None:
     """DEST a device-mapper device whose table turns into ``error`` midway.  The copier's
@@ -290,7 +293,9 @@ def test_snapshot_without_room_for_deltas(serve: ServeFactory, fio_loop: FioLoop
         assert sha256_of(image) == digest
 
 
-@pytest.mark.parametrize("mode", MODES)
+# mirror: the guest's writes meet the loss (the policy's reconnect is the same in every mode;
+# the soak, ci/soak, restarts servers under each)
+@pytest.mark.parametrize("mode", ["mirror"])
 def test_nbd_server_killed_and_restarted(mode: str, make_image: MakeImage,
                                          nbd_server: NbdServerFactory, serve: ServeFactory,
                                          fio_loop: FioLoopFactory, scratch: Path) -> None:
@@ -407,26 +412,103 @@ def _migrate_to_slow_local_disk(mode: str, make_image: MakeImage, serve: ServeFa
             "mirror_returns": mig["mirror_returns"], "writes": mig["writes"]}  # fmt: skip
 
 
-def test_auto_mode_keeps_guest_writes_fast_on_a_slow_local_disk(
+def test_auto_mode_falls_back_from_a_slow_local_disk(
         make_image: MakeImage, serve: ServeFactory, fio_loop: FioLoopFactory,
         scratch: Path) -> None:  # fmt: skip
-    """A slow local destination (dm-delay, writes 40 ms), side by side: in mirror mode the
-    guest's writes wait for it; auto mode falls back to dirty tracking, so they stay close
-    to their latency before the migration, and it still converges (mirroring at the end, no
-    pause).  Both end with DEST equal to the device byte for byte and fio verify clean.
-    (The benchmark's slow scenario measures the same on IOPS and p99.)"""
-    mirror = _migrate_to_slow_local_disk("mirror", make_image, serve, fio_loop, scratch)
+    """A slow local destination (dm-delay, writes 40 ms): auto mode falls back to dirty
+    tracking, so the guest's writes stay close to their latency before the migration, and
+    it still converges (mirroring at the end, no pause), DEST equal to the device byte for
+    byte and fio verify clean.  (Mirror mode beside it, whose writes wait for the disk, is
+    the benchmark's slow scenario: `ublkmig bench --scenario slow`, on IOPS and p99.)"""
     auto = _migrate_to_slow_local_disk("auto", make_image, serve, fio_loop, scratch)
-    print(f"guest 4 KiB write, median: before / during the migration (migration time)\n"
-          f"  mirror: {mirror['before'] * 1e3:.1f} / {mirror['during'] * 1e3:.1f} ms "
-          f"({mirror['seconds']:.1f} s)\n"
-          f"  auto:   {auto['before'] * 1e3:.1f} / {auto['during'] * 1e3:.1f} ms "
+    print(f"guest 4 KiB write, median, auto mode: before / during the migration: "
+          f"{auto['before'] * 1e3:.1f} / {auto['during'] * 1e3:.1f} ms "
           f"({auto['seconds']:.1f} s, {auto['fallbacks']} fallbacks)", flush=True)
-    # mirror: every write waits for the destination (dm-delay's timer may end a wait a
-    # little early)
-    assert mirror["during"] >= 0.8 * SLOW_MS / 1e3, mirror
-    assert mirror["fallbacks"] == 0, mirror
-    # auto: it fell back, mirrored again to converge, and the guest mostly did not wait
+    # it fell back, mirrored again to converge, and the guest mostly did not wait
     assert auto["fallbacks"] >= 1 and auto["mirror_returns"] == auto["fallbacks"], auto
     assert auto["writes"] == "mirrored", auto
     assert auto["during"] < SLOW_MS / 2e3, auto
+
+
+def test_nbd_server_that_stops_answering(make_image: MakeImage, nbd_server: NbdServerFactory,
+                                         serve: ServeFactory, fio_loop: FioLoopFactory) -> None:
+    """DEST an export of qemu-nbd over TCP, stopped (SIGSTOP: its socket takes requests and
+    nothing answers, as behind a silent partition) a quarter into a mirror migration with
+    ``--dest-timeout 2``.  A mirrored guest write waits for it at most that long; then the
+    connections count as lost, the writes complete from the source, their chunks go dirty,
+    and each dial again times out in the handshake.  fio never sees an error, ``cancel``
+    returns within the timeout, and the source holds what the device shows.  (nbdkit's delay
+    filter would do, but nbdkit 1.32 aborts when a client closes a connection whose delayed
+    write it is answering.)"""
+    t = Steps("nbd-silent")
+    data = pattern(9, DATA)
+    image = make_image(SIZE, data=data)
+    server = nbd_server("qemu-nbd", "tcp", SIZE)
+    dev = serve(image, "--queues", "2")
+    busy = fio_loop(dev.device, *BUSY)
+    busy.wait_runs(1)
+    t("server, serve, first fio job")
+    r = run_cli("migrate", dev.device, "--to", server.uri, "--mode", "mirror", "--speed", "8M",
+                "--dest-timeout", "2")  # fmt: skip
+    assert r.returncode == 0, f"migrate failed: {r.stdout}\n{r.stderr}"
+    wait_migration(dev.device, lambda m: m["chunks_copied"] >= m["chunks"] // 4,
+                   timeout=60, what="a quarter copied")
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        mig = wait_migration(dev.device, lambda m: m["phase"] == "reconnecting", timeout=60,
+                             what="the silent destination given up")
+        assert mig["dest_down"] >= 1, mig
+        lost = [line for line in dev.stderr().splitlines() if "destination_lost" in line]
+        assert lost and all("timed out" in line for line in lost), dev.stderr()
+        t("stopped the server; its connections timed out")
+        busy.wait_runs(busy.runs + 1)  # a whole fio job while the destination is silent
+        t("a fio job meanwhile")
+        t0 = time.monotonic()
+        r = run_cli("cancel", dev.device)
+        took = time.monotonic() - t0
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    assert r.returncode == 0, f"cancel failed: {r.stdout}\n{r.stderr}"
+    # the timeout (2 s) of a dial in progress, plus a Python start or two under emulation
+    assert took < 20, f"cancel took {took:.1f} s with a --dest-timeout of 2 s"
+    t(f"cancelled in {took:.1f} s")
+    busy.mark()
+    busy.stop()
+    mig = device_status(dev.device)["migration"]
+    assert mig["phase"] == "cancelled", mig
+    digest = _check_source_serves(dev.device, image, busy, data)
+    t("verify, compare")
+    dev.stop()
+    assert sha256_of(image) == digest, "the source differs from what the device showed"
+
+
+def test_nbd_destination_answers_errors(make_image: MakeImage, nbd_server: NbdServerFactory,
+                                        serve: ServeFactory, fio_loop: FioLoopFactory,
+                                        scratch: Path) -> None:  # fmt: skip
+    """DEST an nbdkit export that answers every write with EIO (error filter) once a file
+    appears, a quarter into a mirror migration: the migration fails at once with that error,
+    the guest's writes complete from the source, and the source holds what the device shows."""
+    t = Steps("nbd-eio")
+    data = pattern(10, DATA)
+    image = make_image(SIZE, data=data)
+    trigger = scratch / "fail-writes"
+    server = nbd_server("nbdkit-file", "tcp", SIZE, extra=["--filter=error"],
+                        params=["error-pwrite=EIO", "error-pwrite-rate=100%",
+                                f"error-pwrite-file={trigger}"])  # fmt: skip
+    dev = serve(image, "--queues", "2")
+    busy = fio_loop(dev.device, *BUSY)
+    busy.wait_runs(1)
+    t("server, serve, first fio job")
+    proc = start_migrate(dev.device, server.uri, "--mode", "mirror", "--speed", "8M")
+    wait_migration(dev.device, lambda m: m["chunks_copied"] >= m["chunks"] // 4,
+                   timeout=60, what="a quarter copied")
+    trigger.touch()
+    t("copied a quarter, then the destination fails")
+    r = wait_migrate(proc)
+    t("migration")
+    _failed(r, dev.device, image, "Input/output error", busy)
+    assert device_status(dev.device)["migration"]["dest_errors"] >= 1
+    digest = _check_source_serves(dev.device, image, busy, data)
+    t("verify, compare")
+    dev.stop()
+    assert sha256_of(image) == digest, "the source differs from what the device showed"

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from vmlib import (
-    MODES,
     MakeImage,
     ServeFactory,
     Steps,
@@ -113,7 +112,9 @@ class FileWriter(threading.Thread):
         assert not bad, f"{len(bad)} of {len(self.sums)} files differ: {bad[:10]}"
 
 
-@pytest.mark.parametrize("mode", MODES)
+# mirror and snapshot (a filesystem's metadata through layered deltas); dbt's writes take
+# mirror's path to the source, and fio verifies each mode across a migration
+@pytest.mark.parametrize("mode", ["mirror", "snapshot"])
 def test_ext4_with_files_written_across_migration(mode: str, make_image: MakeImage,
                                                   serve: ServeFactory, scratch: Path) -> None:
     t = Steps(f"ext4-{mode}")

@@ -8,7 +8,10 @@ import mmap
 import os
 import subprocess
 
+import pytest
 from vmlib import MakeImage, ServeFactory, device_info, pattern, read_device
+
+pytestmark = pytest.mark.every_kernel  # the kernel's read-only device
 
 MiB = 1 << 20
 SIZE = 8 * MiB
