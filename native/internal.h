@@ -198,6 +198,8 @@ struct ubm_io {
 	uint32_t mig_epoch;      /* the migration's epoch when routed (ubm_mig_reconnect) */
 	uint64_t t_start;        /* migration: when the request arrived (ns) */
 	uint64_t t_source_done;  /* migration, mirrored: when the source's part ended (ns) */
+	uint64_t map_mark;       /* snapshot, a FLUSH or FUA write: the layer map's records
+				  * that must be durable before it is acknowledged */
 	void *buf;               /* copy mode: this tag's buffer */
 };
 
@@ -271,6 +273,27 @@ int ubm_mig_route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag);
 int ubm_mig_io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag);
 /* a backend's part of a request routed by the migration ended with res */
 void ubm_mig_part_done(struct ubm_migration *m, struct ubm_io *io, unsigned slot, int res);
+
+/* layermap.c: snapshot mode's layer map on disk (PREFIX.map; the ordering
+ * rules are in that file) */
+struct ubm_layer_map {
+	int fd;                 /* -1: none (not snapshot mode) */
+	bool created;           /* this migration created the file (unlink it at the end) */
+	pthread_mutex_t lock;
+	uint64_t n;             /* records in the file (atomic) */
+	uint64_t committed;     /* ... of which durable, after their data */
+	int error;              /* a commit failed: every later one fails */
+};
+int ubm_layer_map_create(struct ubm_layer_map *lm, const char *path, uint64_t size,
+			 uint64_t chunk_size);
+/* chunk's newest data is now in generation gen (its copy on write is complete;
+ * 0: folded back into the source): the record goes to the file at once */
+int ubm_layer_map_add(struct ubm_layer_map *lm, uint64_t chunk, uint32_t gen);
+/* the records added so far: what a FLUSH routed now must find durable */
+uint64_t ubm_layer_map_mark(struct ubm_layer_map *lm);
+/* make fds (the deltas) durable, then the records, then count those below upto */
+int ubm_layer_map_commit(struct ubm_layer_map *lm, uint64_t upto, const int *fds, unsigned nfds);
+void ubm_layer_map_close(struct ubm_layer_map *lm);
 
 /* dev.c: a FETCH / COMMIT_AND_FETCH completed on a ublk queue */
 void ubm_dev_cmd_cqe(struct ubm_queue *q, const struct io_uring_cqe *cqe);

@@ -22,13 +22,16 @@
  * the same rules.
  *
  * Snapshot mode keeps the source frozen: guest writes go to the active
- * delta (a sparse unlinked file), after the chunk is copied into it from its
+ * delta (a sparse file, DELTA_PATH.g), after the chunk is copied into it from its
  * newest layer (copy on write, at chunk granularity, on the queue thread);
  * reads go to each chunk's newest layer (newest[c]: 0 the source, g the
  * delta of generation g).  ubm_mig_new_delta() freezes the active delta and
  * opens the next; the copier copies each chunk from its newest layer, except
  * the active one until the final (paused) pass.  Deltas live until the end:
- * a cancel folds them back into the source.
+ * a cancel folds them back into the source.  Each copy on write is recorded
+ * in the layer map (layermap.c), which a FLUSH or FUA write makes durable
+ * before it is acknowledged: a daemon that dies leaves the deltas and the map,
+ * and `serve --recover` folds them back (ublkmig.snapshot).
  */
 #include <fcntl.h>
 #include <stddef.h>
@@ -55,6 +58,7 @@
 #define MIG_IO_DEST_DONE 16   /* mirrored: its destination part ended */
 #define MIG_IO_WAITING 32     /* mirrored: source done, waiting for the destination (counted) */
 
+#define FOLD_BATCH 64      /* snapshot fold-back: chunks copied per fdatasync of the source */
 #define HOT_PASSES 2       /* dirtied again in this many dirty passes: defer to the final one */
 #define MAX_COPY_DEPTH 16
 /* a destination that can lose its connections (NBD) is flushed this often
@@ -93,7 +97,11 @@ struct ubm_migration {
 	struct ubm_backend delta[UBM_MAX_DELTAS];
 	uint32_t gen;              /* snapshot: the active delta's generation (1..) */
 	uint64_t delta_chunks, cow_chunks;
-	char *delta_dir;
+	char *delta_path;          /* snapshot: deltas DELTA_PATH.g, map DELTA_PATH.map */
+	struct ubm_layer_map map;  /* snapshot: which delta holds each chunk, on disk */
+	bool map_open;
+	bool delta_created[UBM_MAX_DELTAS];
+	bool deltas_done;          /* folded back or cut over: the files can go */
 	uint32_t mode;
 	uint32_t paused;
 	uint32_t abort;
@@ -301,7 +309,9 @@ static int snapshot_route(struct ubm_migration *m, struct ubm_io *io, uint64_t c
 	int ret;
 
 	if (req->op == UBLK_IO_OP_FLUSH) {
-		/* every delta holds data the guest wrote */
+		/* every delta holds data the guest wrote, and the layer map
+		 * where: the records so far are durable before it is done */
+		io->map_mark = ubm_layer_map_mark(&m->map);
 		for (unsigned g = 1; g <= active; g++)
 			to_slot(io, SLOT_DELTA0 + g - 1, 0, 0);
 		return 0;
@@ -332,6 +342,8 @@ static int snapshot_route(struct ubm_migration *m, struct ubm_io *io, uint64_t c
 	}
 	io->mflags |= MIG_IO_TRACKED;
 	A_ADD(&m->unmirrored, 1);
+	/* FUA: its chunks' records (added above, if copied now) durable too */
+	io->map_mark = ubm_layer_map_mark(&m->map);
 	to_slot(io, SLOT_DELTA0 + active - 1, req->offset, req->len);
 	return 0;
 }
@@ -491,6 +503,22 @@ int ubm_mig_io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 	const struct ubm_req *req = &io->req;
 	uint64_t now = now_ns(), lat = now - io->t_start, cut;
 	bool cut_over = A_LOAD(&m->cut_over);
+	bool durable = req->op == UBLK_IO_OP_FLUSH ||
+		       (is_write(req->op) && (req->flags & UBLK_IO_F_FUA));
+
+	/* snapshot: a FLUSH or FUA write is acknowledged only once the layer
+	 * map says, durably, where the data it covers lives (layermap.c) */
+	if (durable && io->result >= 0 && !cut_over && m->map_open) {
+		int fds[UBM_MAX_DELTAS];
+		unsigned n = A_LOAD(&m->gen);
+		int ret;
+
+		for (unsigned g = 0; g < n; g++)
+			fds[g] = m->delta[g].fd;
+		ret = ubm_layer_map_commit(&m->map, io->map_mark, fds, n);
+		if (ret < 0)
+			io->result = ret;
+	}
 	/* a snapshot write or flush that failed on a delta is tried again
 	 * once the deltas are folded back into the source (fail_deltas) */
 	bool retry = io->result < 0 && !cut_over && A_LOAD(&m->mode) == UBM_MIG_SNAPSHOT &&
@@ -587,6 +615,24 @@ static void mig_free(struct ubm_migration *m)
 		if (m->delta[g].ops)
 			m->delta[g].ops->close(&m->delta[g]);
 	}
+	if (m->map_open) {
+		/* the map first: without it the deltas mean nothing, while a
+		 * map naming a missing delta fails a recovery (closed) */
+		if (m->deltas_done) {
+			char path[PATH_MAX];
+
+			if (m->map.created) {
+				snprintf(path, sizeof(path), "%s.map", m->delta_path);
+				unlink(path);
+			}
+			for (unsigned g = 1; g <= UBM_MAX_DELTAS; g++) {
+				snprintf(path, sizeof(path), "%s.%u", m->delta_path, g);
+				if (m->delta_created[g - 1])
+					unlink(path);
+			}
+		}
+		ubm_layer_map_close(&m->map);
+	}
 	free(m->cq.ios);
 	free(m->chunk);
 	free(m->dirty);
@@ -594,7 +640,7 @@ static void mig_free(struct ubm_migration *m)
 	free(m->unflushed);
 	free(m->hot);
 	free(m->newest);
-	free(m->delta_dir);
+	free(m->delta_path);
 	free(m);
 }
 
@@ -629,25 +675,54 @@ static int install(struct ubm_migration *m, unsigned slot, struct ubm_backend *b
 	return ret;
 }
 
-/* Snapshot: open the delta of generation g (an unlinked sparse file). */
+/* fsync the folder holding path: a name created in it is durable */
+static int sync_dir_of(const char *path)
+{
+	char dir[PATH_MAX];
+	const char *slash = strrchr(path, '/');
+	int fd, ret = 0;
+
+	if (!slash)
+		snprintf(dir, sizeof(dir), ".");
+	else
+		snprintf(dir, sizeof(dir), "%.*s", (int)(slash == path ? 1 : slash - path), path);
+	fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (fd < 0 || fsync(fd) < 0)
+		ret = -errno;
+	if (fd >= 0)
+		close(fd);
+	return ret;
+}
+
+/* Snapshot: create the delta of generation g (DELTA_PATH.g, sparse), its name
+ * durable before the layer map can name it. */
 static int open_delta(struct ubm_migration *m, unsigned g)
 {
 	struct ubm_backend *d = &m->delta[g - 1];
-	int fd = open(m->delta_dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+	char path[PATH_MAX];
+	int fd, err;
 
-	if (fd < 0)
-		return ubm_fail(errno, "cannot create a delta file in %s: %s", m->delta_dir,
-				strerror(errno));
-	if (ftruncate(fd, (off_t)m->size) < 0) {
-		int err = errno;
-
-		close(fd);
-		return ubm_fail(err, "cannot size a delta file in %s: %s", m->delta_dir,
-				strerror(err));
+	snprintf(path, sizeof(path), "%s.%u", m->delta_path, g);
+	fd = open(path, O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600);
+	if (fd < 0) {
+		err = errno;
+		if (err == EEXIST)
+			return ubm_fail(EEXIST, "the delta file %s exists already (left by a snapshot "
+					"migration that did not end?)", path);
+		return ubm_fail(err, "cannot create the delta file %s: %s", path, strerror(err));
 	}
 	memset(d, 0, sizeof(*d));
-	d->ops = &ubm_file_backend_ops;
+	m->delta_created[g - 1] = true;
 	d->fd = fd;
+	err = ftruncate(fd, (off_t)m->size) < 0 ? errno : -sync_dir_of(path);
+	if (err) {
+		unlink(path);
+		close(fd);
+		d->fd = -1;
+		m->delta_created[g - 1] = false;
+		return ubm_fail(err, "cannot size the delta file %s: %s", path, strerror(err));
+	}
+	d->ops = &ubm_file_backend_ops;
 	d->size = m->size;
 	d->logical_bs = m->t->source.logical_bs;
 	d->file_index = migration_file_index(SLOT_DELTA0 + g - 1);
@@ -724,6 +799,10 @@ static int snapshot_cow(struct ubm_migration *m, uint64_t c)
 				  (data >= 0 && (uint64_t)data >= (c << m->chunk_shift) + len)))
 			ret = copy_range(fd, m->delta[active - 1].fd, c << m->chunk_shift, len,
 					 cow_buf);
+		/* the copy is complete (in the delta's page cache): the map may
+		 * name it; a FLUSH makes both durable, the data first */
+		if (ret == 0)
+			ret = ubm_layer_map_add(&m->map, c, active);
 		if (ret == 0) {
 			A_STORE(&m->newest[c], (uint8_t)active);
 			A_ADD(&m->cow_chunks, 1);
@@ -814,17 +893,13 @@ UBM_EXPORT int ubm_mig_start(struct ubm_target *t, const struct ubm_mig_config *
 	m->newest = calloc(m->nr_chunks, 1);
 	m->cq.ios = calloc(m->copy_depth, sizeof(*m->cq.ios));
 	m->cq.bell_fd = -1;
-	if (cfg->delta_dir) {
-		m->delta_dir = strdup(cfg->delta_dir);
-	} else {
-		/* beside the source */
-		const char *slash = strrchr(t->source_path, '/');
-
-		m->delta_dir = slash ? strndup(t->source_path, (size_t)(slash - t->source_path + 1))
-				     : strdup(".");
+	if (cfg->delta_path) {
+		m->delta_path = strdup(cfg->delta_path);
+	} else if (asprintf(&m->delta_path, "%s.ublkmig-delta", t->source_path) < 0) {
+		m->delta_path = NULL;
 	}
 	ret = (!m->chunk || !m->dirty || !m->dest_written || !m->unflushed || !m->hot ||
-	       !m->newest || !m->cq.ios || !m->delta_dir)
+	       !m->newest || !m->cq.ios || !m->delta_path)
 		? ubm_fail(ENOMEM, "out of memory") : 0;
 	for (unsigned i = 0; ret == 0 && i < m->copy_depth; i++) {
 		if (posix_memalign(&m->slots[i].buf, 4096, m->chunk_size) ||
@@ -844,10 +919,21 @@ UBM_EXPORT int ubm_mig_start(struct ubm_target *t, const struct ubm_mig_config *
 	if (ret == 0)
 		ret = install(m, SLOT_DEST, dest);
 	if (ret == 0 && cfg->mode == UBM_MIG_SNAPSHOT) {
-		ret = open_delta(m, 1);
+		char path[PATH_MAX];
+
+		/* the map before the first delta: a delta without a map is
+		 * garbage, a map without its delta fails a recovery (closed) */
+		snprintf(path, sizeof(path), "%s.map", m->delta_path);
+		ret = ubm_layer_map_create(&m->map, path, m->size, m->chunk_size);
+		m->map_open = true;
+		if (ret == 0 && (ret = sync_dir_of(path)) < 0)
+			ret = ubm_fail(-ret, "cannot sync the folder of %s: %s", path, strerror(-ret));
+		if (ret == 0)
+			ret = open_delta(m, 1);
 		m->gen = 1;
 	}
 	if (ret < 0) {
+		m->deltas_done = true;  /* nothing the guest wrote is in them yet */
 		for (unsigned slot = SLOT_DEST; slot < UBM_MAX_BACKENDS; slot++) {
 			t->be[slot] = NULL;
 			ubm_target_set_file(t, slot, -1);
@@ -1102,12 +1188,44 @@ UBM_EXPORT int ubm_mig_finish(struct ubm_target *t)
 		/* the guest's writes since the start live in the deltas: fold
 		 * them back into the source, newest layer of each chunk, with
 		 * guest I/O paused; on failure keep serving through the layers */
+		uint64_t folded[FOLD_BATCH];
+		unsigned nfolded = 0;
 		int ret = 0;
 
 		ubm_mig_pause(t);
-		for (uint64_t c = 0; c < m->nr_chunks && ret == 0; c++) {
-			unsigned g = A_LOAD(&m->newest[c]);
+		for (uint64_t c = 0; c <= m->nr_chunks && ret == 0; c++) {
+			unsigned g = c < m->nr_chunks ? A_LOAD(&m->newest[c]) : 0;
 
+			/* free the folded chunks' room in every delta (the source may
+			 * need it: their filesystem may be full), once the source holds
+			 * them durably: until then the deltas and the map are the
+			 * guest's data, should the daemon die */
+			if (nfolded == FOLD_BATCH || (c == m->nr_chunks && nfolded)) {
+				if (fdatasync(t->source.fd) < 0) {
+					ret = -errno;
+					break;
+				}
+				/* ... and the map says so (generation 0: the source),
+				 * durably: a fold-back after a crash must not copy a
+				 * punched chunk over the source.  A map that failed
+				 * (what failed the deltas, maybe) cannot say so: then
+				 * the chunks stay in the deltas too */
+				int mret = 0;
+
+				for (unsigned i = 0; i < nfolded && mret == 0; i++)
+					mret = ubm_layer_map_add(&m->map, folded[i], 0);
+				if (mret == 0)
+					mret = ubm_layer_map_commit(&m->map,
+								    ubm_layer_map_mark(&m->map), NULL, 0);
+				for (unsigned i = 0; mret == 0 && i < nfolded; i++) {
+					for (unsigned d = 0; d < A_LOAD(&m->gen); d++)
+						fallocate(m->delta[d].fd,
+							  FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+							  (off_t)(folded[i] << m->chunk_shift),
+							  chunk_len(m, folded[i]));
+				}
+				nfolded = 0;
+			}
 			if (!g)
 				continue;
 			if (cow_len < m->chunk_size) {
@@ -1121,14 +1239,12 @@ UBM_EXPORT int ubm_mig_finish(struct ubm_target *t)
 			if (ret < 0)
 				break;
 			A_STORE(&m->newest[c], 0);
-			/* free the chunk's room in every delta: the source may need
-			 * it for the next chunk (their filesystem may be full) */
-			for (unsigned d = 0; d < A_LOAD(&m->gen); d++)
-				fallocate(m->delta[d].fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-					  (off_t)(c << m->chunk_shift), chunk_len(m, c));
+			folded[nfolded++] = c;
 		}
 		if (ret == 0 && fdatasync(t->source.fd) < 0)
 			ret = -errno;
+		if (ret == 0)
+			m->deltas_done = true;  /* the source holds it all, durably */
 		if (ret < 0) {
 			/* serve on through the layers; writes no longer wait for a
 			 * fold-back that cannot happen (they fail as they would) */
@@ -1160,6 +1276,8 @@ UBM_EXPORT int ubm_mig_finish(struct ubm_target *t)
 	}
 	if (!cut_over)
 		t->dest.ops->close(&t->dest);
+	else
+		m->deltas_done = true;  /* the destination is the disk (its record is durable) */
 	mig_free(m);
 	return 0;
 }

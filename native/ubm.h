@@ -135,8 +135,11 @@ struct ubm_mig_config {
 				    * requests are in flight, with a rest after each read
 				    * as long as it took: the copier yields the source to
 				    * the guest (0: copy_depth, no yielding) */
-	const char *delta_dir;     /* snapshot: where the (unlinked) delta files live;
-				    * NULL: beside the source */
+	const char *delta_path;    /* snapshot: the deltas are DELTA_PATH.1, .2, ... and
+				    * their layer map DELTA_PATH.map (created, never
+				    * reused: an existing map fails the start); removed
+				    * once the migration ends with its deltas folded back
+				    * or cut over.  NULL: SOURCE.ublkmig-delta */
 	uint64_t check_below;      /* resuming: chunks below this may hold an earlier copy;
 				    * their first copy reads the destination's and writes
 				    * only if it differs (0: none) */

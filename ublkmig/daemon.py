@@ -41,7 +41,7 @@ from typing import Any, TextIO
 import anyio
 import anyio.abc
 
-from ublkmig import __version__, control, migration, native, state
+from ublkmig import __version__, control, migration, native, snapshot, state
 from ublkmig.errors import UblkmigError, UserError
 from ublkmig.log import get_logger
 from ublkmig.native import DataPath
@@ -339,8 +339,6 @@ class Daemon:
                     f"the interrupted migration of {self._node()} was from {saved['source']}, "
                     f"but this daemon serves {self.image.path}"
                 )
-        if saved.get("mode") == str(migration.Mode.SNAPSHOT):
-            raise control.ControlError("a snapshot-mode migration cannot be resumed")
         try:
             keys = ("mode", "chunk_size", "speed", "no_cutover", "verify", "fallback_wait_ms")
             fields = {k: saved[k] for k in keys}
@@ -824,11 +822,47 @@ def check_takeover(dev_id: int, image: Path, force: bool = False) -> None:
             raise UserError(f"{node} was serving {served}: recover it with that image")
     mig = state.read(state.migration_path(dev_id))
     if mig is not None and not mig.get("cut_over") and mig.get("mode") == "snapshot":
-        raise UserError(
-            f"{node}'s daemon died during a snapshot-mode migration: the guest's writes since "
-            "it began were in its deltas, which died with it, so the image lacks them; "
-            f"`ublkmig stop {node}` fails the guest's I/O instead"
-        )
+        prefix = _snapshot_prefix(mig, image)
+        if snapshot.read_map(prefix) is None:
+            raise UserError(
+                f"{node}'s daemon died during a snapshot-mode migration, and its layer map "
+                f"{snapshot.map_path(prefix)} is gone: the guest's writes since it began are "
+                f"not in the image; `ublkmig stop {node}` fails the guest's I/O instead"
+            )
+
+
+def _snapshot_prefix(mig: dict[str, Any] | None, image: Path) -> Path:
+    """Where a snapshot migration of ``image`` kept its deltas: as its record says, or the
+    default place beside the image."""
+    saved = mig.get("deltas") if mig else None
+    return Path(saved) if isinstance(saved, str) else snapshot.delta_prefix(image, None)
+
+
+def fold_back_snapshot(opts: ServeOptions, image: Image) -> None:
+    """Before serving: a snapshot migration whose daemon died left the guest's writes in its
+    deltas, named by a layer map; fold them back into the image (then the map and deltas
+    go).  Serving the image without them would lose those writes."""
+    mig = None
+    if opts.recover is not None:
+        mig = state.read(state.migration_path(opts.recover))
+        if mig is not None and mig.get("cut_over"):
+            return  # the destination is the disk; its source's deltas do not matter
+    prefix = _snapshot_prefix(mig, Path(image.path))
+    lm = snapshot.read_map(prefix)
+    if lm is None:
+        # deltas without a map are garbage (it is created before them, removed first)
+        if any(snapshot.leftovers(prefix)):
+            snapshot.remove(prefix)
+        return
+    if opts.read_only:
+        raise UserError(f"{image.path} has the deltas of a snapshot migration that did not end "
+                        f"({snapshot.map_path(prefix)}): serve it without --read-only once, to "
+                        "fold them back")  # fmt: skip
+    n = snapshot.fold_back(lm, image.fd, image.size)
+    get_logger().info("snapshot.folded_back", image=str(image.path), chunks=n,
+                      map=str(snapshot.map_path(prefix)))  # fmt: skip
+    print(f"folded {n} chunks of an interrupted snapshot migration back into {image.path}",
+          file=sys.stderr)
 
 
 def serve(opts: ServeOptions, out: TextIO | None = None) -> int:
@@ -841,6 +875,7 @@ def serve(opts: ServeOptions, out: TextIO | None = None) -> int:
             check_takeover(opts.recover, Path(image.path), force=opts.force)
         if not opts.force:
             check_superseded(Path(image.path))
+        fold_back_snapshot(opts, image)
         ensure_driver()
         check_data_path(opts.data_path)
         d = Daemon(opts, image, out or sys.stdout)

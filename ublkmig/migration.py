@@ -42,7 +42,7 @@ from typing import Any, Protocol
 import anyio
 import anyio.lowlevel
 
-from ublkmig import native
+from ublkmig import native, snapshot
 from ublkmig.errors import UserError
 from ublkmig.log import get_logger
 from ublkmig.native import MigStats, Pass
@@ -170,7 +170,7 @@ class MigrationOptions:
     dest_timeout: float = DEFAULT_DEST_TIMEOUT
     dest_fd: int = 0  # > 0: a file destination's checked, locked descriptor (not saved)
 
-    def native_config(self) -> native.MigrationConfig:
+    def native_config(self, source: str) -> native.MigrationConfig:
         return native.MigrationConfig(
             dest=self.dest,
             mode=self.mode.native,
@@ -180,7 +180,7 @@ class MigrationOptions:
             direct=self.direct,
             copy_depth=self.copy_depth,
             busy_depth=self.busy_depth,
-            delta_dir=self.delta_dir,
+            delta_path=snapshot.delta_prefix(source, self.delta_dir),
             check_below=self.check_below,
             dest_timeout_ms=round(self.dest_timeout * 1000),
             dest_fd=self.dest_fd,
@@ -523,6 +523,9 @@ class Migration:
             "phase": str(self.phase),
             "reach": self._reach, "chunks": self._last.nr_chunks,
             "cut_over": self._cutting_over, "updated": time.time(),
+            # snapshot: where the deltas and their layer map are (a takeover folds them back)
+            "deltas": (str(snapshot.delta_prefix(self.source, o.delta_dir))
+                       if o.mode is Mode.SNAPSHOT else None),
         }  # fmt: skip
 
     def _persist(self, strict: bool = False) -> None:
@@ -554,7 +557,8 @@ class Migration:
         # the worker thread runs would otherwise leave the data plane's migration running)
         with anyio.CancelScope(shield=True):
             try:
-                await anyio.to_thread.run_sync(self.target.mig_start, o.native_config())
+                config = o.native_config(self.source)
+                await anyio.to_thread.run_sync(self.target.mig_start, config)
             except native.NativeError as e:
                 self.error = f"cannot start the migration to {o.dest}: {e.detail}"
                 self._set_phase(Phase.FAILED)

@@ -199,7 +199,7 @@ class _MigConfig(ctypes.Structure):
         ("direct", ctypes.c_uint32),
         ("copy_depth", ctypes.c_uint32),
         ("busy_depth", ctypes.c_uint32),
-        ("delta_dir", ctypes.c_char_p),
+        ("delta_path", ctypes.c_char_p),
         ("check_below", ctypes.c_uint64),
         ("dest_fd", ctypes.c_int32),
         ("dest_timeout_ms", ctypes.c_uint32),
@@ -284,7 +284,9 @@ class MigrationConfig:
     direct: bool = False
     copy_depth: int = 0  # chunks in flight (0: the data plane's default)
     busy_depth: int = 0  # source reads at a time while the guest is busy (0: no yielding)
-    delta_dir: str | os.PathLike[str] | None = None  # snapshot deltas; None: beside the source
+    # snapshot: the deltas are DELTA_PATH.1, .2, ..., their layer map DELTA_PATH.map
+    # (None: SOURCE.ublkmig-delta)
+    delta_path: str | os.PathLike[str] | None = None
     check_below: int = 0  # resuming: chunks below this are compared before being written
     dest_timeout_ms: int = 0  # NBD: the longest wait for the server (0: the data plane's 30 s)
     dest_fd: int = 0  # > 0: a file destination's checked, locked descriptor, opened again
@@ -299,7 +301,7 @@ class MigrationConfig:
             direct=int(self.direct),
             copy_depth=self.copy_depth,
             busy_depth=self.busy_depth,
-            delta_dir=os.fsencode(self.delta_dir) if self.delta_dir is not None else None,
+            delta_path=os.fsencode(self.delta_path) if self.delta_path is not None else None,
             check_below=self.check_below,
             dest_fd=self.dest_fd,
             dest_timeout_ms=self.dest_timeout_ms,

@@ -205,3 +205,106 @@ def test_zeroes_over_a_mirrored_write_reach_a_new_destination(tmp: Path, zeroing
         assert sim.read(off, CHUNK) == bytes(CHUNK)
         t.finish()
     assert (tmp / "dest.img").read_bytes() == bytes(SIZE)
+
+
+def _copy_files(names: list[Path], into: Path) -> None:
+    """What a daemon killed by SIGKILL leaves: the files as the page cache holds them."""
+    into.mkdir()
+    for p in names:
+        if p.exists():
+            shutil.copyfile(p, into / p.name)
+
+
+def test_snapshot_writes_survive_the_daemon(tmp: Path) -> None:
+    """Snapshot mode: the deltas and the layer map beside the source are named files.  A copy
+    on write is in the map at once, so what a daemon leaves when it dies folds back
+    (ublkmig.snapshot) into the image the guest saw; after a reboot only the records a FLUSH
+    (or FUA write) committed count.  The files go when the migration ends."""
+    from ublkmig import snapshot
+
+    src = tmp / "src.img"
+    view = bytearray(random_source(src, 4))
+    prefix = snapshot.delta_prefix(src, None)
+    with Sim(src) as sim:
+        t = sim.target()
+        t.mig_start(MigrationConfig(dest=new_file(tmp / "dest.img"), mode=MigMode.SNAPSHOT,
+                                    chunk_size=4 * CHUNK, delta_path=prefix))  # fmt: skip
+        assert snapshot.map_path(prefix).exists() and Path(f"{prefix}.1").exists()
+        for off, seed in ((0, 1), (5 * CHUNK + 4096, 2), (SIZE - 8192, 3)):
+            data = random.Random(seed).randbytes(8192)
+            assert sim.write(off, data) == len(data)
+            view[off:off + len(data)] = data
+        # in the file at once (a daemon killed now leaves them), not committed (after a
+        # power cut they are not trusted: their chunks' copied data may not be durable)
+        lm = snapshot.read_map(prefix)
+        assert lm is not None and lm.same_boot and lm.newest == {0: 1, 1: 1, 15: 1}, lm
+        assert lm.committed == 0, lm
+        after_reboot = snapshot.read_map(prefix, same_boot=False)
+        assert after_reboot is not None and after_reboot.newest == {}, after_reboot
+        assert sim.flush() == 0
+        after_reboot = snapshot.read_map(prefix, same_boot=False)
+        assert after_reboot is not None and after_reboot.newest == {0: 1, 1: 1, 15: 1}
+        assert (tmp / "src.img").read_bytes() != bytes(view), "the source is frozen"
+        files = [src, snapshot.map_path(prefix), Path(f"{prefix}.1")]
+        _copy_files(files, tmp / "killed")
+        seen = {"killed": bytes(view)}
+        # a second layer, and a FUA write in it
+        t.new_delta()
+        data = random.Random(5).randbytes(4096)
+        assert sim.write(9 * CHUNK, data, fua=True) == 4096
+        view[9 * CHUNK:9 * CHUNK + 4096] = data
+        lm = snapshot.read_map(prefix, same_boot=False)
+        assert lm is not None and lm.newest[2] == 2 and lm.committed == 4, lm
+        _copy_files([*files, Path(f"{prefix}.2")], tmp / "killed-later")
+        seen["killed-later"] = bytes(view)
+        assert read_all(sim) == bytes(view)
+        t.finish()  # cancelled: folded back into the source, the files removed
+    assert src.read_bytes() == bytes(view)
+    for p in (snapshot.map_path(prefix), Path(f"{prefix}.1"), Path(f"{prefix}.2")):
+        assert not p.exists(), f"{p} is left after the migration ended"
+
+    for where, expect in seen.items():
+        lm = snapshot.read_map(tmp / where / prefix.name)
+        assert lm is not None
+        fd = os.open(tmp / where / "src.img", os.O_RDWR)
+        try:
+            assert snapshot.fold_back(lm, fd, SIZE) == len(lm.newest)
+        finally:
+            os.close(fd)
+        assert (tmp / where / "src.img").read_bytes() == expect, f"{where}: folded back wrong"
+        assert not snapshot.map_path(tmp / where / prefix.name).exists()
+
+
+def test_a_layer_map_read_after_a_crash(tmp: Path) -> None:
+    """The reader of the layer map: a chunk's last record names its layer (0: folded back
+    into the source, so a second fold-back skips it), a torn last record is ignored, after a
+    reboot only the committed records count, and a damaged header or committed record is an
+    error, not an empty map."""
+    from ublkmig import snapshot
+    from ublkmig.errors import UserError
+
+    prefix = tmp / "disk.img.ublkmig-delta"
+
+    def write(records: list[tuple[int, int]], committed: int, tail: bytes = b"",
+              boot: bytes | None = None) -> None:  # fmt: skip
+        head = snapshot.HEADER.pack(snapshot.MAGIC, 1, snapshot.REC.size, SIZE, CHUNK,
+                                    committed, boot if boot is not None else snapshot.boot_id())
+        body = b"".join(snapshot.REC.pack(snapshot.RECORD, g, c) for c, g in records)
+        snapshot.map_path(prefix).write_bytes(head + body + tail)
+
+    write([(3, 1), (5, 1), (3, 2), (5, 0)], committed=2, tail=b"\x55\x42")
+    lm = snapshot.read_map(prefix)
+    assert lm is not None and lm.same_boot and lm.newest == {3: 2} and lm.records == 4, lm
+    lm = snapshot.read_map(prefix, same_boot=False)
+    assert lm is not None and lm.newest == {3: 1, 5: 1}, lm
+    write([(3, 1), (5, 1)], committed=2, boot=bytes(16))  # another boot: committed only
+    lm = snapshot.read_map(prefix)
+    assert lm is not None and not lm.same_boot and lm.newest == {3: 1, 5: 1}, lm
+    write([(3, 1), (SIZE // CHUNK, 1)], committed=2)  # a committed record out of range
+    with pytest.raises(UserError, match="damaged"):
+        snapshot.read_map(prefix)
+    snapshot.map_path(prefix).write_bytes(b"UBMLAYER" + bytes(10))
+    with pytest.raises(UserError, match="damaged"):
+        snapshot.read_map(prefix)
+    snapshot.map_path(prefix).unlink()
+    assert snapshot.read_map(prefix) is None

@@ -110,7 +110,7 @@ def test_migrate_sends_what_was_asked(
     ]  # fmt: skip
     assert daemon.parse_migrate_args({"to": uri}).dest == uri
     assert daemon.parse_migrate_args({"to": uri, "dest_timeout": 2}).dest_timeout == 2.0
-    assert daemon.parse_migrate_args({"to": uri}).native_config().dest_timeout_ms == 30000
+    assert daemon.parse_migrate_args({"to": uri}).native_config("/i.img").dest_timeout_ms == 30000
     # the copier yields to guest I/O unless told not to
     assert daemon.parse_migrate_args({"to": uri}).busy_depth == 1
     assert daemon.parse_migrate_args({"to": uri, "yield": False}).busy_depth == 0

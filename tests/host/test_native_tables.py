@@ -52,7 +52,7 @@ def test_migration_struct_layouts_match_ubm_h() -> None:
     ptr = ctypes.sizeof(ctypes.c_void_p)
     assert native._MigConfig.chunk_size.offset == ptr + 8
     # three u32s (direct, copy_depth, busy_depth), padded to the pointer
-    assert native._MigConfig.delta_dir.offset == ptr + 8 + 16 + 3 * 4 + 4
+    assert native._MigConfig.delta_path.offset == ptr + 8 + 16 + 3 * 4 + 4
     # error (int32) follows 18 u64s; delta_chunks is 8-aligned after 5 x 32-bit fields
     assert native._MigStats.error.offset == 18 * 8
     assert native._MigStats.delta_chunks.offset == 18 * 8 + 5 * 4 + 4

@@ -187,9 +187,11 @@ def kill_mid_migration(dev: Served, proc: subprocess.Popen[str], share: float) -
     assert r.returncode != 0, r.stdout
 
 
-# mirror, on every kernel (a takeover mid-migration is the kernel's part); the policy resumes
-# each mode the same way (host tests: the saved options), and the soak, ci/soak, kills each
-@pytest.mark.parametrize("mode", [pytest.param("mirror", marks=pytest.mark.every_kernel)])
+# mirror, on every kernel (a takeover mid-migration is the kernel's part), and snapshot (the
+# takeover folds the deltas back first); the policy resumes dbt and auto as mirror (host
+# tests: the saved options), and the soak, ci/soak, kills each
+@pytest.mark.parametrize("mode", [pytest.param("mirror", marks=pytest.mark.every_kernel),
+                                  "snapshot"])
 def test_daemon_killed_mid_migration_then_resumed(
         mode: str, make_image: MakeImage, serve: ServeFactory, fio_loop: FioLoopFactory,
         scratch: Path, orphans: list[str]) -> None:  # fmt: skip
@@ -218,6 +220,9 @@ def test_daemon_killed_mid_migration_then_resumed(
         assert interrupted is not None and interrupted["dest"] == str(dest), st
         assert interrupted["mode"] == mode and interrupted["reach"] > 0, interrupted
         assert "event=migration.interrupted" in dev.stderr(), dev.stderr()
+        if mode == "snapshot":  # the guest's writes were in the deltas: folded back first
+            assert "event=snapshot.folded_back" in dev.stderr(), dev.stderr()
+            assert not list(scratch.glob("*.ublkmig-delta*")), list(scratch.glob("*"))
         proc = start_resume(dev.device)
         if share is not None:
             kill_mid_migration(dev, proc, share)
@@ -266,12 +271,12 @@ def test_recover_after_a_completed_migration_needs_the_destination(
                     "serve this old copy)"), line
 
 
-def test_recover_refuses_after_a_snapshot_migration_lost_its_deltas(
+def test_recover_refuses_after_a_snapshot_migration_lost_its_layer_map(
         make_image: MakeImage, serve: ServeFactory, scratch: Path,
         orphans: list[str]) -> None:  # fmt: skip
-    """Snapshot mode keeps the guest's writes in deltas (unlinked files) while the base is
-    copied: they die with the daemon, so serving the image again would silently lose them.
-    The takeover is refused; `stop` removes the device."""
+    """Snapshot mode keeps the guest's writes in deltas beside the image, and where they are
+    in a layer map (IMAGE.ublkmig-delta.map).  Without the map, serving the image again would
+    silently lose them: the takeover is refused; `stop` removes the device."""
     image = make_image(SIZE, data=pattern(26, MiB))
     dev = serve(image)
     orphans.append(dev.device)
@@ -280,9 +285,12 @@ def test_recover_refuses_after_a_snapshot_migration_lost_its_deltas(
     write_device(dev.device, 0, pattern(27, MiB))  # into the delta
     kill(dev)
     wait_migrate(proc)
+    layer_map = Path(f"{image}.ublkmig-delta.map")
+    assert layer_map.exists() and Path(f"{image}.ublkmig-delta.1").exists()
+    layer_map.unlink()
     r = run_cli("serve", str(image), "--recover", dev.device)
-    line = assert_one_line_error(r, "recover after a snapshot migration")
-    assert "died during a snapshot-mode migration" in line, line
+    line = assert_one_line_error(r, "recover after a snapshot migration lost its map")
+    assert "died during a snapshot-mode migration, and its layer map" in line, line
     assert Path(dev.device).is_block_device()
     r = run_cli("stop", dev.device)
     assert r.returncode == 0, r.stderr

@@ -108,14 +108,19 @@ def load_md(d: dict[str, Any], title: str) -> list[str]:
            "of random data; windows: before the migration, during it, after it. Latency "
            "(writes) in ms, from every I/O's completion record. Medians of the "
            "repetitions; the plot shows the first. RSS: the daemon's peak resident memory "
-           "(VmHWM) at the end of the load, MiB.", "",
+           "(VmHWM) at the end of the load, MiB. Pause: the final pass's (dbt, snapshot) or "
+           "the cutover's hold of guest I/O (mirror, auto); stall: the slowest request within "
+           "a second of the switch.", "",
            "| load | mode | seconds (min–max) | IOPS before / during / after "
-           "| during/before (min–max) | p50 / p99 / p99.9 / max during | stall or pause "
+           "| during/before (min–max) | p50 / p99 / p99.9 / max during | pause (stall) "
            "| RSS | plot |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in d["runs"]:
         b, w, a = r["windows"]["before"], r["windows"]["during"], r["windows"]["after"]
-        stall = r["final_pause_ms"] if r["final_pause_ms"] is not None else r["cutover_stall_ms"]
+        pause = r["final_pause_ms"] if r["final_pause_ms"] is not None else \
+            r.get("cutover_pause_ms")  # fmt: skip
+        stall = f"{_f(pause, '.1f')} ms" + (f" ({_f(r['cutover_stall_ms'], '.1f')} ms)"
+                                           if r.get("cutover_stall_ms") is not None else "")
         lat = " / ".join(_f(w.get(k), ".1f") for k in
                          ("lat_p50_ms", "lat_p99_ms", "lat_p99.9_ms", "lat_max_ms"))  # fmt: skip
         sp, rt = r["seconds_spread"], r["during_vs_before"]
@@ -125,7 +130,7 @@ def load_md(d: dict[str, Any], title: str) -> list[str]:
             ratio += " (did not converge: cancelled)"
         out.append(f"| {r['job']} | {r['mode']} | {r['seconds']:.2f} ({sp['min']:.2f}–"
                    f"{sp['max']:.2f}) | {b['iops']:.0f} / {w['iops']:.0f} / {a['iops']:.0f} "
-                   f"| {ratio} | {lat} | {_f(stall, '.1f')} ms "
+                   f"| {ratio} | {lat} | {stall} "
                    f"| {_mib(r.get('daemon_peak_rss'))} | ![]({r.get('plot', '')}) |")  # fmt: skip
     return out
 

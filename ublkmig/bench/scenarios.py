@@ -567,8 +567,8 @@ def combine(reps: list[dict[str, Any]]) -> dict[str, Any]:
         w: {k: med([r["windows"][w].get(k) for r in reps]) for k in reps[0]["windows"][w]}
         for w in reps[0]["windows"]
     }
-    for k in ("bytes_copied", "cutover_stall_ms", "final_pause_ms", "yielded_seconds",
-              "daemon_peak_rss"):
+    for k in ("bytes_copied", "cutover_pause_ms", "cutover_stall_ms", "final_pause_ms",
+              "yielded_seconds", "daemon_peak_rss"):
         run[k] = med([r.get(k) for r in reps])
     run["converged"] = all(r["converged"] for r in reps)
     return run
@@ -608,6 +608,7 @@ def _load_result(job: FioJob, mode: str, f: dict[str, Any], log: PhaseLog,
         "job": job.name, "mode": mode, "fio": f["argv"], "seconds": end - start,
         "windows": windows(f["samples"], spans),
         "bytes_copied": mig.get("bytes_copied"), "passes": mig.get("pass"),
+        "cutover_pause_ms": mig.get("cutover_pause_ms"),
         "cutover_stall_ms": mig.get("cutover_stall_ms"),
         "final_pause_ms": mig.get("final_pause_ms"),
         "converged": mig.get("phase") == "completed",
