@@ -861,8 +861,6 @@ def fold_back_snapshot(opts: ServeOptions, image: Image) -> None:
     n = snapshot.fold_back(lm, image.fd, image.size)
     get_logger().info("snapshot.folded_back", image=str(image.path), chunks=n,
                       map=str(snapshot.map_path(prefix)))  # fmt: skip
-    print(f"folded {n} chunks of an interrupted snapshot migration back into {image.path}",
-          file=sys.stderr)
 
 
 def serve(opts: ServeOptions, out: TextIO | None = None) -> int:

@@ -126,16 +126,20 @@ def fold_back(lm: LayerMap, image_fd: int, image_size: int) -> int:
             except OSError as e:
                 raise UserError(f"the snapshot delta {lm.delta(gen)}, which holds guest "
                                 f"writes, cannot be opened: {e.strerror}") from None  # fmt: skip
-        for chunk, gen in sorted(lm.newest.items()):
-            off = chunk * lm.chunk_size
-            want = min(lm.chunk_size, lm.size - off)
-            data = os.pread(fds[gen], want, off)
-            if len(data) != want:
-                raise UserError(f"the snapshot delta {lm.delta(gen)} is short at {off}")
-            done = 0
-            while done < want:
-                done += os.pwrite(image_fd, data[done:], off + done)
-        os.fsync(image_fd)
+        try:
+            for chunk, gen in sorted(lm.newest.items()):
+                off = chunk * lm.chunk_size
+                want = min(lm.chunk_size, lm.size - off)
+                data = os.pread(fds[gen], want, off)
+                if len(data) != want:
+                    raise UserError(f"the snapshot delta {lm.delta(gen)} is short at {off}")
+                done = 0
+                while done < want:
+                    done += os.pwrite(image_fd, data[done:], off + done)
+            os.fsync(image_fd)
+        except OSError as e:  # nothing removed: folding again later is harmless
+            raise UserError(f"folding the snapshot deltas {lm.prefix}.N back into the image "
+                            f"failed: {e.strerror}") from None  # fmt: skip
     finally:
         for fd in fds.values():
             os.close(fd)

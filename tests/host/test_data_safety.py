@@ -308,3 +308,48 @@ def test_a_layer_map_read_after_a_crash(tmp: Path) -> None:
         snapshot.read_map(prefix)
     snapshot.map_path(prefix).unlink()
     assert snapshot.read_map(prefix) is None
+
+
+def test_serve_folds_back_what_a_dead_snapshot_migration_left(tmp: Path) -> None:
+    """``serve IMAGE`` finds a layer map beside the image (a snapshot migration whose daemon
+    died), folds its deltas back into the image and removes them before serving; read-only,
+    it refuses (it cannot fold); deltas without a map are garbage, removed."""
+    from ublkmig import daemon, snapshot
+    from ublkmig.errors import UserError
+
+    src = tmp / "src.img"
+    view = bytearray(random_source(src, 6))
+    prefix = snapshot.delta_prefix(src, None)
+    with Sim(src) as sim:
+        t = sim.target()
+        t.mig_start(MigrationConfig(dest=new_file(tmp / "dest.img"), mode=MigMode.SNAPSHOT,
+                                    chunk_size=4 * CHUNK, delta_path=prefix))  # fmt: skip
+        data = random.Random(7).randbytes(3 * CHUNK)
+        assert sim.write(2 * CHUNK, data) == len(data)
+        view[2 * CHUNK:5 * CHUNK] = data
+        _copy_files([src, snapshot.map_path(prefix), Path(f"{prefix}.1")], tmp / "left")
+        t.finish()
+    image = tmp / "left" / "src.img"
+    ro = daemon.ServeOptions(image=image, read_only=True)
+    opened = daemon.open_image(ro)
+    try:
+        with pytest.raises(UserError, match="serve it without --read-only once"):
+            daemon.fold_back_snapshot(ro, opened)
+    finally:
+        opened.close()
+    opts = daemon.ServeOptions(image=image)
+    opened = daemon.open_image(opts)
+    try:
+        daemon.fold_back_snapshot(opts, opened)
+    finally:
+        opened.close()
+    assert image.read_bytes() == bytes(view)
+    left = tmp / "left" / prefix.name
+    assert not snapshot.map_path(left).exists() and not snapshot.leftovers(left)
+    Path(f"{left}.1").write_bytes(b"garbage")  # a delta without its map
+    opened = daemon.open_image(opts)
+    try:
+        daemon.fold_back_snapshot(opts, opened)
+    finally:
+        opened.close()
+    assert not snapshot.leftovers(left) and image.read_bytes() == bytes(view)
