@@ -207,6 +207,14 @@ def test_zeroes_over_a_mirrored_write_reach_a_new_destination(tmp: Path, zeroing
     assert (tmp / "dest.img").read_bytes() == bytes(SIZE)
 
 
+def start_snapshot(sim: Sim, tmp: Path, prefix: Path) -> native.Target:
+    """A snapshot migration to a new file, its deltas and layer map at ``prefix``."""
+    t = sim.target()
+    t.mig_start(MigrationConfig(dest=new_file(tmp / "dest.img"), mode=MigMode.SNAPSHOT,
+                                chunk_size=4 * CHUNK, delta_path=prefix))  # fmt: skip
+    return t
+
+
 def _copy_files(names: list[Path], into: Path) -> None:
     """What a daemon killed by SIGKILL leaves: the files as the page cache holds them."""
     into.mkdir()
@@ -226,9 +234,7 @@ def test_snapshot_writes_survive_the_daemon(tmp: Path) -> None:
     view = bytearray(random_source(src, 4))
     prefix = snapshot.delta_prefix(src, None)
     with Sim(src) as sim:
-        t = sim.target()
-        t.mig_start(MigrationConfig(dest=new_file(tmp / "dest.img"), mode=MigMode.SNAPSHOT,
-                                    chunk_size=4 * CHUNK, delta_path=prefix))  # fmt: skip
+        t = start_snapshot(sim, tmp, prefix)
         assert snapshot.map_path(prefix).exists() and Path(f"{prefix}.1").exists()
         for off, seed in ((0, 1), (5 * CHUNK + 4096, 2), (SIZE - 8192, 3)):
             data = random.Random(seed).randbytes(8192)
@@ -321,9 +327,7 @@ def test_serve_folds_back_what_a_dead_snapshot_migration_left(tmp: Path) -> None
     view = bytearray(random_source(src, 6))
     prefix = snapshot.delta_prefix(src, None)
     with Sim(src) as sim:
-        t = sim.target()
-        t.mig_start(MigrationConfig(dest=new_file(tmp / "dest.img"), mode=MigMode.SNAPSHOT,
-                                    chunk_size=4 * CHUNK, delta_path=prefix))  # fmt: skip
+        t = start_snapshot(sim, tmp, prefix)
         data = random.Random(7).randbytes(3 * CHUNK)
         assert sim.write(2 * CHUNK, data) == len(data)
         view[2 * CHUNK:5 * CHUNK] = data
