@@ -31,7 +31,7 @@
  * a cancel folds them back into the source.  Each copy on write is recorded
  * in the layer map (layermap.c), which a FLUSH or FUA write makes durable
  * before it is acknowledged: a daemon that dies leaves the deltas and the map,
- * and `serve --recover` folds them back (ublkmig.snapshot).
+ * and `serve` (a takeover or not) folds them back (ublkmig.snapshot).
  */
 #include <fcntl.h>
 #include <stddef.h>
