@@ -21,9 +21,13 @@
  *
  * A connection that fails (send or receive error, end of stream, a reply
  * that makes no sense, or no reply due within the timeout) is dead: every
- * request on it fails with the error and later ones fail at once.  Before
- * the cutover that is a destination error (the chunk goes dirty; the
- * migration reconnects or fails, the source stays).
+ * request on it fails with the error and later ones fail at once, until
+ * reconnect() has dialled a new one, which the ring takes when it next queues
+ * I/O with nothing in flight.  On a destination before the cutover that is a
+ * destination error (the chunk goes dirty; the migration reconnects or fails,
+ * the source stays).  On the backend serving the device (a source, or a
+ * destination after the cutover) the guest's requests wait for the new
+ * connection instead (queue.c, ring_down()).
  *
  * Every wait on the server has a deadline (be->timeout_ms, 30 s unless set):
  * each armed receive carries a linked timeout, the dial and the handshake
@@ -122,6 +126,7 @@ struct nbd_conn {
 struct nbd_backend {
 	char *uri, *host, *port, *socket, *export;
 	uint16_t flags;
+	uint64_t export_size;      /* as the first connection saw it: every later one must too */
 	uint32_t max_payload;
 	uint32_t timeout_ms;       /* every wait on the server: a reply, a handshake, a dial */
 	uint64_t dial_deadline;    /* open(), then attach() of every ring: one deadline */
@@ -241,17 +246,9 @@ static int parse_uri(struct nbd_backend *nb, const char *uri)
 
 /* ---- the handshake (blocking) --------------------------------------------------- */
 
-static uint64_t mono_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 static uint64_t deadline_after(const struct nbd_backend *nb)
 {
-	return mono_ns() + (uint64_t)nb->timeout_ms * 1000000ull;
+	return ubm_now_ns() + (uint64_t)nb->timeout_ms * 1000000ull;
 }
 
 /* Wait until fd is ready for `events`, or the deadline passes; 0 or -errno. */
@@ -260,7 +257,7 @@ static int wait_fd(int fd, short events, uint64_t deadline)
 	struct pollfd p = { .fd = fd, .events = events };
 
 	for (;;) {
-		uint64_t now = mono_ns();
+		uint64_t now = ubm_now_ns();
 		int r;
 
 		if (now >= deadline)
@@ -532,15 +529,17 @@ static int nbd_connect(struct ubm_backend *be, uint64_t deadline)
 		close(fd);
 		return ret;
 	}
-	if (be->size && (size != be->size || flags != nb->flags)) {
+	if (nb->export_size && (size != nb->export_size || flags != nb->flags)) {
 		/* also on a reconnect: a server restarted on another export is refused */
 		close(fd);
 		return ubm_fail(EPROTO, "%s: a new connection to the NBD server saw a different "
 				"export (%llu bytes, flags 0x%x; was %llu bytes, flags 0x%x)", nb->uri,
-				(unsigned long long)size, flags, (unsigned long long)be->size,
+				(unsigned long long)size, flags, (unsigned long long)nb->export_size,
 				nb->flags);
 	}
-	be->size = size;
+	if (!nb->export_size)
+		be->size = size;  /* (a recovered device then serves as much of it as it has) */
+	nb->export_size = size;
 	nb->flags = flags;
 	nb->max_payload = max_payload;
 	return fd;
@@ -587,11 +586,11 @@ static int nbd_open(struct ubm_backend *be, const char *uri)
 	be->file_index = -1;
 	be->max_io = nb->max_payload;
 	be->can_discard = true;  /* a discard is a WRITE_ZEROES that may deallocate */
-	if (nb->flags & TF_READ_ONLY) {
+	if ((nb->flags & TF_READ_ONLY) && !be->read_only) {
 		be->ops->close(be);
 		return ubm_fail(EROFS, "%s: the NBD export is read-only", uri);
 	}
-	if (!(nb->flags & TF_SEND_WRITE_ZEROES)) {
+	if (!(nb->flags & TF_SEND_WRITE_ZEROES) && !be->read_only) {
 		be->ops->close(be);
 		return ubm_fail(EOPNOTSUPP, "%s: the NBD server does not offer WRITE_ZEROES", uri);
 	}
@@ -664,7 +663,7 @@ static int nbd_attach(struct ubm_backend *be, struct ubm_queue *q, unsigned slot
 
 	if (q->path != UBM_PATH_COPY && (fd = probe_fixed_send_recv()) < 0)
 		return ubm_fail(-fd, "%s: this kernel cannot send or receive a registered buffer "
-				"on a socket (%s), which an NBD destination needs with a zero-copy "
+				"on a socket (%s), which an NBD export needs with a zero-copy "
 				"data path; serve the device with --data-path copy", nb->uri,
 				strerror(-fd));
 	c = calloc(1, sizeof(*c));
@@ -1155,8 +1154,10 @@ static unsigned nbd_down(struct ubm_backend *be)
 
 /*
  * Dial the lost connections again, and the control thread's own.  The list
- * changes only at the migration's start and end, never meanwhile: the dials
- * (which may take seconds) hold no lock, so stats are not held up.
+ * changes only when a ring starts or stops using the backend (a migration's
+ * start and end, a device's creation and end), never meanwhile (the control
+ * plane makes those calls one at a time): the dials (which may take seconds)
+ * hold no lock, so stats are not held up.
  */
 static int nbd_reconnect(struct ubm_backend *be)
 {
@@ -1183,6 +1184,14 @@ static int nbd_reconnect(struct ubm_backend *be)
 	return 0;
 }
 
+static bool nbd_ring_down(struct ubm_backend *be, struct ubm_queue *q, unsigned slot)
+{
+	const struct nbd_conn *c = q->be_ctx[slot];
+
+	(void)be;
+	return c && c->dead;
+}
+
 static void nbd_close(struct ubm_backend *be)
 {
 	struct nbd_backend *nb = be->priv;
@@ -1198,7 +1207,7 @@ static void nbd_close(struct ubm_backend *be)
 	}
 	if (nb->sync_fd >= 0) {
 		/* a polite goodbye; the server may close without one too */
-		full_io(nb->sync_fd, &h, sizeof(h), true, mono_ns() + 1000000000ull);
+		full_io(nb->sync_fd, &h, sizeof(h), true, ubm_now_ns() + 1000000000ull);
 		close(nb->sync_fd);
 	}
 	nbd_free(nb);
@@ -1218,6 +1227,7 @@ const struct ubm_backend_ops ubm_nbd_backend_ops = {
 	.sync_io = nbd_sync_io,
 	.down = nbd_down,
 	.reconnect = nbd_reconnect,
+	.ring_down = nbd_ring_down,
 };
 
 bool ubm_is_nbd_uri(const char *path)

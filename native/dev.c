@@ -189,13 +189,15 @@ static int open_source(struct ubm_dev *dev)
 	struct ubm_backend *be = &dev->tgt.source;
 	int ret;
 
-	be->ops = &ubm_file_backend_ops;
+	be->ops = ubm_is_nbd_uri(dev->cfg.source_path) ? &ubm_nbd_backend_ops
+						      : &ubm_file_backend_ops;
 	be->fd = -1;
 	be->file_index = FILE_OF_SLOT(SLOT_SOURCE);
 	be->logical_bs = dev->cfg.logical_bs;
 	be->read_only = dev->cfg.read_only;
 	be->direct = dev->cfg.direct;
 	be->via_fd = dev->cfg.source_fd;
+	be->timeout_ms = dev->cfg.timeout_ms;
 	ret = be->ops->open(be, dev->cfg.source_path);
 	if (ret < 0)
 		return ret;
@@ -435,6 +437,7 @@ UBM_EXPORT int ubm_dev_create(const struct ubm_config *cfg, struct ubm_dev **out
 	dev->tgt.be[SLOT_SOURCE] = &dev->tgt.source;
 	pthread_mutex_init(&dev->tgt.mig_lock, NULL);
 	dev->tgt.primary = SLOT_SOURCE;
+	dev->tgt.wait_ns = (cfg->wait_ms ? cfg->wait_ms : UBM_DEFAULT_WAIT_MS) * 1000000ull;
 	sem_init(&dev->ready, 0, 0);
 	*out = dev;  /* ubm_dev_destroy() cleans up whatever was set up */
 
@@ -486,6 +489,12 @@ UBM_EXPORT int ubm_dev_create(const struct ubm_config *cfg, struct ubm_dev **out
 			return ubm_fail(errno, "mmap of queue %u descriptors failed: %s", i,
 					strerror(errno));
 		q->iods = m;
+		/* per-ring backend state (NBD: a connection for each queue) */
+		if (dev->tgt.source.ops->attach) {
+			ret = dev->tgt.source.ops->attach(&dev->tgt.source, q, SLOT_SOURCE);
+			if (ret < 0)
+				return ret;
+		}
 	}
 	return 0;
 }
@@ -498,7 +507,7 @@ static void wake_and_join(struct ubm_dev *dev)
 		return;
 	for (i = 0; i < dev->nr_threads; i++) {
 		if (dev->queues[i].init_err == 0)
-			ubm_queue_ring_bell(&dev->queues[i], ACT_STOP);
+			ubm_queue_ring_bell(&dev->queues[i], ACT_GIVE_UP | ACT_STOP);
 	}
 	for (i = 0; i < dev->nr_threads; i++)
 		pthread_join(dev->queues[i].thread, NULL);
@@ -577,6 +586,9 @@ UBM_EXPORT int ubm_dev_stop(struct ubm_dev *dev)
 
 	if (!dev->started || dev->stopped)
 		return 0;
+	/* requests waiting for a lost connection fail now: STOP_DEV waits for
+	 * every request in flight */
+	ubm_target_ring_bells(&dev->tgt, ACT_GIVE_UP);
 	/* STOP_DEV removes the disk once in-flight requests are done (the
 	 * queue threads keep serving them meanwhile) and aborts the fetches */
 	ret = ubm_ctrl_cmd(&dev->ctrl, UBLK_U_CMD_STOP_DEV, dev->info.dev_id, NULL, 0, 0);
@@ -655,4 +667,5 @@ UBM_EXPORT void ubm_dev_stats(const struct ubm_dev *dev, struct ubm_stats *out)
 	memset(out, 0, sizeof(*out));
 	for (i = 0; i < dev->nr_queues; i++)
 		ubm_stats_add(out, &dev->queues[i].stats);
+	ubm_target_stats(&dev->tgt, out);
 }

@@ -9,6 +9,7 @@
 #include <semaphore.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <time.h>
 
 #include <liburing.h>
 #include <linux/ublk_cmd.h>
@@ -19,9 +20,19 @@
 #define UBM_MAX_DELTAS 8            /* snapshot generations */
 #define UBM_MAX_BACKENDS (2 + UBM_MAX_DELTAS)  /* source, destination, deltas */
 #define UBM_MAX_QUEUES 64
+#define UBM_DEFAULT_WAIT_MS 60000   /* ubm_config.wait_ms unset */
 
 #define ubm_likely(x) __builtin_expect(!!(x), 1)
 #define ubm_unlikely(x) __builtin_expect(!!(x), 0)
+
+/* CLOCK_MONOTONIC in ns: every deadline and latency of the data plane */
+static inline uint64_t ubm_now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
 
 /* Thread-local error text behind ubm_last_error(); returns -err. */
 int ubm_fail(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -38,6 +49,7 @@ enum ubm_ud_kind {
 	UD_WAKE = 5,     /* the queue's doorbell eventfd became readable */
 	UD_IGNORE = 6,   /* a CQE nobody waits for (a test delay's timeout) */
 	UD_CONN = 7,     /* a backend's connection (not one io's): ops->conn_cqe */
+	UD_TICK = 8,     /* the queue's timer while requests wait for a connection */
 };
 
 static inline uint64_t ubm_ud(unsigned tag, unsigned kind, unsigned slot)
@@ -95,6 +107,9 @@ struct ubm_backend_ops {
 	 * takes its new one when it next queues I/O) */
 	unsigned (*down)(struct ubm_backend *be);
 	int (*reconnect)(struct ubm_backend *be);
+	/* whether ring q's connection died (what failed a request on it, or
+	 * will fail the next): the request can wait for reconnect() */
+	bool (*ring_down)(struct ubm_backend *be, struct ubm_queue *q, unsigned slot);
 };
 
 struct ubm_backend {
@@ -160,6 +175,8 @@ struct ubm_target {
 	char *source_path;
 	uint32_t max_io;                 /* largest request the target gets */
 	int primary;                     /* slot serving I/O: SOURCE, DEST after cutover */
+	uint64_t wait_ns;                /* the longest a guest request waits for a lost
+					  * connection of the primary to come back (queue.c) */
 	struct ubm_migration *mig;       /* routing state while a migration runs */
 	pthread_mutex_t mig_lock;        /* against freeing it under stats/abort/speed */
 	struct ubm_queue *queues;        /* the queues routing to this target */
@@ -171,6 +188,9 @@ struct ubm_qstats {
 	uint64_t reads, writes, flushes, discards, write_zeroes;
 	uint64_t read_bytes, write_bytes, errors, inflight, fua_writes;
 	uint64_t parked;         /* requests that waited for a chunk copy or a pause */
+	uint64_t conn_waiting;   /* requests waiting now for a lost connection */
+	uint64_t conn_waits;     /* requests that waited for one, in all */
+	uint64_t conn_failed;    /* ... and failed, as it was not back in time */
 } __attribute__((aligned(64)));
 
 enum ubm_io_state {
@@ -178,6 +198,7 @@ enum ubm_io_state {
 	IO_FETCHING,       /* FETCH / COMMIT_AND_FETCH outstanding */
 	IO_REG,            /* explicit zero copy: buffer being registered */
 	IO_PARKED,         /* waiting for a chunk being copied, or a pause */
+	IO_CONN_WAIT,      /* failed on a lost connection: waiting for a new one */
 	IO_BACKEND,        /* backends working on the request */
 	IO_UNREG,          /* explicit zero copy: buffer being unregistered */
 };
@@ -190,6 +211,7 @@ struct ubm_io {
 	uint16_t slots;          /* backends the request went to (bit per slot) */
 	uint8_t state;           /* enum ubm_io_state */
 	uint8_t mflags;          /* migration: MIG_IO_* */
+	bool plain;              /* routed without a migration (counted in plain_inflight) */
 	struct ubm_req sreq[UBM_MAX_BACKENDS];  /* what each of those backends does */
 	uint8_t be_stage[UBM_MAX_BACKENDS];  /* backend-private progress */
 	uint32_t be_done[UBM_MAX_BACKENDS];  /* bytes a backend has transferred so far */
@@ -198,6 +220,7 @@ struct ubm_io {
 	uint32_t mig_epoch;      /* the migration's epoch when routed (ubm_mig_reconnect) */
 	uint64_t t_start;        /* migration: when the request arrived (ns) */
 	uint64_t t_source_done;  /* migration, mirrored: when the source's part ended (ns) */
+	uint64_t t_wait;         /* when it first failed on a lost connection (ns; 0: never) */
 	uint64_t map_mark;       /* snapshot, a FLUSH or FUA write: the layer map's records
 				  * that must be durable before it is acknowledged */
 	void *buf;               /* copy mode: this tag's buffer */
@@ -209,6 +232,8 @@ enum {
 	ACT_SYNC = 1u << 1,          /* acknowledge (the target changed) */
 	ACT_STOP = 1u << 2,          /* leave the loop once nothing is in flight */
 	ACT_FILES = 1u << 3,         /* install target->files[] beyond the source */
+	ACT_RETRY_CONN = 1u << 4,    /* connections were dialled again: retry their waiters */
+	ACT_GIVE_UP = 1u << 5,       /* the device is stopping: fail the waiters, wait no more */
 };
 
 #define NO_TAG 0xffff
@@ -233,6 +258,10 @@ struct ubm_queue {
 	uint32_t actions;        /* ACT_* asked for (atomic) */
 	uint32_t acked;          /* ACT_SYNC generation acknowledged (atomic) */
 	uint16_t parked_head;    /* requests waiting to be routed again */
+	uint16_t wait_head;      /* requests waiting for a lost connection (IO_CONN_WAIT) */
+	bool tick_armed;         /* the UD_TICK timer is pending */
+	bool give_up;            /* ACT_GIVE_UP came: requests no longer wait for connections */
+	struct __kernel_timespec tick;  /* the timer's interval */
 	/* completion sink: ublk commits, the simulator records */
 	void (*io_done)(struct ubm_queue *q, unsigned tag, int res);
 	/* a backend operation of io `tag` ended with res, as if by its CQE
@@ -260,6 +289,12 @@ void ubm_queue_start_io(struct ubm_queue *q, unsigned tag);
 void ubm_queue_backends_done(struct ubm_queue *q, unsigned tag);
 void ubm_queue_handle_cqe(struct ubm_queue *q, const struct io_uring_cqe *cqe);
 int ubm_queue_reap(struct ubm_queue *q);
+/* the primary's lost connections were dialled again: its waiting requests retry */
+void ubm_target_conn_back(struct ubm_target *t);
+/* fail the requests waiting for a lost connection, and let none wait from now on */
+void ubm_queue_give_up(struct ubm_queue *q);
+/* the target's part of the stats: the primary's lost connections */
+void ubm_target_stats(const struct ubm_target *t, struct ubm_stats *out);
 void ubm_stats_add(struct ubm_stats *out, const struct ubm_qstats *s);
 
 static inline void ubm_stat_inc(uint64_t *c, uint64_t v)

@@ -139,14 +139,6 @@ struct ubm_migration {
 #define A_ADD(p, v) __atomic_add_fetch((p), (v), __ATOMIC_SEQ_CST)
 #define A_SUB(p, v) __atomic_sub_fetch((p), (v), __ATOMIC_SEQ_CST)
 
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 static void atomic_max(uint64_t *p, uint64_t v)
 {
 	uint64_t cur = A_LOAD(p);
@@ -360,7 +352,7 @@ int ubm_mig_route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 	int ret;
 
 	if (!io->t_start)
-		io->t_start = now_ns();
+		io->t_start = ubm_now_ns();
 	io->mig_epoch = A_LOAD(&m->epoch);
 	io->mflags = 0;
 	io->slots = 0;
@@ -455,7 +447,7 @@ void ubm_mig_part_done(struct ubm_migration *m, struct ubm_io *io, unsigned slot
 
 	if (slot == SLOT_SOURCE) {
 		if (io->mflags & MIG_IO_MIRRORED) {
-			io->t_source_done = now_ns();
+			io->t_source_done = ubm_now_ns();
 			/* the guest now waits for the destination alone: counted
 			 * while it does, so a destination that stops answering
 			 * shows before any write completes (auto mode's fallback) */
@@ -501,7 +493,7 @@ int ubm_mig_io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 {
 	struct ubm_io *io = &q->ios[tag];
 	const struct ubm_req *req = &io->req;
-	uint64_t now = now_ns(), lat = now - io->t_start, cut;
+	uint64_t now = ubm_now_ns(), lat = now - io->t_start, cut;
 	bool cut_over = A_LOAD(&m->cut_over);
 	bool durable = req->op == UBLK_IO_OP_FLUSH ||
 		       (is_write(req->op) && (req->flags & UBLK_IO_F_FUA));
@@ -828,6 +820,11 @@ UBM_EXPORT int ubm_mig_start(struct ubm_target *t, const struct ubm_mig_config *
 		return ubm_fail(EBUSY, "a migration is already running on this device");
 	if (t->primary != SLOT_SOURCE)
 		return ubm_fail(EINVAL, "this device was migrated already");
+	/* the copier, copy on write, verify and fold-back read the source by
+	 * its fd: a file or a block device */
+	if (t->source.ops != &ubm_file_backend_ops)
+		return ubm_fail(EOPNOTSUPP, "%s: migrating a device that serves an NBD export is "
+				"not supported", t->source_path);
 	if (cfg->mode > UBM_MIG_SNAPSHOT)
 		return ubm_fail(EINVAL, "unknown migration mode %u", cfg->mode);
 	if (cfg->chunk_size < (64u << 10) || cfg->chunk_size > (64u << 20) ||
@@ -882,7 +879,7 @@ UBM_EXPORT int ubm_mig_start(struct ubm_target *t, const struct ubm_mig_config *
 	m->dest_zeroed = cfg->dest_zeroed;
 	m->check_below = cfg->dest_zeroed ? 0 : cfg->check_below;
 	m->copy_depth = cfg->copy_depth ? cfg->copy_depth : 4;
-	m->last_flush_ns = now_ns();
+	m->last_flush_ns = ubm_now_ns();
 	m->busy_depth = cfg->busy_depth && cfg->busy_depth < m->copy_depth ? cfg->busy_depth
 									    : m->copy_depth;
 	m->chunk = calloc(m->nr_chunks, sizeof(*m->chunk));
@@ -1028,7 +1025,7 @@ UBM_EXPORT int ubm_mig_pause(struct ubm_target *t)
 
 	if (!m)
 		return ubm_fail(ENOENT, "no migration is running");
-	m->pause_start_ns = now_ns();
+	m->pause_start_ns = ubm_now_ns();
 	__atomic_store_n(&m->paused, 1, __ATOMIC_SEQ_CST);
 	wait_inflight(m);
 	return 0;
@@ -1043,7 +1040,7 @@ UBM_EXPORT int ubm_mig_resume(struct ubm_target *t)
 	if (!A_LOAD(&m->paused))
 		return 0;
 	__atomic_store_n(&m->paused, 0, __ATOMIC_SEQ_CST);
-	A_STORE(&m->last_pause_ns, now_ns() - m->pause_start_ns);
+	A_STORE(&m->last_pause_ns, ubm_now_ns() - m->pause_start_ns);
 	ubm_target_ring_bells(t, ACT_RETRY_PARKED);
 	return 0;
 }
@@ -1130,7 +1127,7 @@ UBM_EXPORT int ubm_mig_cutover_hold(struct ubm_target *t)
 	ret = flush_dest(m);
 	if (ret < 0)
 		return ubm_fail(-ret, "flushing the destination failed: %s", strerror(-ret));
-	m->hold_start_ns = now_ns();
+	m->hold_start_ns = ubm_now_ns();
 	if (!A_LOAD(&m->paused)) {
 		/* a pause of its own (ubm_mig_pause's flag; its length is the
 		 * cutover pause, not last_pause_ns) */
@@ -1154,11 +1151,11 @@ UBM_EXPORT int ubm_mig_cutover_switch(struct ubm_target *t, uint32_t commit)
 	if (!m->hold_start_ns)
 		return ubm_fail(EINVAL, "the cutover is not held");
 	if (commit) {
-		A_STORE(&m->cutover_ns, now_ns());
+		A_STORE(&m->cutover_ns, ubm_now_ns());
 		__atomic_store_n(&m->cut_over, 1, __ATOMIC_SEQ_CST);
 		__atomic_store_n(&t->primary, SLOT_DEST, __ATOMIC_SEQ_CST);
 	}
-	A_STORE(&m->cutover_pause_ns, now_ns() - m->hold_start_ns);
+	A_STORE(&m->cutover_pause_ns, ubm_now_ns() - m->hold_start_ns);
 	m->hold_start_ns = 0;
 	if (A_LOAD(&m->held)) {
 		A_STORE(&m->held, 0);
@@ -1259,7 +1256,7 @@ UBM_EXPORT int ubm_mig_finish(struct ubm_target *t)
 	pthread_mutex_unlock(&t->mig_lock);
 	if (A_LOAD(&m->paused)) {
 		__atomic_store_n(&m->paused, 0, __ATOMIC_SEQ_CST);
-		A_STORE(&m->last_pause_ns, now_ns() - m->pause_start_ns);
+		A_STORE(&m->last_pause_ns, ubm_now_ns() - m->pause_start_ns);
 	}
 	/* requests parked by the migration are routed again without it */
 	ubm_target_ring_bells(t, ACT_RETRY_PARKED);
@@ -1401,7 +1398,7 @@ UBM_EXPORT int ubm_mig_get_stats(struct ubm_target *t, struct ubm_mig_stats *out
 	{
 		/* (two loads, not one snapshot: a mean that is off by a write at most) */
 		uint64_t n = A_LOAD(&m->dest_waiting), since = A_LOAD(&m->dest_waiting_since);
-		uint64_t now = now_ns();
+		uint64_t now = ubm_now_ns();
 
 		out->dest_waiting = n;
 		out->dest_waiting_ns = n && since / n < now ? now - since / n : 0;
@@ -1546,7 +1543,7 @@ static int copy_result(struct ubm_migration *m, unsigned i, unsigned be_slot, in
 		/* while the guest is busy, the next source read waits as long as
 		 * this one took (from the lock): the guest has the source at
 		 * least half the time */
-		uint64_t now = now_ns(), resume = now + (now - cs->t_start);
+		uint64_t now = ubm_now_ns(), resume = now + (now - cs->t_start);
 
 		if (resume > m->busy_resume_ns)
 			m->busy_resume_ns = resume;
@@ -1600,7 +1597,7 @@ static bool within_speed(struct ubm_migration *m, double *origin, uint64_t pass_
 
 	if (speed == 0)
 		return true;
-	now = (double)now_ns() / 1e9;
+	now = (double)ubm_now_ns() / 1e9;
 	credit = speed * (now - *origin) - (double)pass_bytes;
 	cap = speed / 10;
 	if (cap < (double)(m->chunk_size * m->copy_depth))
@@ -1616,7 +1613,7 @@ static bool within_speed(struct ubm_migration *m, double *origin, uint64_t pass_
  * new start time, or 0 once the time held is added up. */
 static uint64_t account_yield(struct ubm_migration *m, uint64_t since)
 {
-	uint64_t now = now_ns();
+	uint64_t now = ubm_now_ns();
 
 	if (!since)
 		return now;
@@ -1628,7 +1625,7 @@ UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *
 {
 	struct ubm_migration *m = t->mig;
 	uint64_t next = 0, copied = 0, pass_bytes = 0, yield_since = 0;
-	double origin = (double)now_ns() / 1e9;  /* the speed limit's clock, in seconds */
+	double origin = (double)ubm_now_ns() / 1e9;  /* the speed limit's clock, in seconds */
 	unsigned busy = 0, locking, i;
 	int ret = 0, r;
 
@@ -1656,8 +1653,8 @@ UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *
 		bool stop;
 
 		if (t->dest.ops->reconnect && !A_LOAD(&m->error) &&
-		    now_ns() - m->last_flush_ns > FLUSH_INTERVAL_NS) {
-			m->last_flush_ns = now_ns();
+		    ubm_now_ns() - m->last_flush_ns > FLUSH_INTERVAL_NS) {
+			m->last_flush_ns = ubm_now_ns();
 			r = flush_dest(m);
 			if (r < 0)
 				set_error(m, r);
@@ -1668,7 +1665,7 @@ UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *
 		 * rests after each read as long as it took (copy_result); writes
 		 * to the destination stay pipelined */
 		unsigned limit = A_LOAD(&m->inflight) ? m->busy_depth : m->copy_depth;
-		bool resting = limit < m->copy_depth && now_ns() < m->busy_resume_ns;
+		bool resting = limit < m->copy_depth && ubm_now_ns() < m->busy_resume_ns;
 		bool held = false;
 		unsigned reading = 0;
 
@@ -1693,7 +1690,7 @@ UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *
 			}
 			cs->chunk = next++;
 			cs->state = CS_LOCKING;
-			cs->t_start = now_ns();
+			cs->t_start = ubm_now_ns();
 			reading++;
 			if (pass == UBM_PASS_DIRTY)
 				m->hot[cs->chunk]++;

@@ -4,10 +4,21 @@
  * request to its backends, gather their completions, hand the result to the
  * queue's completion sink.  This is the per-I/O path: no allocation, no
  * locks, no system calls beyond the ring's.
+ *
+ * A request that failed on a lost connection of the backend serving the
+ * device (NBD: the source, or the destination after a cutover) is not failed:
+ * it waits (IO_CONN_WAIT) until ubm_reconnect() has dialled the connection
+ * again, then goes to the backend once more, as the dead server's requests go
+ * to a new one after a ublk recovery.  Each waits at most t->wait_ns from its
+ * first failure; a timer (UD_TICK) ends those that waited too long even if
+ * nobody reconnects.  Sending a write again is safe: the guest has no answer
+ * for it, so it has no other write to those sectors in flight that the old
+ * copy could overtake.
  */
 #include <poll.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -33,6 +44,7 @@ int ubm_queue_ring_init(struct ubm_queue *q, unsigned entries, int ublkc_fd, boo
 	p.cq_entries = entries * 2;
 	q->single_issuer = single_issuer;
 	q->parked_head = NO_TAG;
+	q->wait_head = NO_TAG;
 	if (!q->be_done)
 		q->be_done = backend_cqe;
 	ret = io_uring_queue_init_params(entries, &q->ring, &p);
@@ -162,6 +174,7 @@ int ubm_queue_set_file(struct ubm_queue *q, unsigned index, int fd)
 }
 
 static void route_io(struct ubm_queue *q, unsigned tag);
+static void retry_waiting(struct ubm_queue *q);
 
 /* Backend `slot`'s part of the request ended with res (bytes or -errno).  A
  * destination error before the cutover is the migration's business (it
@@ -199,6 +212,10 @@ static void doorbell(struct ubm_queue *q)
 			route_io(q, tag);
 		}
 	}
+	if (act & ACT_GIVE_UP)
+		ubm_queue_give_up(q);
+	if (act & ACT_RETRY_CONN)
+		retry_waiting(q);
 	if (act & ACT_FILES) {
 		int files[NR_FILES];
 		unsigned first = FILE_OF_SLOT(SLOT_DEST);
@@ -246,12 +263,21 @@ static void count_request(struct ubm_queue *q, const struct ubm_req *req, int re
 	}
 }
 
+/* A request routed without a migration is done there (a migration starting
+ * waits for those, ubm_mig_start). */
+static void unroute_plain(struct ubm_queue *q, struct ubm_io *io)
+{
+	if (!io->plain)
+		return;
+	io->plain = false;
+	__atomic_store_n(&q->plain_inflight, q->plain_inflight - 1, __ATOMIC_RELEASE);
+}
+
 static void finish_io(struct ubm_queue *q, unsigned tag)
 {
 	struct ubm_io *io = &q->ios[tag];
 
-	if (!io->mig && io->state != IO_REG)
-		__atomic_store_n(&q->plain_inflight, q->plain_inflight - 1, __ATOMIC_RELEASE);
+	unroute_plain(q, io);
 	count_request(q, &io->req, io->result);
 	q->ios_inflight--;
 	__atomic_store_n(&q->stats.inflight, q->ios_inflight, __ATOMIC_RELAXED);
@@ -284,6 +310,7 @@ static void route_io(struct ubm_queue *q, unsigned tag)
 		io->slots = (uint16_t)(1u << t->primary);
 		io->sreq[t->primary] = io->req;
 		/* a migration starting now waits for these (ubm_mig_start) */
+		io->plain = true;
 		__atomic_store_n(&q->plain_inflight, q->plain_inflight + 1, __ATOMIC_RELEASE);
 	} else {
 		/* the migration fills io->slots and io->sreq[] */
@@ -340,6 +367,7 @@ void ubm_queue_start_io(struct ubm_queue *q, unsigned tag)
 {
 	struct ubm_io *io = &q->ios[tag];
 
+	io->t_wait = 0;
 	q->ios_inflight++;
 	__atomic_store_n(&q->stats.inflight, q->ios_inflight, __ATOMIC_RELAXED);
 	if (q->path == UBM_PATH_ZC && io->req.buf_index >= 0) {
@@ -351,6 +379,113 @@ void ubm_queue_start_io(struct ubm_queue *q, unsigned tag)
 	route_io(q, tag);
 }
 
+/* ---- waiting for a lost connection ------------------------------------------ */
+
+#define TICK_NS 250000000ull  /* the waiters' timer: how late a deadline may be noticed */
+
+static void arm_tick(struct ubm_queue *q)
+{
+	struct io_uring_sqe *sqe;
+
+	if (q->tick_armed || !(sqe = ubm_queue_sqe(q)))
+		return;
+	q->tick = (struct __kernel_timespec){ .tv_nsec = (long long)TICK_NS };
+	io_uring_prep_timeout(sqe, &q->tick, 0, 0);
+	io_uring_sqe_set_data64(sqe, ubm_ud(0, UD_TICK, 0));
+	q->tick_armed = true;
+}
+
+/*
+ * The request failed (its routing is undone: chunk references, counts).
+ * If the primary's connection on this ring is what failed it, and it has
+ * not waited its time yet, it waits for a new one: true.
+ */
+static bool wait_for_conn(struct ubm_queue *q, unsigned tag)
+{
+	struct ubm_io *io = &q->ios[tag];
+	struct ubm_target *t = q->tgt;
+	unsigned slot = (unsigned)t->primary;
+	struct ubm_backend *be = t->be[slot];
+	uint64_t now;
+
+	if (q->give_up || !(io->slots & (1u << slot)) || !be->ops->ring_down ||
+	    !be->ops->ring_down(be, q, slot))
+		return false;
+	now = ubm_now_ns();
+	if (!io->t_wait) {
+		io->t_wait = now;
+		ubm_stat_inc(&q->stats.conn_waits, 1);
+	} else if (now - io->t_wait >= t->wait_ns) {
+		ubm_stat_inc(&q->stats.conn_failed, 1);
+		return false;
+	}
+	unroute_plain(q, io);
+	io->mig = NULL;  /* (routed afresh when it goes again) */
+	io->state = IO_CONN_WAIT;
+	io->next_parked = q->wait_head;
+	q->wait_head = (uint16_t)tag;
+	ubm_stat_inc(&q->stats.conn_waiting, 1);
+	arm_tick(q);
+	return true;
+}
+
+/* Every waiter goes to the backend again: it takes a connection dialled
+ * meanwhile, or fails at once and waits on (or, past its time, fails). */
+static void retry_waiting(struct ubm_queue *q)
+{
+	uint16_t tag = q->wait_head, next;
+
+	q->wait_head = NO_TAG;
+	for (; tag != NO_TAG; tag = next) {
+		next = q->ios[tag].next_parked;
+		__atomic_store_n(&q->stats.conn_waiting, q->stats.conn_waiting - 1,
+				 __ATOMIC_RELAXED);
+		route_io(q, tag);
+	}
+}
+
+void ubm_queue_give_up(struct ubm_queue *q)
+{
+	q->give_up = true;
+	retry_waiting(q);  /* each fails now, unless its connection is back */
+}
+
+UBM_EXPORT int ubm_reconnect(struct ubm_target *t)
+{
+	struct ubm_backend *be = t->be[t->primary];
+	int ret;
+
+	if (!be->ops->reconnect)
+		return ubm_fail(EOPNOTSUPP, "the device serves a %s: it has no connections to "
+				"restore", be->ops->name);
+	ret = be->ops->reconnect(be);
+	if (ret < 0)
+		return ret;
+	ubm_target_conn_back(t);
+	return 0;
+}
+
+void ubm_target_stats(const struct ubm_target *t, struct ubm_stats *out)
+{
+	struct ubm_backend *be = t->be[__atomic_load_n(&t->primary, __ATOMIC_ACQUIRE)];
+
+	out->conn_down = be && be->ops->down ? be->ops->down(be) : 0;
+}
+
+void ubm_target_conn_back(struct ubm_target *t)
+{
+	for (unsigned i = 0; i < t->nr_queues; i++) {
+		struct ubm_queue *q = &t->queues[i];
+
+		if (q->dev)
+			ubm_queue_ring_bell(q, ACT_RETRY_CONN);
+		else  /* a simulator: its caller's thread is this one */
+			retry_waiting(q);
+	}
+}
+
+static void complete_io(struct ubm_queue *q, unsigned tag);
+
 void ubm_queue_backends_done(struct ubm_queue *q, unsigned tag)
 {
 	struct ubm_io *io = &q->ios[tag];
@@ -359,6 +494,16 @@ void ubm_queue_backends_done(struct ubm_queue *q, unsigned tag)
 		park_io(q, tag);
 		return;
 	}
+	if (ubm_unlikely(io->result < 0) && wait_for_conn(q, tag))
+		return;
+	complete_io(q, tag);
+}
+
+/* The request is done with its backends: answer it. */
+static void complete_io(struct ubm_queue *q, unsigned tag)
+{
+	struct ubm_io *io = &q->ios[tag];
+
 	if (q->path == UBM_PATH_ZC && io->req.buf_index >= 0) {
 		prep_buf_cmd(q, tag, UBLK_U_IO_UNREGISTER_IO_BUF, UD_UNREG);
 		io->state = IO_UNREG;
@@ -405,6 +550,14 @@ void ubm_queue_handle_cqe(struct ubm_queue *q, const struct io_uring_cqe *cqe)
 	case UD_WAKE:
 		doorbell(q);
 		break;
+	case UD_TICK:
+		q->tick_armed = false;
+		if (q->wait_head != NO_TAG) {
+			retry_waiting(q);
+			if (q->wait_head != NO_TAG)
+				arm_tick(q);
+		}
+		break;
 	case UD_CONN: {
 		struct ubm_backend *be = q->tgt->be[ubm_ud_slot(cqe->user_data)];
 
@@ -445,4 +598,7 @@ void ubm_stats_add(struct ubm_stats *out, const struct ubm_qstats *s)
 	out->inflight += __atomic_load_n(&s->inflight, __ATOMIC_RELAXED);
 	out->fua_writes += __atomic_load_n(&s->fua_writes, __ATOMIC_RELAXED);
 	out->parked += __atomic_load_n(&s->parked, __ATOMIC_RELAXED);
+	out->conn_waiting += __atomic_load_n(&s->conn_waiting, __ATOMIC_RELAXED);
+	out->conn_waits += __atomic_load_n(&s->conn_waits, __ATOMIC_RELAXED);
+	out->conn_failed += __atomic_load_n(&s->conn_failed, __ATOMIC_RELAXED);
 }

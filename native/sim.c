@@ -48,11 +48,12 @@ UBM_EXPORT int ubm_sim_create(const char *source_path, uint32_t logical_bs, uint
 	sim->tgt.dest.fd = -1;
 	pthread_mutex_init(&sim->tgt.mig_lock, NULL);
 	be = &sim->tgt.source;
-	be->ops = &ubm_file_backend_ops;
+	be->ops = ubm_is_nbd_uri(source_path) ? &ubm_nbd_backend_ops : &ubm_file_backend_ops;
 	be->fd = -1;
 	be->file_index = FILE_OF_SLOT(SLOT_SOURCE);
 	sim->tgt.be[SLOT_SOURCE] = be;
 	sim->tgt.primary = SLOT_SOURCE;
+	sim->tgt.wait_ns = UBM_DEFAULT_WAIT_MS * 1000000ull;
 	sim->tgt.queues = &sim->q;
 	sim->tgt.nr_queues = 1;
 	be->logical_bs = logical_bs;
@@ -75,6 +76,8 @@ UBM_EXPORT int ubm_sim_create(const char *source_path, uint32_t logical_bs, uint
 		goto fail;
 	}
 	ret = ubm_queue_ring_init(&sim->q, depth * 4, -1, false, false);
+	if (ret == 0 && be->ops->attach)  /* NBD: the queue's connection */
+		ret = be->ops->attach(be, &sim->q, SLOT_SOURCE);
 	if (ret < 0)
 		goto fail;
 	*out = sim;
@@ -144,6 +147,12 @@ UBM_EXPORT int ubm_sim_poll(struct ubm_sim *sim)
 	return ubm_queue_reap(&sim->q);
 }
 
+UBM_EXPORT int ubm_sim_set_wait(struct ubm_sim *sim, uint32_t ms)
+{
+	sim->tgt.wait_ns = (ms ? ms : UBM_DEFAULT_WAIT_MS) * 1000000ull;
+	return 0;
+}
+
 UBM_EXPORT int ubm_sim_set_delay(struct ubm_sim *sim, uint32_t slot, uint64_t ns)
 {
 	struct ubm_backend *be = slot < UBM_MAX_BACKENDS ? sim->tgt.be[slot] : NULL;
@@ -164,13 +173,17 @@ UBM_EXPORT void ubm_sim_stats(const struct ubm_sim *sim, struct ubm_stats *out)
 {
 	memset(out, 0, sizeof(*out));
 	ubm_stats_add(out, &sim->q.stats);
+	ubm_target_stats(&sim->tgt, out);
 }
 
 UBM_EXPORT void ubm_sim_destroy(struct ubm_sim *sim)
 {
 	if (!sim)
 		return;
-	/* drain what is still in flight so no CQE outlives its buffer */
+	/* drain what is still in flight so no CQE outlives its buffer (a request
+	 * waiting for a lost connection fails now) */
+	if (sim->q.ring_ok)
+		ubm_queue_give_up(&sim->q);
 	while (sim->q.ring_ok && sim->q.ios_inflight) {
 		if (io_uring_submit_and_wait(&sim->q.ring, 1) < 0)
 			break;

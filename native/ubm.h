@@ -15,7 +15,7 @@
 extern "C" {
 #endif
 
-#define UBM_API_VERSION 4
+#define UBM_API_VERSION 5
 
 /* Data path a device uses to move request data between the kernel and the
  * backends.  Chosen from the driver's features unless forced. */
@@ -27,7 +27,8 @@ enum ubm_data_path {
 };
 
 struct ubm_config {
-	const char *source_path;   /* image file or block device */
+	const char *source_path;   /* image file or block device, or an NBD export
+				    * (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH) */
 	uint32_t nr_queues;        /* 1..64 */
 	uint32_t queue_depth;      /* 1..4096 */
 	uint32_t logical_bs;       /* 512 or 4096 */
@@ -41,6 +42,13 @@ struct ubm_config {
 	int32_t source_fd;         /* > 0: the caller's descriptor on the source (checked,
 				    * locked): opened again through it, never by the path,
 				    * which may name another file by now (0: by the path) */
+	uint32_t timeout_ms;       /* an NBD source: the longest wait for the server (a
+				    * reply, the dial and handshake) before the connection
+				    * counts as lost (0: 30 s) */
+	uint32_t wait_ms;          /* the backend serving the device lost a connection (NBD,
+				    * also a destination after the cutover): how long a guest
+				    * request waits for ubm_reconnect() before it fails
+				    * (0: 60 s) */
 };
 
 /* Counters summed over the queues; monotonic except inflight. */
@@ -51,9 +59,14 @@ struct ubm_stats {
 	uint64_t inflight;         /* I/Os being handled right now */
 	uint64_t fua_writes;
 	uint64_t parked;           /* requests that waited for a chunk copy or a pause */
+	uint64_t conn_down;        /* connections of the backend serving the device lost now */
+	uint64_t conn_waiting;     /* guest requests waiting now for ubm_reconnect() */
+	uint64_t conn_waits;       /* guest requests that waited for a connection, in all ... */
+	uint64_t conn_failed;      /* ... and failed, as none came back within wait_ms */
 };
 
 struct ubm_dev;
+struct ubm_target;  /* what serves a device's (or a simulator's) requests */
 
 /* UBLK_U_CMD_GET_FEATURES of the running driver.  -ENOENT: no
  * /dev/ublk-control; -EOPNOTSUPP: driver too old to answer. */
@@ -101,6 +114,14 @@ uint32_t ubm_dev_nr_queues(const struct ubm_dev *dev); /* queues granted (<= ask
 void ubm_dev_config(const struct ubm_dev *dev, struct ubm_config *out);
 void ubm_dev_stats(const struct ubm_dev *dev, struct ubm_stats *out);
 
+/* The backend serving the target (NBD: the source, or the destination after a
+ * cutover) lost connections (ubm_stats.conn_down): dial them again
+ * (blocking, within its timeout), and let the guest requests waiting for
+ * them go on.  -EOPNOTSUPP for a file; the dial's error if the server is not
+ * back (the requests wait on, up to wait_ms each).  (A destination before
+ * the cutover: ubm_mig_reconnect().) */
+int ubm_reconnect(struct ubm_target *t);
+
 /* Human-readable reason for the last failure in this thread (or ""). */
 const char *ubm_last_error(void);
 
@@ -111,7 +132,6 @@ const char *ubm_last_error(void);
  * plane routes every request and copies chunks.  Calls on one target must
  * not overlap, except ubm_mig_abort()/ubm_mig_set_speed()/ubm_mig_get_stats(),
  * which may be called while a pass runs. */
-struct ubm_target;
 struct ubm_target *ubm_dev_target(struct ubm_dev *dev);
 
 enum ubm_mig_mode {
@@ -267,6 +287,9 @@ struct ubm_target *ubm_sim_target(struct ubm_sim *sim);
 /* Run the simulator's ring until its doorbell and completions are handled,
  * without waiting (for a caller that does not submit meanwhile). */
 int ubm_sim_poll(struct ubm_sim *sim);
+/* How long a request waits for a lost connection of an NBD source (the
+ * config's wait_ms; 0: 60 s). */
+int ubm_sim_set_wait(struct ubm_sim *sim, uint32_t ms);
 /* Delay every write, discard, write-zeroes and flush to the source (slot 0)
  * or the destination (slot 1, after ubm_mig_start) by ns: widens races. */
 int ubm_sim_set_delay(struct ubm_sim *sim, uint32_t slot, uint64_t ns);

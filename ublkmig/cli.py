@@ -84,7 +84,7 @@ def cli(log_level: str | None, log_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("image", type=click.Path(path_type=Path, readable=False))
+@click.argument("image", metavar="IMAGE")
 @click.option(
     "--queues",
     type=click.IntRange(1, native.MAX_QUEUES),
@@ -130,8 +130,27 @@ def cli(log_level: str | None, log_json: bool) -> None:
     "this copy lacks every write since), or recover without a record of what the device "
     "served.",
 )
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0.1, 3600),
+    default=native.DEFAULT_NBD_TIMEOUT,
+    show_default=True,
+    metavar="SECONDS",
+    help="An NBD IMAGE: the longest wait for the server (a reply, connecting, the handshake). "
+    "Past it the connection counts as lost.",
+)
+@click.option(
+    "--reconnect-wait",
+    type=click.FloatRange(0.1, 3600),
+    default=native.DEFAULT_RECONNECT_WAIT,
+    show_default=True,
+    metavar="SECONDS",
+    help="An NBD export serving the device (IMAGE, or a migration's destination after the "
+    "cutover) lost its connection: the daemon dials it again, and each guest request waits "
+    "this long for that before it fails.",
+)
 def serve(
-    image: Path,
+    image: str,
     queues: int,
     depth: int,
     read_only: bool,
@@ -140,19 +159,23 @@ def serve(
     data_path: str,
     recover: int | None,
     force: bool,
+    timeout: float,
+    reconnect_wait: float,
 ) -> int:
     """Serve IMAGE as /dev/ublkbN in the foreground.
 
-    The device path is the first line on stdout, printed once the device
-    accepts I/O.  SIGINT/SIGTERM (or `ublkmig stop`) stop it cleanly.  If
-    the daemon dies instead, the device stays, holding its I/O (the
-    requests the daemon had are issued again) until `serve IMAGE --recover
-    DEVICE` takes it over, or `ublkmig stop DEVICE` removes it.
+    IMAGE is a file, a block device, or an NBD export (nbd://HOST[:PORT]/EXPORT,
+    nbd+unix:///EXPORT?socket=PATH).  The device path is the first line on
+    stdout, printed once the device accepts I/O.  SIGINT/SIGTERM (or `ublkmig
+    stop`) stop it cleanly.  If the daemon dies instead, the device stays,
+    holding its I/O (the requests the daemon had are issued again) until
+    `serve IMAGE --recover DEVICE` takes it over, or `ublkmig stop DEVICE`
+    removes it.
     """
-    from ublkmig import daemon
+    from ublkmig import daemon, migration
 
     opts = daemon.ServeOptions(
-        image=image,
+        image=image if migration.is_nbd_uri(image) else Path(image),
         queues=queues,
         depth=depth,
         read_only=read_only,
@@ -161,6 +184,8 @@ def serve(
         data_path=DataPath.from_label(data_path),
         recover=recover,
         force=force,
+        timeout=timeout,
+        reconnect_wait=reconnect_wait,
     )
     return daemon.serve(opts)
 
@@ -370,7 +395,7 @@ def _ask(device: int, cmd: str, **args: Any) -> dict[str, Any]:
 @click.option(
     "--dest-timeout",
     type=float,
-    default=30.0,
+    default=native.DEFAULT_NBD_TIMEOUT,
     show_default=True,
     metavar="SECONDS",
     help="An NBD destination: the longest wait for the server (a reply, connecting, the "
@@ -641,6 +666,14 @@ def _status_lines(st: dict[str, Any]) -> list[str]:
         if mig.get("error"):
             lines.append(f"error          {mig['error']}")
         io = mig.get("io") or io
+    dev_io = st.get("stats") or {}
+    if dev_io.get("conn_down") or dev_io.get("conn_waits") or st.get("reconnects"):
+        lines.append(
+            f"connection     {dev_io.get('conn_down', 0)} lost now, reconnected "
+            f"{st.get('reconnects', 0)} times; guest requests waiting "
+            f"{dev_io.get('conn_waiting', 0)} now, {dev_io.get('conn_waits', 0)} in all, "
+            f"{dev_io.get('conn_failed', 0)} failed after --reconnect-wait"
+        )
     if io:
         keys = ("reads", "writes", "flushes", "discards", "write_zeroes", "errors", "inflight",
                 "parked")  # fmt: skip

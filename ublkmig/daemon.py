@@ -1,5 +1,9 @@
 """``ublkmig serve``: one ublk device for one image, for as long as the daemon runs.
 
+The image is a file, a block device or an NBD export (its URI); a lost connection to an
+export serving the device is dialled again by a task of the daemon (the keeper) while the
+guest's requests wait for it in the data plane.
+
 Lifecycle: validate the image and the options (before touching the driver),
 check root, check ``/dev/ublk-control`` (``modprobe ublk_drv`` once if it is
 missing), hold an exclusive non-blocking flock on the image, then in the event
@@ -47,6 +51,7 @@ from ublkmig.log import get_logger
 from ublkmig.native import DataPath
 
 READY_TIMEOUT = 60.0  # /dev/ublkbN must answer within this (kernel VMs are slow)
+KEEPER_POLL = 0.2  # s: how often the connections of an NBD export serving a device are checked
 CONTROL_DEVICE = Path("/dev/ublk-control")
 
 DRIVER_HINT = (
@@ -60,7 +65,7 @@ class ServeOptions:
     """What ``serve`` was asked for (ranges: see native.MAX_QUEUES etc., checked by the CLI
     and again by the data plane)."""
 
-    image: Path
+    image: Path | str  # a str: an NBD export's URI
     queues: int = native.DeviceConfig.queues
     depth: int = native.DeviceConfig.depth
     read_only: bool = False
@@ -69,6 +74,8 @@ class ServeOptions:
     data_path: DataPath = DataPath.AUTO
     recover: int | None = None  # take over /dev/ublkb<N>, whose daemon died
     force: bool = False  # serve an image a record says is not the disk (or recover without one)
+    timeout: float = native.DEFAULT_NBD_TIMEOUT  # an NBD image: the longest wait for its server
+    reconnect_wait: float = native.DEFAULT_RECONNECT_WAIT  # a request waits for a lost connection
 
 
 class Image:
@@ -87,6 +94,8 @@ class Image:
 
 def open_image(opts: ServeOptions) -> Image:
     """Check the image as ``opts`` would serve it and lock it; UserError on anything wrong."""
+    if isinstance(opts.image, str):
+        return _nbd_image(opts, opts.image)
     path = Path(os.path.abspath(opts.image))
     try:
         st = os.stat(path)
@@ -135,6 +144,19 @@ def open_image(opts: ServeOptions) -> Image:
     return image
 
 
+def _nbd_image(opts: ServeOptions, uri: str) -> Image:
+    """An NBD export as the image: the data plane dials, checks and sizes it.  No lock can
+    keep another client off it; another daemon of this host serving it is refused here."""
+    if opts.direct:
+        raise UserError(f"--direct applies to a file or a block device, not to the NBD export "
+                        f"{uri}")  # fmt: skip
+    info = find_server(uri)
+    if info is not None:
+        raise UserError(f"the NBD export {uri} is already served by {info.get('path')} (pid "
+                        f"{info.get('pid')})")  # fmt: skip
+    return Image(uri, -1, 0)
+
+
 def _check_direct(path: Path, shown: Path) -> None:
     try:
         os.close(os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC))
@@ -161,18 +183,27 @@ def _lock(image: Image, shown: Path) -> None:
         ) from None
 
 
-def find_server(image: Path, exclude: Path | None = None) -> dict[str, Any] | None:
-    """The ``info`` of the daemon of this host that serves ``image``, if one answers (but the
-    one listening on ``exclude``)."""
+def find_server(image: Path | str, exclude: Path | None = None) -> dict[str, Any] | None:
+    """The ``info`` of the daemon of this host that serves ``image`` (a path, or an NBD
+    export's URI), if one answers (but the one listening on ``exclude``)."""
     try:
         daemons = control.list_daemons(timeout=2.0, exclude=exclude)
     except UblkmigError:
         return None
     for info in daemons:
-        with contextlib.suppress(OSError, TypeError):
-            if os.path.samefile(info.get("image", ""), image):
-                return info
+        if same_image(str(info.get("image", "")), image):
+            return info
     return None
+
+
+def same_image(a: str, b: Path | str) -> bool:
+    """Whether two images are one: the same file or device, or the same NBD URI."""
+    if migration.is_nbd_uri(a) or migration.is_nbd_uri(str(b)):
+        return a == str(b)
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, TypeError):
+        return False
 
 
 def check_root() -> None:
@@ -256,6 +287,9 @@ class Daemon:
         self._mig_started = anyio.Event()
         self._mig_started.set()
         self.migration_policy = migration.Policy()
+        self.reconnects = 0  # times the NBD export serving the device got its connections back
+        self._keeper: anyio.CancelScope | None = None
+        self._keeper_done = anyio.Event()
 
     # --- control commands: one handler each -------------------------------------------------
     async def cmd_info(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -288,6 +322,11 @@ class Daemon:
             raise control.ControlError(
                 f"{self._node()} was migrated already (it now serves {self.image.path}); "
                 "serve that image again to migrate it further"
+            )
+        if self._serves_nbd():
+            raise control.ControlError(
+                f"{self._node()} serves the NBD export {self.image.path}: migrating it to other "
+                "storage is not supported yet"
             )
         if args.get("resume"):
             opts = self._resume_options(args)
@@ -480,6 +519,7 @@ class Daemon:
             "stats": dev.stats(),
             "migration": self.migration.status() if self.migration is not None else None,
             "interrupted": self._interrupted(),
+            "reconnects": self.reconnects,
         }
 
     async def cmd_cutover(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -542,6 +582,69 @@ class Daemon:
             "migration_dest": str(self._mig_dest.path) if self._mig_dest is not None else None,
         }
 
+    # --- the NBD export serving the device ----------------------------------------------------
+    def _serves_nbd(self) -> bool:
+        return isinstance(self.image.path, str)
+
+    def _migration_idle(self) -> bool:
+        """No migration owns the destination's connections (a running one reconnects its
+        destination itself; one past its cutover lets go of them when it ends)."""
+        settled = self._mig_settled
+        return not self._mig_starting and (settled is None or settled.is_set())
+
+    async def _keep_connected(
+        self, dev: native.Device, *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:  # fmt: skip
+        """While an NBD export serves the device (the image, or a migration's destination
+        after its cutover): dial its lost connections again, the pause between tries growing
+        as the migration's does.  Guest requests wait for them meanwhile, each up to
+        --reconnect-wait (the data plane ends those that waited longer)."""
+        p = self.migration_policy
+        with anyio.CancelScope() as scope:
+            self._keeper = scope
+            task_status.started()
+            try:
+                lost_since: float | None = None
+                delay = p.reconnect_delay
+                attempt = 0
+                while True:
+                    await anyio.sleep(delay if lost_since is not None else KEEPER_POLL)
+                    if not (self._serves_nbd() and self._migration_idle()):
+                        lost_since = None
+                        continue
+                    s = dev.stats()
+                    if not s["conn_down"]:
+                        lost_since = None
+                        continue
+                    if lost_since is None:
+                        lost_since = time.monotonic()
+                        delay, attempt = p.reconnect_delay, 0
+                        self.log.warning("device.connection_lost", id=dev.id,
+                                         image=str(self.image.path), lost=s["conn_down"],
+                                         waiting=s["conn_waiting"])  # fmt: skip
+                    attempt += 1
+                    try:
+                        await anyio.to_thread.run_sync(dev.reconnect)
+                    except native.NativeError as e:
+                        self.log.info("device.reconnect_failed", id=dev.id, attempt=attempt,
+                                      error=e.detail or str(e), retry_in=delay)  # fmt: skip
+                        delay = min(delay * 2, p.reconnect_max_delay)
+                        continue
+                    self.reconnects += 1
+                    self.log.info("device.reconnected", id=dev.id, attempt=attempt,
+                                  after=round(time.monotonic() - lost_since, 3))  # fmt: skip
+                    lost_since = None
+            finally:
+                self._keeper_done.set()
+
+    async def _stop_keeper(self) -> None:
+        """Before the device stops: no reconnect runs while it goes (one under way ends within
+        the NBD timeout)."""
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await self._keeper_done.wait()
+
     # --- lifecycle --------------------------------------------------------------------------
     def request_stop(self, reason: str) -> None:
         assert self._stop is not None
@@ -587,7 +690,9 @@ class Daemon:
         o = self.opts
         config = native.DeviceConfig(
             source=self.image.path,
-            source_fd=self.image.fd,  # the file checked and locked, whatever the path is now
+            source_fd=max(self.image.fd, 0),  # the file checked and locked, whatever the path is
+            timeout=o.timeout,
+            wait=o.reconnect_wait,
             queues=o.queues,
             depth=o.depth,
             logical_block_size=o.logical_block_size,
@@ -642,6 +747,7 @@ class Daemon:
             if not await self._wait_ready(dev):
                 return
             self.state = State.RUNNING
+            await tg.start(self._keep_connected, dev)
             self._try_save_device_state()
             self._announce(dev.block_path)
             self.log.info("device.ready", id=dev.id, dev=dev.block_path)
@@ -653,6 +759,7 @@ class Daemon:
     async def _shutdown(self, dev: native.Device, started: bool) -> None:
         self.state = State.STOPPING
         await self._cancel_migration()
+        await self._stop_keeper()
         self.log.info("device.stopping", id=dev.id, reason=self.stop_reason or "error")
         if started:
             try:
@@ -788,7 +895,7 @@ def ublk_device_exists(dev_id: int) -> bool:
     return Path(f"/dev/ublkb{dev_id}").exists() or Path(f"/dev/ublkc{dev_id}").exists()
 
 
-def check_takeover(dev_id: int, image: Path, force: bool = False) -> None:
+def check_takeover(dev_id: int, image: Path | str, force: bool = False) -> None:
     """``serve IMAGE --recover N``: UserError unless IMAGE is what /dev/ublkbN's dead daemon
     served (as its state files say), and nothing was lost with it.  Without a record of what
     it served nothing can be concluded: refused unless ``force``."""
@@ -810,15 +917,7 @@ def check_takeover(dev_id: int, image: Path, force: bool = False) -> None:
         )
     if dev is not None:
         served = str(dev.get("image", ""))
-        same = False
-        with contextlib.suppress(OSError):
-            same = os.path.samefile(served, image)
-        if not same:
-            if migration.is_nbd_uri(served):
-                raise UserError(
-                    f"{node} was serving the NBD export {served} (it migrated there); serve "
-                    "cannot take an NBD export as its image: stop the device"
-                )
+        if not same_image(served, image):
             raise UserError(f"{node} was serving {served}: recover it with that image")
     mig = state.read(state.migration_path(dev_id))
     if mig is not None and not mig.get("cut_over") and mig.get("mode") == "snapshot":
@@ -870,10 +969,12 @@ def serve(opts: ServeOptions, out: TextIO | None = None) -> int:
         check_root()
         # a takeover's own record names the image more precisely than a superseded mark
         if opts.recover is not None:
-            check_takeover(opts.recover, Path(image.path), force=opts.force)
-        if not opts.force:
-            check_superseded(Path(image.path))
-        fold_back_snapshot(opts, image)
+            check_takeover(opts.recover, image.path, force=opts.force)
+        # (an NBD export is never migrated from, so never superseded, never has deltas)
+        if not opts.force and isinstance(image.path, Path):
+            check_superseded(image.path)
+        if isinstance(image.path, Path):
+            fold_back_snapshot(opts, image)
         ensure_driver()
         check_data_path(opts.data_path)
         d = Daemon(opts, image, out or sys.stdout)

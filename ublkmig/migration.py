@@ -132,7 +132,7 @@ class Policy:
     reconnect_budget: float = 60.0  # give up (fail) when it is not back within this
 
 
-DEFAULT_DEST_TIMEOUT = 30.0  # seconds
+DEFAULT_DEST_TIMEOUT = native.DEFAULT_NBD_TIMEOUT  # seconds
 MIN_DEST_TIMEOUT, MAX_DEST_TIMEOUT = 0.1, 3600.0
 
 

@@ -28,13 +28,15 @@ from typing import Any
 
 from ublkmig.errors import UblkmigError
 
-API_VERSION = 4  # UBM_API_VERSION this binding was written against
+API_VERSION = 5  # UBM_API_VERSION this binding was written against
 ENV_LIB = "UBLKMIG_NATIVE_LIB"
 # struct ubm_config's limits
 MAX_QUEUES = 64
 MAX_DEPTH = 4096
 LOGICAL_BLOCK_SIZES = (512, 4096)
 DEFAULT_MAX_IO_BYTES = 512 * 1024
+DEFAULT_NBD_TIMEOUT = 30.0  # s: the longest wait for an NBD server (the data plane's default)
+DEFAULT_RECONNECT_WAIT = 60.0  # s: a request waits for a lost connection (ubm_config.wait_ms)
 
 
 class DataPath(enum.IntEnum):
@@ -123,6 +125,10 @@ STAT_FIELDS = (
     "inflight",
     "fua_writes",
     "parked",
+    "conn_down",
+    "conn_waiting",
+    "conn_waits",
+    "conn_failed",
 )  # fmt: skip, struct ubm_stats in order (tests/host/test_native_tables.py checks ubm.h)
 
 
@@ -139,6 +145,8 @@ class _Config(ctypes.Structure):
         ("dev_id", ctypes.c_int32),
         ("recover", ctypes.c_uint32),
         ("source_fd", ctypes.c_int32),
+        ("timeout_ms", ctypes.c_uint32),
+        ("wait_ms", ctypes.c_uint32),
     ]
 
 
@@ -471,6 +479,8 @@ def _lib() -> ctypes.CDLL:
         "ubm_sim_destroy": (None, [_P]),
         "ubm_sim_poll": (ctypes.c_int, [_P]),
         "ubm_sim_set_delay": (ctypes.c_int, [_P, ctypes.c_uint32, ctypes.c_uint64]),
+        "ubm_sim_set_wait": (ctypes.c_int, [_P, ctypes.c_uint32]),
+        "ubm_reconnect": (ctypes.c_int, [_P]),
         "ubm_sim_target": (_P, [_P]),
         "ubm_dev_target": (_P, [_P]),
         "ubm_mig_start": (ctypes.c_int, [_P, ctypes.POINTER(_MigConfig)]),
@@ -553,6 +563,8 @@ class DeviceConfig:
     dev_id: int = -1  # let the kernel choose
     recover: bool = False  # take over device dev_id, whose server died (its geometry wins)
     source_fd: int = 0  # > 0: the checked, locked descriptor the data plane opens again
+    timeout: float = DEFAULT_NBD_TIMEOUT  # an NBD source: the longest wait for the server, s
+    wait: float = DEFAULT_RECONNECT_WAIT  # a request waits this long for a lost connection, s
 
     def _to_c(self) -> _Config:
         return _Config(
@@ -567,6 +579,8 @@ class DeviceConfig:
             dev_id=self.dev_id,
             recover=int(self.recover),
             source_fd=self.source_fd,
+            timeout_ms=round(self.timeout * 1000),
+            wait_ms=round(self.wait * 1000),
         )
 
 
@@ -634,6 +648,11 @@ class Device:
 
     def stop(self) -> None:
         _check(_lib().ubm_dev_stop(self._live()), "stop")
+
+    def reconnect(self) -> None:
+        """Dial the lost connections of the backend serving the device (an NBD export) again;
+        the requests waiting for them go on (blocking; NativeError if the server is not back)."""
+        _check(_lib().ubm_reconnect(_lib().ubm_dev_target(self._live())), "reconnect")
 
     def destroy(self) -> None:
         with self._lock:
@@ -819,6 +838,14 @@ class Sim:
     def set_delay(self, slot: int, ns: int) -> None:
         """Delay every write/discard/write-zeroes/flush to the source (0) or destination (1)."""
         _check(_lib().ubm_sim_set_delay(self._live(), slot, ns), "sim_set_delay")
+
+    def set_wait(self, seconds: float) -> None:
+        """How long a request waits for a lost connection of an NBD source (0: 60 s)."""
+        _check(_lib().ubm_sim_set_wait(self._live(), round(seconds * 1000)), "sim_set_wait")
+
+    def reconnect(self) -> None:
+        """Dial an NBD source's lost connections again; the requests waiting go on."""
+        _check(_lib().ubm_reconnect(_lib().ubm_sim_target(self._live())), "reconnect")
 
     def close(self) -> None:
         if self._handle is not None:

@@ -138,6 +138,25 @@ def test_serve_image_already_served(
     assert one_error_line(err) == f"image {locked} is already served by /dev/ublkb4 (pid 4242)"
 
 
+def test_serve_nbd_export_checks(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An NBD export as the image: its URI is kept as it is (not a path); --direct does not
+    apply; another daemon of this host serving it is refused, as for a file."""
+    uri = "nbd://127.0.0.1:1/disk"
+    rc, out, err = run_cli(capsys, "serve", "--direct", uri)
+    assert rc == 1 and out == ""
+    assert one_error_line(err) == ("--direct applies to a file or a block device, not to the NBD "
+                                   f"export {uri}")  # fmt: skip
+    info = fake_info(id=4, path="/dev/ublkb4", image=uri, pid=4242)
+    with serving(control.socket_path(4), {"info": info}):
+        rc, out, err = run_cli(capsys, "serve", uri)
+    assert rc == 1 and out == ""
+    line = one_error_line(err)
+    assert line == f"the NBD export {uri} is already served by /dev/ublkb4 (pid 4242)"
+    for bad in (["--timeout", "0"], ["--reconnect-wait", "-1"]):
+        rc, out, err = run_cli(capsys, "serve", *bad, uri)
+        assert rc == 2 and "is not in the range 0.1<=x<=3600" in one_error_line(err)
+
+
 def test_serve_image_locked_by_someone_else(
     locked: Path, run_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -6,7 +6,10 @@ test ending with a byte-for-byte comparison of what the disk is afterwards.
   for the writes in flight (its hold) before it checks and switches;
 - a destination that lost writes it acknowledged but had not flushed (a restart) gets them
   copied again after the reconnect;
-- a chunk a mirrored write reached on a new destination is not skipped as zeroes later.
+- a chunk a mirrored write reached on a new destination is not skipped as zeroes later;
+- an NBD export serving the device (`serve nbd://...`, or a destination after the cutover)
+  that loses its connection holds the guest's requests until a new one is dialled, each for a
+  bounded time, instead of failing them.
 """
 
 from __future__ import annotations
@@ -357,3 +360,92 @@ def test_serve_folds_back_what_a_dead_snapshot_migration_left(tmp: Path) -> None
     finally:
         opened.close()
     assert not snapshot.leftovers(left) and image.read_bytes() == bytes(view)
+
+
+# --- the backend serving the device loses its connection (NBD) ------------------------------
+def wait_until(sim: Sim, what: str, cond: object) -> None:
+    deadline = time.monotonic() + 5
+    while not cond() and time.monotonic() < deadline:  # type: ignore[operator]
+        sim.poll()
+        time.sleep(0.001)
+    assert cond(), what  # type: ignore[operator]
+
+
+def write_across_a_dropped_connection(sim: Sim, srv: FaultyNbd, data: bytes) -> None:
+    """The server drops every connection; a write sent then waits for the new one that
+    reconnect() dials, and is done there, as are the writes after it."""
+    srv.drop()
+    ticket = sim.submit(Op.WRITE, 0, data=data)
+    wait_until(sim, "the write waits for the connection", lambda: sim.stats()["conn_waiting"])
+    assert sim.inflight == 1, "failed instead of waiting"
+    assert sim.stats()["conn_down"] >= 1
+    sim.reconnect()
+    c = sim.wait()
+    assert c is not None and c.ticket == ticket and c.result == len(data), c
+    assert sim.write(SIZE - 4096, data[:4096]) == 4096  # the new connection serves on
+    s = sim.stats()
+    assert s["conn_waiting"] == 0 and s["conn_waits"] == 1 and s["conn_failed"] == 0, s
+    assert s["errors"] == 0 and s["conn_down"] == 0, s
+
+
+def test_requests_to_an_nbd_source_wait_for_a_lost_connection(tmp: Path) -> None:
+    """`serve nbd://...`: a dropped connection holds the guest's requests until a new one is
+    dialled, instead of failing every one of them for good."""
+    with FaultyNbd(SIZE) as srv, Sim(srv.uri) as sim:
+        assert sim.size == SIZE
+        sim.write(0, b"\x61" * 8192)
+        write_across_a_dropped_connection(sim, srv, b"\x62" * 8192)
+        expect = bytearray(SIZE)
+        expect[:8192] = b"\x62" * 8192
+        expect[SIZE - 4096 :] = b"\x62" * 4096
+        assert read_all(sim) == expect
+        assert sim.flush() == 0
+        assert srv.durable == expect
+
+
+def test_a_request_waits_for_a_lost_connection_only_so_long(tmp: Path) -> None:
+    with FaultyNbd(SIZE) as srv, Sim(srv.uri) as sim:
+        sim.set_wait(0.5)
+        sim.write(0, b"\x63" * 4096)
+        srv.drop()
+        t0 = time.monotonic()
+        sim.submit(Op.WRITE, 0, data=b"\x64" * 4096)
+        c = sim.wait()  # nobody reconnects: the timer ends it
+        waited = time.monotonic() - t0
+        assert c is not None and c.result in (-errno.ECONNRESET, -errno.EPIPE), c
+        assert 0.5 <= waited < 3, waited
+        s = sim.stats()
+        assert s["conn_waits"] == 1 and s["conn_failed"] == 1 and s["conn_waiting"] == 0, s
+        sim.reconnect()  # the server is there: the device works again
+        assert sim.read(0, 4096) == b"\x63" * 4096
+
+
+def test_an_error_the_server_answers_is_not_waited_for(tmp: Path) -> None:
+    with FaultyNbd(SIZE) as srv, Sim(srv.uri) as sim:
+        srv.fail_writes = 1
+        c = sim.run(Op.WRITE, 0, data=b"\x65" * 4096)
+        assert c.result == -errno.EIO, c
+        assert sim.stats()["conn_waits"] == 0
+
+
+def test_a_device_serving_an_nbd_export_is_not_migrated(tmp: Path) -> None:
+    with FaultyNbd(SIZE) as srv, Sim(srv.uri) as sim:
+        with pytest.raises(NativeError) as e:
+            sim.target().mig_start(MigrationConfig(dest=new_file(tmp / "d.img"),
+                                                   mode=MigMode.MIRROR, chunk_size=CHUNK))
+        assert e.value.errno == errno.EOPNOTSUPP and "NBD export" in str(e.value), e.value
+
+
+def test_after_a_cutover_to_nbd_requests_wait_for_a_lost_connection(tmp: Path) -> None:
+    src = random_source(tmp / "src.img", 8)
+    with FaultyNbd(SIZE) as srv, Sim(tmp / "src.img") as sim:
+        t = in_sync_mirror(sim, srv.uri)
+        t.cutover()
+        t.finish()
+        write_across_a_dropped_connection(sim, srv, b"\x66" * 8192)
+        expect = bytearray(src)
+        expect[:8192] = b"\x66" * 8192
+        expect[SIZE - 4096 :] = b"\x66" * 4096
+        assert read_all(sim) == expect
+        assert srv.data == expect
+    assert (tmp / "src.img").read_bytes() == src, "the source was written after the cutover"

@@ -59,9 +59,14 @@ def test_takeover_checks(run_dir: Path, tmp_path: Path, monkeypatch: pytest.Monk
         check_takeover(5, dest)
     assert str(e.value) == f"/dev/ublkb5 was serving {image}: recover it with that image"
 
+    # after a migration to an NBD export: that export (`serve nbd://...`), by its URI
     state.write(state.device_path(5), {"image": "nbd://h/e", "pid": 1})
-    with pytest.raises(UserError, match="was serving the NBD export nbd://h/e"):
+    with pytest.raises(UserError) as e:
         check_takeover(5, image)
+    assert str(e.value) == "/dev/ublkb5 was serving nbd://h/e: recover it with that image"
+    with pytest.raises(UserError, match="was serving nbd://h/e: recover it"):
+        check_takeover(5, "nbd://h/other")
+    check_takeover(5, "nbd://h/e")
 
     state.write(state.device_path(5), {"image": str(image), "pid": 1})
     for mode in ("mirror", "dbt", "auto"):  # resumable: the image holds everything

@@ -293,47 +293,6 @@ def test_snapshot_without_room_for_deltas(serve: ServeFactory, fio_loop: FioLoop
         assert sha256_of(image) == digest
 
 
-# mirror: the guest's writes meet the loss (the policy's reconnect is the same in every mode;
-# the soak, ci/soak, restarts servers under each)
-@pytest.mark.parametrize("mode", ["mirror"])
-def test_nbd_server_killed_and_restarted(mode: str, make_image: MakeImage,
-                                         nbd_server: NbdServerFactory, serve: ServeFactory,
-                                         fio_loop: FioLoopFactory, scratch: Path) -> None:
-    """DEST an export of qemu-nbd over TCP; the server is killed (SIGKILL) a quarter into
-    the copy and started again on the same file and port a second later.  The migration
-    dials again and completes; fio never sees an error; DEST holds what the device shows."""
-    t = Steps(f"nbd-restart-{mode}")
-    data = pattern(7, DATA)
-    image = make_image(SIZE, data=data)
-    server = nbd_server("qemu-nbd", "tcp", SIZE)
-    dev = serve(image, "--queues", "2")
-    busy = fio_loop(dev.device, *BUSY)
-    busy.wait_runs(1)
-    t("server, serve, first fio job")
-    proc = start_migrate(dev.device, server.uri, "--mode", mode, "--speed", "8M")
-    wait_migration(dev.device, lambda m: m["chunks_copied"] >= m["chunks"] // 4,
-                   timeout=60, what="a quarter copied")
-    server.stop(kill=True)
-    wait_migration(dev.device, lambda m: m["phase"] == "reconnecting", timeout=60,
-                   what="the lost destination noticed")
-    time.sleep(1)
-    server.restart()
-    t("killed a quarter in, restarted")
-    finish_migrate(proc)
-    t("migration")
-    mig = check_completed(dev.device, server.uri, mode, lost_connections=True)
-    assert mig["reconnects"] >= 1, mig
-    busy.mark()
-    busy.stop()
-    busy.verify()
-    assert server.file is not None
-    digest = assert_same_bytes(dev.device, server.file, SIZE)
-    assert device_status(dev.device)["stats"]["errors"] == 0
-    t("fio verify, compare")
-    dev.stop()
-    assert sha256_of(server.file) == digest, "DEST differs from what the device showed"
-
-
 def test_auto_mode_falls_back_from_a_slow_nbd_destination(
         make_image: MakeImage, nbd_server: NbdServerFactory, serve: ServeFactory,
         fio_loop: FioLoopFactory) -> None:  # fmt: skip

@@ -39,12 +39,14 @@ from vmlib import (
 )
 
 from ublkmig import control, state
+from ublkmig.bench.nbd_server import NbdServer
 
 MiB = 1 << 20
 SIZE = 64 * MiB
 BUSY = (8 * MiB, 32 * MiB)  # fio's loop
 KILLS = 3  # daemons killed, one after another, in one run
 FioLoopFactory = Callable[..., FioLoop]
+NbdServerFactory = Callable[..., NbdServer]
 
 
 def kill(served: Served) -> None:
@@ -295,3 +297,69 @@ def test_recover_refuses_after_a_snapshot_migration_lost_its_layer_map(
     r = run_cli("stop", dev.device)
     assert r.returncode == 0, r.stderr
     wait_gone(dev.device)
+
+
+# mirror: the guest's writes meet the loss before the cutover (the policy's reconnect is the
+# same in every mode; the soak, ci/soak, restarts servers under each)
+def test_nbd_server_killed_before_and_after_the_cutover_then_the_daemon(
+        make_image: MakeImage, nbd_server: NbdServerFactory, serve: ServeFactory,
+        fio_loop: FioLoopFactory, orphans: list[str]) -> None:  # fmt: skip
+    """DEST an export of qemu-nbd over TCP, larger than the device (allowed).  Its server is
+    killed (SIGKILL) a quarter into the copy and started again on the same file and port a
+    second later: the migration dials again and completes.  Now the export is the disk: its
+    server is killed again, and the guest's requests wait for the daemon to dial it once
+    more; none fails.  Then the daemon is killed: `serve URI --recover` takes the device over
+    with the export as its image (the device keeps its size).  fio writes and verifies
+    throughout; the export holds what the device shows."""
+    t = Steps("nbd-restarts")
+    image = make_image(SIZE, data=pattern(7, 48 * MiB))
+    server = nbd_server("qemu-nbd", "tcp", SIZE + 8 * MiB)
+    dev = serve(image, "--queues", "2")
+    orphans.append(dev.device)
+    busy = fio_loop(dev.device, *BUSY)
+    busy.wait_runs(1)
+    t("server, serve, first fio job")
+    proc = start_migrate(dev.device, server.uri, "--mode", "mirror", "--speed", "8M")
+    wait_migration(dev.device, lambda m: m["chunks_copied"] >= m["chunks"] // 4,
+                   timeout=60, what="a quarter copied")  # fmt: skip
+    server.stop(kill=True)
+    wait_migration(dev.device, lambda m: m["phase"] == "reconnecting", timeout=60,
+                   what="the lost destination noticed")  # fmt: skip
+    time.sleep(1)
+    server.restart()
+    t("killed a quarter in, restarted")
+    finish_migrate(proc)
+    mig = check_completed(dev.device, server.uri, "mirror", lost_connections=True)
+    assert mig["reconnects"] >= 1, mig
+    t("migration")
+    server.stop(kill=True)
+    time.sleep(3)  # fio's requests meet the lost connection, and wait
+    st = device_status(dev.device)
+    assert st["stats"]["conn_down"] > 0 and st["stats"]["conn_waiting"] > 0, st["stats"]
+    server.restart()
+    deadline = time.monotonic() + 60
+    while (st := device_status(dev.device))["reconnects"] < 1:
+        assert time.monotonic() < deadline, f"not reconnected: {st}"
+        time.sleep(0.2)
+    busy.wait_runs(busy.runs + 1)
+    io = device_status(dev.device)["stats"]
+    assert io["errors"] == 0 and io["conn_waits"] > 0 and io["conn_failed"] == 0, io
+    assert io["conn_down"] == 0 and io["conn_waiting"] == 0, io
+    t("killed after the cutover, restarted: reconnected, no request failed")
+    kill(dev)
+    r = run_cli("serve", str(image), "--recover", dev.device)
+    line = assert_one_line_error(r, "recover with the migrated-from image")
+    assert line == (f"ublkmig: error: {dev.device} was serving {server.uri}: recover it with "
+                    "that image"), line
+    again = serve(server.uri, "--recover", dev.device)
+    st = device_status(again.device)
+    assert st["image"] == server.uri and st["size"] == SIZE, st
+    busy.mark()
+    busy.stop()
+    busy.verify()
+    t("daemon killed, recovered with the export, fio verify")
+    assert server.file is not None
+    digest = assert_same_bytes(again.device, server.file, SIZE)
+    assert device_status(again.device)["stats"]["errors"] == 0
+    again.stop()
+    assert sha256_of(server.file, SIZE) == digest, "the export differs from what the device showed"
