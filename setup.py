@@ -28,7 +28,9 @@ class BuildNative(build_ext):
         super().run()
 
 
-sources = sorted(str(p.relative_to(HERE)) for p in (HERE / "native").glob("*.c"))
+# the data plane's layers, a folder each (native/tests are the native test programs)
+sources = sorted(str(p.relative_to(HERE)) for p in (HERE / "native").glob("*/*.c")
+                 if p.parent.name != "tests")
 native = Extension(
     "ublkmig._native",
     sources=sources,
@@ -37,7 +39,7 @@ native = Extension(
     extra_compile_args=["-std=gnu11", "-O2", "-g", "-Wall", "-Wextra", "-Werror",
                         "-fvisibility=hidden", "-D_GNU_SOURCE"],
     extra_link_args=["-pthread", "-Wl,--exclude-libs,ALL"],  # export only ubm_*
-    depends=[str(p.relative_to(HERE)) for p in (HERE / "native").glob("*.h")],
+    depends=[str(p.relative_to(HERE)) for p in (HERE / "native").glob("**/*.h")],
 )
 
 setup(ext_modules=[native], cmdclass={"build_ext": BuildNative})

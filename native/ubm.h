@@ -290,7 +290,7 @@ int ubm_sim_poll(struct ubm_sim *sim);
 /* How long a request waits for a lost connection of an NBD source (the
  * config's wait_ms; 0: 60 s). */
 int ubm_sim_set_wait(struct ubm_sim *sim, uint32_t ms);
-/* Delay every write, discard, write-zeroes and flush to the source (slot 0)
+/* Delay every write, discard, write-zeroes and flush to a file backend: the source (slot 0)
  * or the destination (slot 1, after ubm_mig_start) by ns: widens races. */
 int ubm_sim_set_delay(struct ubm_sim *sim, uint32_t slot, uint64_t ns);
 void ubm_sim_stats(const struct ubm_sim *sim, struct ubm_stats *out);

@@ -20,7 +20,7 @@
 
 #include <linux/ublk_cmd.h>
 
-#include "internal.h"  /* ubm_fixed_migration_files */
+#include "migrate/migrate.h"  /* ubm_fixed_migration_files */
 #include "ubm.h"
 
 #define SIZE (16u << 20)

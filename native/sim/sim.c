@@ -1,13 +1,14 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * The simulator: one queue fed by the caller instead of the ublk driver.
- * It runs the same request handling (queue.c) and backends as a device, so
+ * It runs the same request handling (core/queue.c) and backends as a device, so
  * host tests exercise the real per-I/O code without a ublk kernel.
  */
 #include <stdlib.h>
 #include <string.h>
 
-#include "internal.h"
+#include "backends/backends.h"
+#include "migrate/migrate.h"
 
 #define UBM_SIM_MAX_IO (256u << 10)  /* like a device's max_io_buf_bytes */
 
@@ -45,15 +46,10 @@ UBM_EXPORT int ubm_sim_create(const char *source_path, uint32_t logical_bs, uint
 	if (!sim)
 		return ubm_fail(ENOMEM, "out of memory");
 	sim->q.bell_fd = -1;
-	sim->tgt.dest.fd = -1;
-	pthread_mutex_init(&sim->tgt.mig_lock, NULL);
+	ubm_target_init(&sim->tgt, 0);
 	be = &sim->tgt.source;
-	be->ops = ubm_is_nbd_uri(source_path) ? &ubm_nbd_backend_ops : &ubm_file_backend_ops;
-	be->fd = -1;
+	be->ops = ubm_backend_for(source_path);
 	be->file_index = FILE_OF_SLOT(SLOT_SOURCE);
-	sim->tgt.be[SLOT_SOURCE] = be;
-	sim->tgt.primary = SLOT_SOURCE;
-	sim->tgt.wait_ns = UBM_DEFAULT_WAIT_MS * 1000000ull;
 	sim->tgt.queues = &sim->q;
 	sim->tgt.nr_queues = 1;
 	be->logical_bs = logical_bs;
@@ -159,9 +155,7 @@ UBM_EXPORT int ubm_sim_set_delay(struct ubm_sim *sim, uint32_t slot, uint64_t ns
 
 	if (!be)
 		return ubm_fail(EINVAL, "no backend in slot %u", slot);
-	be->delay.tv_sec = (long long)(ns / 1000000000u);
-	be->delay.tv_nsec = (long long)(ns % 1000000000u);
-	return 0;
+	return ubm_backend_set_delay(be, ns);
 }
 
 UBM_EXPORT uint64_t ubm_sim_size(const struct ubm_sim *sim)
@@ -189,15 +183,11 @@ UBM_EXPORT void ubm_sim_destroy(struct ubm_sim *sim)
 			break;
 		ubm_queue_reap(&sim->q);
 	}
-	if (sim->tgt.mig)
+	if (sim->tgt.router)
 		ubm_mig_finish(&sim->tgt);
 	ubm_queue_ring_exit(&sim->q);
-	if (sim->tgt.dest.ops && sim->tgt.dest.fd >= 0)
-		sim->tgt.dest.ops->close(&sim->tgt.dest);
-	if (sim->tgt.source.ops)
-		sim->tgt.source.ops->close(&sim->tgt.source);
+	ubm_target_fini(&sim->tgt);
 	free(sim->tgt.source_path);
-	pthread_mutex_destroy(&sim->tgt.mig_lock);
 	free(sim->q.ios);
 	free(sim->done_tag);
 	free(sim->done_res);

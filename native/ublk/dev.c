@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * A ublk device: its lifecycle (ADD_DEV, SET_PARAMS, START_DEV, STOP_DEV,
- * DEL_DEV) and its queues, one thread and one io_uring each, that fetch
- * requests from the driver and commit their results.
+ * DEL_DEV) and its recovery (a dead server's device taken over); its queues
+ * are in queue.c.
  */
 #include <fcntl.h>
 #include <sched.h>
@@ -11,160 +11,19 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <time.h>
 #include <unistd.h>
 
-#include "internal.h"
+#include "backends/backends.h"
+#include "migrate/migrate.h"
+#include "ublk/ublk.h"
 
 #define DEFAULT_MAX_IO_BYTES (512u << 10)
-
-struct ubm_dev {
-	struct ubm_config cfg;
-	struct ubm_ctrl ctrl;
-	struct ublksrv_ctrl_dev_info info;
-	struct ublk_params params;
-	struct ubm_target tgt;
-	struct ubm_queue *queues;
-	unsigned nr_queues;
-	int path;
-	int cdev_fd;
-	sem_t ready;
-	unsigned nr_threads;     /* queue threads running (to join) */
-	bool added, started, stopped;
-	bool recovering;         /* taking over a dead server's device: not ours until
-				  * END_USER_RECOVERY (a failure leaves it to the next try) */
-};
-
 /* A device outlives its server (its I/O waits, and what the server held is
  * issued again to the next one) when the driver offers it. */
 #define RECOVERY_FLAGS (UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE)
 /* START_USER_RECOVERY answers EBUSY until the driver has noticed the old
  * server's end (its files released, its requests requeued): retry this long */
 #define RECOVERY_WAIT_MS 10000
-
-static size_t iods_stride(void)
-{
-	size_t page = (size_t)sysconf(_SC_PAGESIZE);
-
-	return (UBLK_MAX_QUEUE_DEPTH * sizeof(struct ublksrv_io_desc) + page - 1) & ~(page - 1);
-}
-
-/* ---- the queue thread --------------------------------------------------- */
-
-static void prep_io_cmd(struct ubm_queue *q, unsigned tag, unsigned cmd_op, int result)
-{
-	struct io_uring_sqe *sqe = ubm_queue_sqe(q);
-	struct ublksrv_io_cmd *cmd = (struct ublksrv_io_cmd *)sqe->cmd;
-	struct ubm_io *io = &q->ios[tag];
-
-	io_uring_prep_read(sqe, 0, NULL, 0, 0);  /* clears the fields we rely on */
-	sqe->opcode = IORING_OP_URING_CMD;
-	sqe->flags = IOSQE_FIXED_FILE;           /* fixed file 0: /dev/ublkcN */
-	sqe->cmd_op = cmd_op;
-	cmd->q_id = q->q_id;
-	cmd->tag = tag;
-	cmd->result = result;
-	cmd->addr = q->path == UBM_PATH_COPY ? (uint64_t)(uintptr_t)io->buf : 0;
-	if (q->path == UBM_PATH_AUTO_ZC)
-		sqe->addr = tag;  /* struct ublk_auto_buf_reg: index = tag, no flags */
-	io_uring_sqe_set_data64(sqe, ubm_ud(tag, UD_CMD, 0));
-	io->state = IO_FETCHING;
-	q->cmds_inflight++;
-}
-
-static void ublk_commit(struct ubm_queue *q, unsigned tag, int res)
-{
-	prep_io_cmd(q, tag, UBLK_U_IO_COMMIT_AND_FETCH_REQ, res);
-}
-
-void ubm_dev_cmd_cqe(struct ubm_queue *q, const struct io_uring_cqe *cqe)
-{
-	unsigned tag = ubm_ud_tag(cqe->user_data);
-	struct ubm_io *io = &q->ios[tag];
-	const struct ublksrv_io_desc *iod;
-
-	q->cmds_inflight--;
-	if (ubm_unlikely(cqe->res != UBLK_IO_RES_OK)) {
-		/* UBLK_IO_RES_ABORT: the device is going away; this tag is done */
-		io->state = IO_IDLE;
-		return;
-	}
-	iod = &q->iods[tag];
-	io->req.op = ublksrv_get_op(iod);
-	io->req.flags = ublksrv_get_flags(iod);
-	io->req.offset = iod->start_sector << 9;
-	io->req.len = iod->nr_sectors << 9;
-	io->req.buf = io->buf;
-	io->req.buf_off = 0;
-	io->req.buf_index = (q->path != UBM_PATH_COPY &&
-			     (io->req.op == UBLK_IO_OP_READ || io->req.op == UBLK_IO_OP_WRITE))
-		? (int)tag : -1;
-	ubm_queue_start_io(q, tag);
-}
-
-static int queue_init(struct ubm_dev *dev, struct ubm_queue *q)
-{
-	unsigned tag;
-	int ret;
-
-	ret = ubm_queue_ring_init(q, q->depth * 4, dev->cdev_fd, q->path != UBM_PATH_COPY, true);
-	if (ret < 0)
-		return ret;
-	for (tag = 0; tag < q->depth; tag++) {
-		if (q->path == UBM_PATH_COPY) {
-			if (posix_memalign(&q->ios[tag].buf, 4096, dev->info.max_io_buf_bytes))
-				return ubm_fail(ENOMEM, "out of memory for I/O buffers");
-		}
-		prep_io_cmd(q, tag, UBLK_U_IO_FETCH_REQ, -1);
-	}
-	ret = io_uring_submit(&q->ring);
-	if (ret < 0)
-		return ubm_fail(ret, "submitting FETCH_REQ failed: %s", strerror(-ret));
-	return 0;
-}
-
-static void *queue_thread(void *arg)
-{
-	struct ubm_queue *q = arg;
-	struct ubm_dev *dev = q->dev;
-	sigset_t all;
-	char name[16];
-	int ret;
-
-	/* signals belong to the control plane's thread */
-	sigfillset(&all);
-	pthread_sigmask(SIG_BLOCK, &all, NULL);
-	snprintf(name, sizeof(name), "ubm-q%u", q->q_id);
-	pthread_setname_np(pthread_self(), name);
-	if (q->cpu >= 0) {
-		cpu_set_t one;
-
-		CPU_ZERO(&one);
-		CPU_SET(q->cpu, &one);
-		pthread_setaffinity_np(pthread_self(), sizeof(one), &one);  /* best effort */
-	}
-
-	q->init_err = queue_init(dev, q);
-	sem_post(&dev->ready);
-	while (q->init_err == 0) {
-		if (q->ios_inflight == 0 && (q->cmds_inflight == 0 || q->stopping))
-			break;
-		ret = io_uring_submit_and_wait(&q->ring, 1);
-		if (ubm_unlikely(ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY)) {
-			fprintf(stderr, "ublkmig: queue %u: io_uring_enter: %s\n", q->q_id,
-				strerror(-ret));
-			break;
-		}
-		ubm_queue_reap(q);
-	}
-	/* leftover fetch commands are cancelled as the ring goes; the
-	 * doorbell stays open until the device is destroyed */
-	if (q->ring_ok)
-		io_uring_queue_exit(&q->ring);
-	q->ring_ok = false;
-	return NULL;
-}
-
 /* ---- lifecycle ------------------------------------------------------------ */
 
 static int check_config(const struct ubm_config *cfg)
@@ -189,8 +48,7 @@ static int open_source(struct ubm_dev *dev)
 	struct ubm_backend *be = &dev->tgt.source;
 	int ret;
 
-	be->ops = ubm_is_nbd_uri(dev->cfg.source_path) ? &ubm_nbd_backend_ops
-						      : &ubm_file_backend_ops;
+	be->ops = ubm_backend_for(dev->cfg.source_path);
 	be->fd = -1;
 	be->file_index = FILE_OF_SLOT(SLOT_SOURCE);
 	be->logical_bs = dev->cfg.logical_bs;
@@ -430,14 +288,9 @@ UBM_EXPORT int ubm_dev_create(const struct ubm_config *cfg, struct ubm_dev **out
 		return ubm_fail(ENOMEM, "out of memory");
 	dev->cfg = *cfg;
 	dev->cfg.source_path = strdup(cfg->source_path);
+	ubm_target_init(&dev->tgt, cfg->wait_ms);
 	dev->tgt.source_path = (char *)dev->cfg.source_path;
 	dev->cdev_fd = dev->ctrl.fd = -1;
-	dev->tgt.source.fd = -1;
-	dev->tgt.dest.fd = -1;
-	dev->tgt.be[SLOT_SOURCE] = &dev->tgt.source;
-	pthread_mutex_init(&dev->tgt.mig_lock, NULL);
-	dev->tgt.primary = SLOT_SOURCE;
-	dev->tgt.wait_ns = (cfg->wait_ms ? cfg->wait_ms : UBM_DEFAULT_WAIT_MS) * 1000000ull;
 	sem_init(&dev->ready, 0, 0);
 	*out = dev;  /* ubm_dev_destroy() cleans up whatever was set up */
 
@@ -477,14 +330,14 @@ UBM_EXPORT int ubm_dev_create(const struct ubm_config *cfg, struct ubm_dev **out
 		q->q_id = i;
 		q->depth = dev->info.queue_depth;
 		q->path = dev->path;
-		q->io_done = ublk_commit;
+		q->io_done = ubm_ublk_commit;
 		q->bell_fd = -1;
 		q->ios = calloc(q->depth, sizeof(*q->ios));
 		if (!q->ios)
 			return ubm_fail(ENOMEM, "out of memory");
 		q->iods_len = (q->depth * sizeof(struct ublksrv_io_desc) + 4095) & ~4095ul;
 		m = mmap(NULL, q->iods_len, PROT_READ, MAP_SHARED | MAP_POPULATE, dev->cdev_fd,
-			 UBLKSRV_CMD_BUF_OFFSET + i * iods_stride());
+			 UBLKSRV_CMD_BUF_OFFSET + i * ubm_ublk_iods_stride());
 		if (m == MAP_FAILED)
 			return ubm_fail(errno, "mmap of queue %u descriptors failed: %s", i,
 					strerror(errno));
@@ -545,7 +398,8 @@ UBM_EXPORT int ubm_dev_start(struct ubm_dev *dev)
 		return 0;
 	for (i = 0; i < dev->nr_queues; i++) {
 		dev->queues[i].cpu = queue_cpu(dev, i);
-		ret = -pthread_create(&dev->queues[i].thread, NULL, queue_thread, &dev->queues[i]);
+		ret = -pthread_create(&dev->queues[i].thread, NULL, ubm_ublk_queue_thread,
+				      &dev->queues[i]);
 		if (ret < 0) {
 			ubm_fail(ret, "cannot start queue thread: %s", strerror(-ret));
 			break;
@@ -610,11 +464,10 @@ UBM_EXPORT void ubm_dev_destroy(struct ubm_dev *dev)
 	if (dev->started)
 		ubm_dev_stop(dev);
 	wake_and_join(dev);
-	if (dev->tgt.mig)
+	if (dev->tgt.router)
 		ubm_mig_finish(&dev->tgt);  /* nothing is in flight: a cancel */
 	/* (before the queues go: a backend may hold per-queue state) */
-	if (dev->tgt.dest.ops && dev->tgt.dest.fd >= 0)
-		dev->tgt.dest.ops->close(&dev->tgt.dest);
+	ubm_target_fini(&dev->tgt);
 	for (i = 0; dev->queues && i < dev->nr_queues; i++) {
 		struct ubm_queue *q = &dev->queues[i];
 
@@ -636,10 +489,7 @@ UBM_EXPORT void ubm_dev_destroy(struct ubm_dev *dev)
 				strerror(-ret));
 	}
 	ubm_ctrl_close(&dev->ctrl);
-	if (dev->tgt.source.ops)
-		dev->tgt.source.ops->close(&dev->tgt.source);
 	sem_destroy(&dev->ready);
-	pthread_mutex_destroy(&dev->tgt.mig_lock);
 	free((char *)dev->cfg.source_path);
 	free(dev);
 }
@@ -650,7 +500,6 @@ UBM_EXPORT uint64_t ubm_dev_size(const struct ubm_dev *dev) { return dev->tgt.so
 UBM_EXPORT int ubm_dev_path(const struct ubm_dev *dev) { return dev->path; }
 UBM_EXPORT uint64_t ubm_dev_flags(const struct ubm_dev *dev) { return dev->info.flags; }
 UBM_EXPORT uint32_t ubm_dev_nr_queues(const struct ubm_dev *dev) { return dev->nr_queues; }
-
 UBM_EXPORT void ubm_dev_config(const struct ubm_dev *dev, struct ubm_config *out)
 {
 	*out = dev->cfg;

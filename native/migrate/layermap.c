@@ -38,7 +38,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "internal.h"
+#include "migrate/migrate.h"
 
 struct layer_map_header {
 	char magic[8];          /* LAYERMAP_MAGIC */

@@ -1,29 +1,11 @@
 /* SPDX-License-Identifier: MIT */
 /* Control commands to the ublk driver through /dev/ublk-control. */
 #include <fcntl.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
 
-#include "internal.h"
-
-static __thread char last_error[512];
-
-int ubm_fail(int err, const char *fmt, ...)
-{
-	va_list ap;
-
-	va_start(ap, fmt);
-	vsnprintf(last_error, sizeof(last_error), fmt, ap);
-	va_end(ap);
-	return err > 0 ? -err : err;
-}
-
-UBM_EXPORT const char *ubm_last_error(void)
-{
-	return last_error;
-}
+#include "ublk/ublk.h"
 
 int ubm_ctrl_open(struct ubm_ctrl *c)
 {

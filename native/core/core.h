@@ -1,7 +1,12 @@
 /* SPDX-License-Identifier: MIT */
-/* ublkmig data plane: internal structures shared by the native sources. */
-#ifndef UBM_INTERNAL_H
-#define UBM_INTERNAL_H
+/*
+ * The data plane's core: a guest request's machine on one io_uring (a queue),
+ * and the target whose backend slots it goes to.  It knows no driver (ublk/
+ * and sim/ feed it) and no migration (a router on the target stands between
+ * the queues and the backends while one runs: migrate/route.c).
+ */
+#ifndef UBM_CORE_H
+#define UBM_CORE_H
 
 #include <errno.h>
 #include <limits.h>
@@ -34,7 +39,7 @@ static inline uint64_t ubm_now_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-/* Thread-local error text behind ubm_last_error(); returns -err. */
+/* core/error.c: thread-local error text behind ubm_last_error(); returns -err. */
 int ubm_fail(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /*
@@ -47,7 +52,7 @@ enum ubm_ud_kind {
 	UD_REG = 3,      /* UBLK_U_IO_REGISTER_IO_BUF (explicit zero copy) */
 	UD_UNREG = 4,    /* UBLK_U_IO_UNREGISTER_IO_BUF */
 	UD_WAKE = 5,     /* the queue's doorbell eventfd became readable */
-	UD_IGNORE = 6,   /* a CQE nobody waits for (a test delay's timeout) */
+	UD_IGNORE = 6,   /* a CQE nobody waits for (backends/delay.c's timeout) */
 	UD_CONN = 7,     /* a backend's connection (not one io's): ops->conn_cqe */
 	UD_TICK = 8,     /* the queue's timer while requests wait for a connection */
 };
@@ -97,7 +102,7 @@ struct ubm_backend_ops {
 	 * q->be_ctx[slot] before ring q first uses the backend, and drop it */
 	int (*attach)(struct ubm_backend *be, struct ubm_queue *q, unsigned slot);
 	void (*detach)(struct ubm_backend *be, struct ubm_queue *q);
-	/* a UD_CONN CQE on ring q; a request it ends goes to q->be_done() */
+	/* a UD_CONN CQE on ring q; a request it ends goes to q->backend_done() */
 	void (*conn_cqe)(struct ubm_backend *be, struct ubm_queue *q,
 			 const struct io_uring_cqe *cqe);
 	/* the control thread, blocking: UBLK_IO_OP_READ len bytes at off into
@@ -116,7 +121,7 @@ struct ubm_backend {
 	const struct ubm_backend_ops *ops;
 	int fd;
 	int file_index;         /* fixed-file slot in every ring (backend slot + 1), or -1:
-				 * I/O names the plain fd (see ubm_fixed_migration_files) */
+				 * I/O names the plain fd (migrate/: ubm_fixed_migration_files) */
 	uint64_t size;
 	uint32_t max_io;        /* largest single transfer the backend takes (0: any) */
 	uint32_t logical_bs;
@@ -126,14 +131,9 @@ struct ubm_backend {
 	uint32_t timeout_ms;    /* remote backends: the longest wait on the server (0: 30 s) */
 	int via_fd;             /* files: > 0, open this descriptor's file again (the one the
 				 * control plane checked), not whatever the path names now */
-	struct __kernel_timespec delay;  /* tests: hold every write this long first */
 	void *priv;             /* the backend's own state */
 };
 
-extern const struct ubm_backend_ops ubm_file_backend_ops;
-extern const struct ubm_backend_ops ubm_nbd_backend_ops;
-/* nbd://..., nbd+unix://... (and the TLS schemes, to refuse them clearly) */
-bool ubm_is_nbd_uri(const char *path);
 
 /* The descriptor an SQE names for backend `be`, and the flag that goes with it. */
 static inline int ubm_be_fd(const struct ubm_backend *be)
@@ -147,13 +147,6 @@ static inline void ubm_be_sqe_flags(const struct ubm_backend *be, struct io_urin
 		sqe->flags |= IOSQE_FIXED_FILE;
 }
 
-/* Whether the destination and the deltas go in the rings' fixed-file tables.
- * Before Linux 6.13 io_uring drops an unregistered file only once every
- * request issued before the update has completed, and a queue's idle FETCH
- * commands never do: a cancelled migration would keep its destination open
- * until the device stops.  There they are named by plain fds.  -1 (the
- * default) decides by the running kernel; tests set 0 or 1. */
-extern int ubm_fixed_migration_files;
 
 /* Backend slots of a target. */
 enum { SLOT_SOURCE = 0, SLOT_DEST = 1, SLOT_DELTA0 = 2 };
@@ -164,9 +157,30 @@ enum { SLOT_SOURCE = 0, SLOT_DEST = 1, SLOT_DELTA0 = 2 };
 #define FILE_OF_SLOT(slot) ((slot) + 1)
 #define NR_FILES (1 + UBM_MAX_BACKENDS)
 
-struct ubm_migration;
+struct ubm_router;
+struct ubm_io;
 
-/* The backends an io can go to, and the migration routing state. */
+/*
+ * A router stands between a target's queues and its backends while it is set
+ * (a migration: migrate/route.c); without one a request goes to the primary
+ * alone.  The calls come from the queue threads, on the request's ring.
+ */
+struct ubm_router_ops {
+	/* fill io->slots and io->sreq[]: 0 to send it, 1 to park it (routed
+	 * again on ACT_RETRY_PARKED), or -errno to fail it */
+	int (*route)(struct ubm_router *r, struct ubm_queue *q, unsigned tag);
+	/* backend `slot`'s part ended with res: whether res counts for the
+	 * guest's answer (else it is the router's business alone) */
+	bool (*part_done)(struct ubm_router *r, struct ubm_io *io, unsigned slot, int res);
+	/* every part ended: 1 to route it again (park it), else 0 */
+	int (*io_done)(struct ubm_router *r, struct ubm_queue *q, unsigned tag);
+};
+
+struct ubm_router {
+	const struct ubm_router_ops *ops;
+};
+
+/* The backends an io can go to, and the router between them while one is set. */
 struct ubm_target {
 	struct ubm_backend *be[UBM_MAX_BACKENDS];  /* by slot */
 	struct ubm_backend source;
@@ -176,9 +190,9 @@ struct ubm_target {
 	uint32_t max_io;                 /* largest request the target gets */
 	int primary;                     /* slot serving I/O: SOURCE, DEST after cutover */
 	uint64_t wait_ns;                /* the longest a guest request waits for a lost
-					  * connection of the primary to come back (queue.c) */
-	struct ubm_migration *mig;       /* routing state while a migration runs */
-	pthread_mutex_t mig_lock;        /* against freeing it under stats/abort/speed */
+					  * connection of the primary to come back (core/queue.c) */
+	struct ubm_router *router;       /* set while a migration runs (atomic) */
+	pthread_mutex_t router_lock;     /* against freeing it under stats/abort/speed */
 	struct ubm_queue *queues;        /* the queues routing to this target */
 	unsigned nr_queues;
 };
@@ -206,17 +220,17 @@ enum ubm_io_state {
 struct ubm_io {
 	struct ubm_req req;
 	int result;              /* first error, or bytes done (primary backend) */
-	int dest_result;         /* migration: result on the destination */
 	uint16_t pending;        /* backend CQEs still to come */
 	uint16_t slots;          /* backends the request went to (bit per slot) */
 	uint8_t state;           /* enum ubm_io_state */
-	uint8_t mflags;          /* migration: MIG_IO_* */
+	/* the router's own, while it has the request (migrate/route.c) */
+	uint8_t mflags;          /* MIG_IO_* */
 	bool plain;              /* routed without a migration (counted in plain_inflight) */
 	struct ubm_req sreq[UBM_MAX_BACKENDS];  /* what each of those backends does */
 	uint8_t be_stage[UBM_MAX_BACKENDS];  /* backend-private progress */
-	uint32_t be_done[UBM_MAX_BACKENDS];  /* bytes a backend has transferred so far */
+	uint32_t be_bytes[UBM_MAX_BACKENDS];  /* bytes a backend has transferred so far */
 	uint16_t next_parked;    /* parked list link */
-	struct ubm_migration *mig;  /* routed by this migration (holds its references) */
+	struct ubm_router *router;  /* routed by this router (it holds references for it) */
 	uint32_t mig_epoch;      /* the migration's epoch when routed (ubm_mig_reconnect) */
 	uint64_t t_start;        /* migration: when the request arrived (ns) */
 	uint64_t t_source_done;  /* migration, mirrored: when the source's part ended (ns) */
@@ -239,7 +253,10 @@ enum {
 #define NO_TAG 0xffff
 
 struct ubm_queue {
-	struct ubm_dev *dev;     /* NULL in simulation */
+	struct ubm_dev *dev;     /* the device's queue (ublk/), NULL in simulation: the
+				  * caller drives the ring then */
+	/* ublk: a UD_CMD CQE (FETCH / COMMIT_AND_FETCH completed) */
+	void (*cmd_cqe)(struct ubm_queue *q, const struct io_uring_cqe *cqe);
 	struct ubm_target *tgt;
 	unsigned q_id, depth;
 	int cpu;                 /* the queue thread runs on this CPU (-1: anywhere) */
@@ -266,7 +283,7 @@ struct ubm_queue {
 	void (*io_done)(struct ubm_queue *q, unsigned tag, int res);
 	/* a backend operation of io `tag` ended with res, as if by its CQE
 	 * (backends whose operations end on a connection's CQE call it) */
-	void (*be_done)(struct ubm_queue *q, unsigned tag, unsigned slot, int res);
+	void (*backend_done)(struct ubm_queue *q, unsigned tag, unsigned slot, int res);
 	void *be_ctx[UBM_MAX_BACKENDS];  /* backend state for this ring (ops->attach) */
 	void *sim;               /* simulator state */
 	pthread_t thread;
@@ -274,14 +291,26 @@ struct ubm_queue {
 	struct ubm_qstats stats;
 };
 
-/* queue.c */
+/* core/target.c */
+/* an empty target: no backend open yet, the source in slot SOURCE serving;
+ * a request waits up to wait_ms (0: UBM_DEFAULT_WAIT_MS) for a lost connection */
+void ubm_target_init(struct ubm_target *t, uint32_t wait_ms);
+/* close its backends (nothing in flight, no router; before its queues go:
+ * a backend may hold per-queue state) */
+void ubm_target_fini(struct ubm_target *t);
+void ubm_target_ring_bells(struct ubm_target *t, uint32_t actions);
+int ubm_target_sync(struct ubm_target *t);
+int ubm_target_set_file(struct ubm_target *t, unsigned slot, int fd);
+/* the primary's lost connections were dialled again: its waiting requests retry */
+void ubm_target_conn_back(struct ubm_target *t);
+/* the target's part of the stats: the primary's lost connections */
+void ubm_target_stats(const struct ubm_target *t, struct ubm_stats *out);
+
+/* core/queue.c */
 int ubm_queue_ring_init(struct ubm_queue *q, unsigned entries, int ublkc_fd, bool sparse_bufs,
 			bool single_issuer);
 int ubm_queue_bell_arm(struct ubm_queue *q);
 void ubm_queue_ring_bell(struct ubm_queue *q, uint32_t actions);
-void ubm_target_ring_bells(struct ubm_target *t, uint32_t actions);
-int ubm_target_sync(struct ubm_target *t);
-int ubm_target_set_file(struct ubm_target *t, unsigned slot, int fd);
 int ubm_queue_set_file(struct ubm_queue *q, unsigned index, int fd);
 void ubm_queue_ring_exit(struct ubm_queue *q);
 struct io_uring_sqe *ubm_queue_sqe(struct ubm_queue *q);
@@ -289,59 +318,15 @@ void ubm_queue_start_io(struct ubm_queue *q, unsigned tag);
 void ubm_queue_backends_done(struct ubm_queue *q, unsigned tag);
 void ubm_queue_handle_cqe(struct ubm_queue *q, const struct io_uring_cqe *cqe);
 int ubm_queue_reap(struct ubm_queue *q);
-/* the primary's lost connections were dialled again: its waiting requests retry */
-void ubm_target_conn_back(struct ubm_target *t);
 /* fail the requests waiting for a lost connection, and let none wait from now on */
 void ubm_queue_give_up(struct ubm_queue *q);
-/* the target's part of the stats: the primary's lost connections */
-void ubm_target_stats(const struct ubm_target *t, struct ubm_stats *out);
+/* send the requests waiting for a lost connection to their backend again */
+void ubm_queue_retry_waiting(struct ubm_queue *q);
 void ubm_stats_add(struct ubm_stats *out, const struct ubm_qstats *s);
 
 static inline void ubm_stat_inc(uint64_t *c, uint64_t v)
 {
 	__atomic_store_n(c, *c + v, __ATOMIC_RELAXED);
 }
-
-/* migrate.c: the routing of requests while a migration runs */
-int ubm_mig_route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag);
-/* 1: the request failed on a snapshot delta and must be routed again (park it) */
-int ubm_mig_io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag);
-/* a backend's part of a request routed by the migration ended with res */
-void ubm_mig_part_done(struct ubm_migration *m, struct ubm_io *io, unsigned slot, int res);
-
-/* layermap.c: snapshot mode's layer map on disk (PREFIX.map; the ordering
- * rules are in that file) */
-struct ubm_layer_map {
-	int fd;                 /* -1: none (not snapshot mode) */
-	bool created;           /* this migration created the file (unlink it at the end) */
-	pthread_mutex_t lock;
-	uint64_t n;             /* records in the file (atomic) */
-	uint64_t committed;     /* ... of which durable, after their data */
-	int error;              /* a commit failed: every later one fails */
-};
-int ubm_layer_map_create(struct ubm_layer_map *lm, const char *path, uint64_t size,
-			 uint64_t chunk_size);
-/* chunk's newest data is now in generation gen (its copy on write is complete;
- * 0: folded back into the source): the record goes to the file at once */
-int ubm_layer_map_add(struct ubm_layer_map *lm, uint64_t chunk, uint32_t gen);
-/* the records added so far: what a FLUSH routed now must find durable */
-uint64_t ubm_layer_map_mark(struct ubm_layer_map *lm);
-/* make fds (the deltas) durable, then the records, then count those below upto */
-int ubm_layer_map_commit(struct ubm_layer_map *lm, uint64_t upto, const int *fds, unsigned nfds);
-void ubm_layer_map_close(struct ubm_layer_map *lm);
-
-/* dev.c: a FETCH / COMMIT_AND_FETCH completed on a ublk queue */
-void ubm_dev_cmd_cqe(struct ubm_queue *q, const struct io_uring_cqe *cqe);
-
-/* ctrl.c: commands on /dev/ublk-control */
-struct ubm_ctrl {
-	int fd;
-	struct io_uring ring;
-	pthread_mutex_t lock;
-};
-int ubm_ctrl_open(struct ubm_ctrl *c);
-void ubm_ctrl_close(struct ubm_ctrl *c);
-int ubm_ctrl_cmd(struct ubm_ctrl *c, unsigned cmd_op, uint32_t dev_id, void *buf, uint16_t len,
-		 uint64_t data0);
 
 #endif

@@ -1,9 +1,11 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * Request handling shared by a ublk queue and the simulator: route a
- * request to its backends, gather their completions, hand the result to the
- * queue's completion sink.  This is the per-I/O path: no allocation, no
- * locks, no system calls beyond the ring's.
+ * request to its backends (through the target's router while one is set),
+ * gather their completions, hand the result to the queue's completion sink.
+ * This is the per-I/O path: this file allocates nothing, takes no lock and
+ * makes no system call beyond the ring's.  A router may (snapshot mode's copy
+ * on write reads and writes a chunk on the queue thread: migrate/snapshot.c).
  *
  * A request that failed on a lost connection of the backend serving the
  * device (NBD: the source, or the destination after a cutover) is not failed:
@@ -21,7 +23,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "internal.h"
+#include "core/core.h"
 
 static void backend_cqe(struct ubm_queue *q, unsigned tag, unsigned slot, int cqe_res);
 
@@ -45,8 +47,8 @@ int ubm_queue_ring_init(struct ubm_queue *q, unsigned entries, int ublkc_fd, boo
 	q->single_issuer = single_issuer;
 	q->parked_head = NO_TAG;
 	q->wait_head = NO_TAG;
-	if (!q->be_done)
-		q->be_done = backend_cqe;
+	if (!q->backend_done)
+		q->backend_done = backend_cqe;
 	ret = io_uring_queue_init_params(entries, &q->ring, &p);
 	if (ret < 0)
 		return ubm_fail(ret, "io_uring setup failed: %s", strerror(-ret));
@@ -113,58 +115,6 @@ void ubm_queue_ring_bell(struct ubm_queue *q, uint32_t actions)
 		return;  /* EAGAIN: the counter is saturated, the bell rings anyway */
 }
 
-void ubm_target_ring_bells(struct ubm_target *t, uint32_t actions)
-{
-	for (unsigned i = 0; i < t->nr_queues; i++)
-		ubm_queue_ring_bell(&t->queues[i], actions);
-}
-
-/*
- * Wait until every queue thread has passed through its doorbell handler
- * after this call: from then on none still acts on what the caller changed
- * before calling.  A simulator queue is driven by the caller itself.
- */
-int ubm_target_sync(struct ubm_target *t)
-{
-	uint32_t want[UBM_MAX_QUEUES];
-
-	for (unsigned i = 0; i < t->nr_queues; i++) {
-		struct ubm_queue *q = &t->queues[i];
-
-		if (!q->dev)
-			continue;
-		want[i] = __atomic_load_n(&q->acked, __ATOMIC_ACQUIRE) + 1;
-		ubm_queue_ring_bell(q, ACT_SYNC);
-	}
-	for (unsigned i = 0; i < t->nr_queues; i++) {
-		struct ubm_queue *q = &t->queues[i];
-
-		while (q->dev && !q->stopping &&
-		       (int32_t)(__atomic_load_n(&q->acked, __ATOMIC_ACQUIRE) - want[i]) < 0)
-			usleep(100);
-	}
-	return 0;
-}
-
-/* Install fd (or with -1, nothing) for backend `slot` in every queue's ring. */
-int ubm_target_set_file(struct ubm_target *t, unsigned slot, int fd)
-{
-	int ret = 0;
-
-	__atomic_store_n(&t->files[FILE_OF_SLOT(slot)], fd, __ATOMIC_RELEASE);
-	for (unsigned i = 0; i < t->nr_queues; i++) {
-		struct ubm_queue *q = &t->queues[i];
-
-		if (q->dev)
-			ubm_queue_ring_bell(q, ACT_FILES);
-		else if (ret == 0)  /* simulator: the caller's ring */
-			ret = ubm_queue_set_file(q, FILE_OF_SLOT(slot), fd);
-	}
-	if (ret == 0)
-		ret = ubm_target_sync(t);  /* ACT_FILES is handled before the ACT_SYNC ack */
-	return ret;
-}
-
 /* Install (or with fd -1, empty) a fixed-file slot in this queue's ring. */
 int ubm_queue_set_file(struct ubm_queue *q, unsigned index, int fd)
 {
@@ -174,23 +124,16 @@ int ubm_queue_set_file(struct ubm_queue *q, unsigned index, int fd)
 }
 
 static void route_io(struct ubm_queue *q, unsigned tag);
-static void retry_waiting(struct ubm_queue *q);
 
-/* Backend `slot`'s part of the request ended with res (bytes or -errno).  A
- * destination error before the cutover is the migration's business (it
- * records it at once), not the guest's; any other error is the guest's. */
-static void part_result(struct ubm_queue *q, struct ubm_io *io, unsigned slot, int res)
+/* Backend `slot`'s part of the request ended with res (bytes or -errno): the
+ * first error is the guest's answer, unless the router keeps it (a
+ * destination's before the cutover: migrate/route.c). */
+static void part_result(struct ubm_io *io, unsigned slot, int res)
 {
-	if (ubm_unlikely(io->mig != NULL))
-		ubm_mig_part_done(io->mig, io, slot, res);
-	if (res >= 0)
+	if (ubm_unlikely(io->router != NULL) && !io->router->ops->part_done(io->router, io, slot, res))
 		return;
-	if (slot == SLOT_DEST && q->tgt->primary != SLOT_DEST) {
-		if (io->dest_result >= 0)
-			io->dest_result = res;
-	} else if (io->result >= 0) {
+	if (res < 0 && io->result >= 0)
 		io->result = res;
-	}
 }
 
 static void doorbell(struct ubm_queue *q)
@@ -215,7 +158,7 @@ static void doorbell(struct ubm_queue *q)
 	if (act & ACT_GIVE_UP)
 		ubm_queue_give_up(q);
 	if (act & ACT_RETRY_CONN)
-		retry_waiting(q);
+		ubm_queue_retry_waiting(q);
 	if (act & ACT_FILES) {
 		int files[NR_FILES];
 		unsigned first = FILE_OF_SLOT(SLOT_DEST);
@@ -299,27 +242,26 @@ static void route_io(struct ubm_queue *q, unsigned tag)
 {
 	struct ubm_io *io = &q->ios[tag];
 	struct ubm_target *t = q->tgt;
-	struct ubm_migration *m = __atomic_load_n(&t->mig, __ATOMIC_ACQUIRE);
+	struct ubm_router *r = __atomic_load_n(&t->router, __ATOMIC_ACQUIRE);
 	int n;
 
-	io->mig = NULL;
+	io->router = NULL;
 	io->pending = 0;
 	io->result = (int)io->req.len;
-	io->dest_result = 0;
-	if (ubm_likely(m == NULL)) {
+	if (ubm_likely(r == NULL)) {
 		io->slots = (uint16_t)(1u << t->primary);
 		io->sreq[t->primary] = io->req;
 		/* a migration starting now waits for these (ubm_mig_start) */
 		io->plain = true;
 		__atomic_store_n(&q->plain_inflight, q->plain_inflight + 1, __ATOMIC_RELEASE);
 	} else {
-		/* the migration fills io->slots and io->sreq[] */
-		n = ubm_mig_route(m, q, tag);
+		/* the router fills io->slots and io->sreq[] */
+		n = r->ops->route(r, q, tag);
 		if (n > 0) {
 			park_io(q, tag);
 			return;
 		}
-		io->mig = m;
+		io->router = r;
 		if (n < 0) {
 			io->result = n;
 			io->slots = 0;
@@ -340,7 +282,7 @@ static void route_io(struct ubm_queue *q, unsigned tag)
 		if (n >= 0)
 			io->pending += n;
 		else
-			part_result(q, io, slot, n);
+			part_result(io, slot, n);
 	}
 	if (io->pending == 0)
 		ubm_queue_backends_done(q, tag);
@@ -420,7 +362,7 @@ static bool wait_for_conn(struct ubm_queue *q, unsigned tag)
 		return false;
 	}
 	unroute_plain(q, io);
-	io->mig = NULL;  /* (routed afresh when it goes again) */
+	io->router = NULL;  /* (routed afresh when it goes again) */
 	io->state = IO_CONN_WAIT;
 	io->next_parked = q->wait_head;
 	q->wait_head = (uint16_t)tag;
@@ -431,7 +373,7 @@ static bool wait_for_conn(struct ubm_queue *q, unsigned tag)
 
 /* Every waiter goes to the backend again: it takes a connection dialled
  * meanwhile, or fails at once and waits on (or, past its time, fails). */
-static void retry_waiting(struct ubm_queue *q)
+void ubm_queue_retry_waiting(struct ubm_queue *q)
 {
 	uint16_t tag = q->wait_head, next;
 
@@ -447,41 +389,7 @@ static void retry_waiting(struct ubm_queue *q)
 void ubm_queue_give_up(struct ubm_queue *q)
 {
 	q->give_up = true;
-	retry_waiting(q);  /* each fails now, unless its connection is back */
-}
-
-UBM_EXPORT int ubm_reconnect(struct ubm_target *t)
-{
-	struct ubm_backend *be = t->be[t->primary];
-	int ret;
-
-	if (!be->ops->reconnect)
-		return ubm_fail(EOPNOTSUPP, "the device serves a %s: it has no connections to "
-				"restore", be->ops->name);
-	ret = be->ops->reconnect(be);
-	if (ret < 0)
-		return ret;
-	ubm_target_conn_back(t);
-	return 0;
-}
-
-void ubm_target_stats(const struct ubm_target *t, struct ubm_stats *out)
-{
-	struct ubm_backend *be = t->be[__atomic_load_n(&t->primary, __ATOMIC_ACQUIRE)];
-
-	out->conn_down = be && be->ops->down ? be->ops->down(be) : 0;
-}
-
-void ubm_target_conn_back(struct ubm_target *t)
-{
-	for (unsigned i = 0; i < t->nr_queues; i++) {
-		struct ubm_queue *q = &t->queues[i];
-
-		if (q->dev)
-			ubm_queue_ring_bell(q, ACT_RETRY_CONN);
-		else  /* a simulator: its caller's thread is this one */
-			retry_waiting(q);
-	}
+	ubm_queue_retry_waiting(q);  /* each fails now, unless its connection is back */
 }
 
 static void complete_io(struct ubm_queue *q, unsigned tag);
@@ -490,7 +398,7 @@ void ubm_queue_backends_done(struct ubm_queue *q, unsigned tag)
 {
 	struct ubm_io *io = &q->ios[tag];
 
-	if (io->mig && ubm_mig_io_done(io->mig, q, tag)) {
+	if (io->router && io->router->ops->io_done(io->router, q, tag)) {
 		park_io(q, tag);
 		return;
 	}
@@ -520,7 +428,7 @@ static void backend_cqe(struct ubm_queue *q, unsigned tag, unsigned slot, int cq
 
 	if (be->ops->complete(be, q, tag, slot, &io->sreq[slot], cqe_res, &res))
 		return;  /* a follow-up operation is on its way */
-	part_result(q, io, slot, res);
+	part_result(io, slot, res);
 	if (--io->pending == 0)
 		ubm_queue_backends_done(q, tag);
 }
@@ -553,7 +461,7 @@ void ubm_queue_handle_cqe(struct ubm_queue *q, const struct io_uring_cqe *cqe)
 	case UD_TICK:
 		q->tick_armed = false;
 		if (q->wait_head != NO_TAG) {
-			retry_waiting(q);
+			ubm_queue_retry_waiting(q);
 			if (q->wait_head != NO_TAG)
 				arm_tick(q);
 		}
@@ -575,8 +483,8 @@ int ubm_queue_reap(struct ubm_queue *q)
 	unsigned head, n = 0;
 
 	io_uring_for_each_cqe(&q->ring, head, cqe) {
-		if (q->dev && ubm_ud_kind(cqe->user_data) == UD_CMD)
-			ubm_dev_cmd_cqe(q, cqe);
+		if (q->cmd_cqe && ubm_ud_kind(cqe->user_data) == UD_CMD)
+			q->cmd_cqe(q, cqe);
 		else
 			ubm_queue_handle_cqe(q, cqe);
 		n++;

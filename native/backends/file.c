@@ -9,7 +9,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "internal.h"
+#include "backends/backends.h"
 
 /* be_stage values for requests with a follow-up operation */
 enum { STAGE_MAIN = 0, STAGE_SYNC = 1 };
@@ -91,15 +91,6 @@ static int file_queue_io(struct ubm_backend *be, struct ubm_queue *q, unsigned t
 {
 	struct io_uring_sqe *sqe;
 
-	if (ubm_unlikely((be->delay.tv_sec | be->delay.tv_nsec) && req->op != UBLK_IO_OP_READ)) {
-		/* tests widen race windows: a timeout linked before the write */
-		sqe = ubm_queue_sqe(q);
-		if (!sqe)
-			return -EBUSY;
-		io_uring_prep_timeout(sqe, &be->delay, 0, IORING_TIMEOUT_ETIME_SUCCESS);
-		sqe->flags |= IOSQE_IO_LINK;
-		io_uring_sqe_set_data64(sqe, ubm_ud(tag, UD_IGNORE, slot));
-	}
 	sqe = ubm_queue_sqe(q);
 	if (!sqe)
 		return -EBUSY;
@@ -146,7 +137,7 @@ static int file_queue_io(struct ubm_backend *be, struct ubm_queue *q, unsigned t
 		return -EOPNOTSUPP;
 	}
 	q->ios[tag].be_stage[slot] = STAGE_MAIN;
-	q->ios[tag].be_done[slot] = 0;
+	q->ios[tag].be_bytes[slot] = 0;
 	io_uring_sqe_set_data64(sqe, ubm_ud(tag, UD_BACKEND, slot));
 	return 1;
 }
@@ -207,7 +198,7 @@ static int file_complete(struct ubm_backend *be, struct ubm_queue *q, unsigned t
 	switch (req->op) {
 	case UBLK_IO_OP_READ:
 	case UBLK_IO_OP_WRITE: {
-		uint32_t *done = &q->ios[tag].be_done[slot];
+		uint32_t *done = &q->ios[tag].be_bytes[slot];
 
 		if (cqe_res > 0 && *done + (uint32_t)cqe_res < req->len) {
 			/* short: go on with the rest, so a real error (ENOSPC) shows */
@@ -284,3 +275,10 @@ const struct ubm_backend_ops ubm_file_backend_ops = {
 	.close = file_close,
 	.sync_io = file_sync_io,
 };
+
+bool ubm_file_is_hole(int fd, uint64_t off, uint64_t len)
+{
+	off_t data = lseek(fd, (off_t)off, SEEK_DATA);
+
+	return (data < 0 && errno == ENXIO) || (data >= 0 && (uint64_t)data >= off + len);
+}

@@ -1,0 +1,368 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The copier: one pass over the chunks on its own ring, a few chunks in flight,
+ * yielding the source to the guest and keeping to the speed limit.
+ */
+#include <fcntl.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "migrate/migrate.h"
+
+static bool wanted(struct ubm_migration *m, uint64_t c, uint32_t pass)
+{
+	/* snapshot: the active delta is still taking writes */
+	if (pass != UBM_PASS_FINAL && m->gen && A_LOAD(&m->newest[c]) == A_LOAD(&m->gen))
+		return false;
+	switch (pass) {
+	case UBM_PASS_DIRTY:
+		return is_dirty(m, c) && m->hot[c] < HOT_PASSES;
+	default:
+		return !(A_LOAD(&m->chunk[c]) & CH_COPIED) || is_dirty(m, c);
+	}
+}
+
+static void unlock_chunk(struct ubm_migration *m, uint64_t c, bool copied)
+{
+	uint32_t s = A_LOAD(&m->chunk[c]), n;
+
+	do {
+		n = (s & ~(CH_LOCKED | CH_WAITERS)) | (copied ? CH_COPIED : 0);
+	} while (!__atomic_compare_exchange_n(&m->chunk[c], &s, n, false, __ATOMIC_SEQ_CST,
+					      __ATOMIC_SEQ_CST));
+	if (copied && !(s & CH_COPIED))
+		A_ADD(&m->chunks_copied, 1);
+	if (s & CH_WAITERS)
+		ubm_target_ring_bells(m->t, ACT_RETRY_PARKED);
+}
+
+static bool all_zero(const void *buf, size_t len)
+{
+	const uint64_t *p = buf;
+
+	for (size_t i = 0; i < len / 8; i++)
+		if (p[i])
+			return false;
+	return true;
+}
+
+/* A copy step failed: the chunk stays (or goes) dirty, the slot is free. */
+static int copy_failed(struct ubm_migration *m, unsigned i, int err)
+{
+	struct copy_slot *cs = &m->slots[i];
+
+	mig_set_error(m, err);
+	unlock_chunk(m, cs->chunk, false);
+	mig_mark_dirty(m, cs->chunk);
+	cs->state = CS_FREE;
+	return err;
+}
+
+/* Queue a backend operation on the copier's ring for slot i (reads of the
+ * destination while checking land in the slot's check buffer). */
+static int copy_op(struct ubm_migration *m, unsigned i, unsigned be_slot, uint8_t op, int state)
+{
+	struct copy_slot *cs = &m->slots[i];
+	struct ubm_io *io = &m->copier.ios[i];
+	struct ubm_backend *be = m->t->be[be_slot];
+	int ret;
+
+	io->req = (struct ubm_req){
+		.op = op, .offset = cs->chunk << m->chunk_shift, .len = chunk_len(m, cs->chunk),
+		.buf = state == CS_CHECKING ? cs->check_buf : cs->buf, .buf_index = -1,
+	};
+	cs->state = state;
+	if (be_slot == SLOT_DEST && op != UBLK_IO_OP_READ)
+		bit_set(m->dest_written, cs->chunk);  /* even if the write fails half-way */
+	ret = be->ops->queue_io(be, &m->copier, i, be_slot, &io->req);
+	return ret < 0 ? copy_failed(m, i, ret) : 0;
+}
+
+/* The chunk in slot i is locked and idle on the guest side: start copying. */
+static int copy_begin(struct ubm_migration *m, unsigned i)
+{
+	struct copy_slot *cs = &m->slots[i];
+	uint64_t off = cs->chunk << m->chunk_shift;
+	uint32_t len = chunk_len(m, cs->chunk);
+
+	/* clear before reading: a write that lands after this re-dirties it */
+	mig_clear_dirty(m, cs->chunk);
+	cs->first_copy = !(A_LOAD(&m->chunk[cs->chunk]) & CH_COPIED);
+	/* a mirrored write may have reached the destination's chunk before the
+	 * copier (it is locked now: no other can come) */
+	cs->fresh = m->dest_zeroed && cs->first_copy && !bit_test(m->dest_written, cs->chunk);
+	cs->check = cs->first_copy && cs->chunk < m->check_below;
+	cs->from = m->gen ? layer_slot(m, cs->chunk) : SLOT_SOURCE;
+	if (ubm_file_is_hole(m->t->be[cs->from]->fd, off, len)) {
+		/* a hole in the source */
+		if (cs->fresh) {
+			A_ADD(&m->bytes_skipped, len);
+			unlock_chunk(m, cs->chunk, true);
+			cs->state = CS_FREE;
+			return 0;
+		}
+		cs->zero = true;
+		if (cs->check)
+			return copy_op(m, i, SLOT_DEST, UBLK_IO_OP_READ, CS_CHECKING);
+		return copy_op(m, i, SLOT_DEST, UBLK_IO_OP_WRITE_ZEROES, CS_WRITING);
+	}
+	return copy_op(m, i, cs->from, UBLK_IO_OP_READ, CS_READING);
+}
+
+/* Write slot i's chunk (read from the source, or a hole) to the destination. */
+static int copy_write(struct ubm_migration *m, unsigned i)
+{
+	struct copy_slot *cs = &m->slots[i];
+
+	return copy_op(m, i, SLOT_DEST, cs->zero ? UBLK_IO_OP_WRITE_ZEROES : UBLK_IO_OP_WRITE,
+		       CS_WRITING);
+}
+
+/* A backend operation of copy slot i ended with cqe_res. */
+static int copy_result(struct ubm_migration *m, unsigned i, unsigned be_slot, int cqe_res)
+{
+	struct copy_slot *cs = &m->slots[i];
+	struct ubm_io *io = &m->copier.ios[i];
+	struct ubm_backend *be = m->t->be[be_slot];
+	int res = 0;
+
+	if (be->ops->complete(be, &m->copier, i, be_slot, &io->req, cqe_res, &res))
+		return 0;
+	if (res < 0)
+		return copy_failed(m, i, res);
+	if (cs->state == CS_READING) {
+		/* while the guest is busy, the next source read waits as long as
+		 * this one took (from the lock): the guest has the source at
+		 * least half the time */
+		uint64_t now = ubm_now_ns(), resume = now + (now - cs->t_start);
+
+		if (resume > m->busy_resume_ns)
+			m->busy_resume_ns = resume;
+		A_ADD(&m->bytes_read, io->req.len);
+		cs->zero = all_zero(cs->buf, io->req.len);
+		if (cs->zero && cs->fresh) {
+			A_ADD(&m->bytes_skipped, io->req.len);
+			unlock_chunk(m, cs->chunk, true);
+			cs->state = CS_FREE;
+			return 0;
+		}
+		if (cs->check)
+			return copy_op(m, i, SLOT_DEST, UBLK_IO_OP_READ, CS_CHECKING);
+		return copy_write(m, i);
+	}
+	if (cs->state == CS_CHECKING) {
+		/* the chunk is locked: neither side changed since the source was read */
+		if (cs->zero ? all_zero(cs->check_buf, io->req.len)
+			     : !memcmp(cs->buf, cs->check_buf, io->req.len)) {
+			A_ADD(&m->bytes_matched, io->req.len);
+			unlock_chunk(m, cs->chunk, true);
+			cs->state = CS_FREE;
+			return 0;
+		}
+		return copy_write(m, i);
+	}
+	A_ADD(&m->bytes_copied, io->req.len);
+	bit_set(m->unflushed, cs->chunk);
+	unlock_chunk(m, cs->chunk, true);
+	cs->state = CS_FREE;
+	return 0;
+}
+
+/* q->backend_done of the copier's ring (a failure is in m->error) */
+void mig_copier_backend_done(struct ubm_queue *q, unsigned tag, unsigned slot, int res)
+{
+	copy_result((struct ubm_migration *)((char *)q - offsetof(struct ubm_migration, copier)), tag,
+		    slot, res);
+}
+
+/*
+ * The speed limit, a token bucket: a pass may have copied speed x (time since
+ * *origin) bytes.  Credit saved while the copier was held up (guest writes on
+ * its chunks, a busy machine) is capped at a tenth of a second's worth (at
+ * least the chunks in flight): a copier that fell behind does not then burst
+ * to catch up with the average, and a new speed applies from now on.
+ */
+static bool within_speed(struct ubm_migration *m, double *origin, uint64_t pass_bytes)
+{
+	double speed = (double)A_LOAD(&m->speed), now, credit, cap;
+
+	if (speed == 0)
+		return true;
+	now = (double)ubm_now_ns() / 1e9;
+	credit = speed * (now - *origin) - (double)pass_bytes;
+	cap = speed / 10;
+	if (cap < (double)(m->chunk_size * m->copy_depth))
+		cap = (double)(m->chunk_size * m->copy_depth);
+	if (credit > cap) {
+		*origin = now - ((double)pass_bytes + cap) / speed;
+		credit = cap;
+	}
+	return credit >= 0;
+}
+
+/* The copier starts (since == 0) or stops holding back for guest I/O: the
+ * new start time, or 0 once the time held is added up. */
+static uint64_t account_yield(struct ubm_migration *m, uint64_t since)
+{
+	uint64_t now = ubm_now_ns();
+
+	if (!since)
+		return now;
+	A_ADD(&m->yield_ns, now - since);
+	return 0;
+}
+
+UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *chunks)
+{
+	struct ubm_migration *m = mig_of(t);
+	uint64_t next = 0, copied = 0, pass_bytes = 0, yield_since = 0;
+	double origin = (double)ubm_now_ns() / 1e9;  /* the speed limit's clock, in seconds */
+	unsigned busy = 0, locking, i;
+	int ret = 0, r;
+
+	*chunks = 0;
+	if (!m)
+		return ubm_fail(ENOENT, "no migration is running");
+	if (pass > UBM_PASS_FINAL)
+		return ubm_fail(EINVAL, "unknown pass %u", pass);
+	if (A_LOAD(&m->cut_over))
+		return ubm_fail(EINVAL, "the migration has cut over already");
+	/* (an abort stays: every later pass of this migration stops at once) */
+	if (pass == UBM_PASS_DIRTY) {
+		/* chunks dirty again since the last dirty pass are getting hot */
+		uint64_t hot = 0;
+
+		for (uint64_t c = 0; c < m->nr_chunks; c++) {
+			if (!is_dirty(m, c))
+				m->hot[c] = 0;
+			else if (m->hot[c] >= HOT_PASSES)
+				hot++;
+		}
+		A_STORE(&m->hot_count, hot);
+	}
+	for (;;) {
+		bool stop;
+
+		if (t->dest.ops->reconnect && !A_LOAD(&m->error) &&
+		    ubm_now_ns() - m->last_flush_ns > FLUSH_INTERVAL_NS) {
+			m->last_flush_ns = ubm_now_ns();
+			r = mig_flush_dest(m);
+			if (r < 0)
+				mig_set_error(m, r);
+		}
+		stop = ret < 0 || A_LOAD(&m->abort) || A_LOAD(&m->error);
+		/* the copier yields the source to the guest: while guest requests
+		 * are in flight it reads at most busy_depth chunks at a time and
+		 * rests after each read as long as it took (copy_result); writes
+		 * to the destination stay pipelined */
+		unsigned limit = A_LOAD(&m->inflight) ? m->busy_depth : m->copy_depth;
+		bool resting = limit < m->copy_depth && ubm_now_ns() < m->busy_resume_ns;
+		bool held = false;
+		unsigned reading = 0;
+
+		for (i = 0; i < m->copy_depth; i++)
+			reading += m->slots[i].state == CS_LOCKING || m->slots[i].state == CS_READING;
+
+		/* fill free slots with the next chunks of this pass */
+		for (i = 0; i < m->copy_depth && !stop; i++) {
+			struct copy_slot *cs = &m->slots[i];
+
+			if (cs->state != CS_FREE)
+				continue;
+			if (!within_speed(m, &origin, pass_bytes))
+				break;  /* over the speed limit: wait for time to pass */
+			while (next < m->nr_chunks && !wanted(m, next, pass))
+				next++;
+			if (next >= m->nr_chunks)
+				break;
+			if (reading >= limit || resting) {
+				held = true;
+				break;
+			}
+			cs->chunk = next++;
+			cs->state = CS_LOCKING;
+			cs->t_start = ubm_now_ns();
+			reading++;
+			if (pass == UBM_PASS_DIRTY)
+				m->hot[cs->chunk]++;
+			__atomic_fetch_or(&m->chunk[cs->chunk], CH_LOCKED, __ATOMIC_SEQ_CST);
+			pass_bytes += chunk_len(m, cs->chunk);
+			busy++;
+			copied++;
+		}
+		A_STORE(&m->cursor, next);
+		if (held != (yield_since != 0))
+			yield_since = account_yield(m, yield_since);
+		/* locked chunks whose guest writes have drained can be read */
+		locking = 0;
+		for (i = 0; i < m->copy_depth; i++) {
+			struct copy_slot *cs = &m->slots[i];
+
+			if (cs->state != CS_LOCKING)
+				continue;
+			if (stop) {
+				unlock_chunk(m, cs->chunk, false);
+				cs->state = CS_FREE;
+				busy--;
+				continue;
+			}
+			if (A_LOAD(&m->chunk[cs->chunk]) & CH_COUNT) {
+				locking++;
+				continue;
+			}
+			r = copy_begin(m, i);
+			if (r < 0 && ret == 0)
+				ret = r;
+			if (cs->state == CS_FREE)
+				busy--;
+		}
+		if (busy == 0 && (stop || next >= m->nr_chunks))
+			break;
+		if (busy == 0 || locking == busy) {
+			/* nothing on the ring: waiting for guest writes or the speed limit */
+			usleep(locking ? 20 : 1000);
+			continue;
+		}
+		io_uring_submit_and_wait(&m->copier.ring, 1);
+		struct io_uring_cqe *cqe;
+		unsigned head, n = 0;
+
+		io_uring_for_each_cqe(&m->copier.ring, head, cqe) {
+			struct ubm_backend *be = t->be[ubm_ud_slot(cqe->user_data)];
+
+			n++;
+			switch (ubm_ud_kind(cqe->user_data)) {
+			case UD_BACKEND:
+				r = copy_result(m, ubm_ud_tag(cqe->user_data),
+						ubm_ud_slot(cqe->user_data), cqe->res);
+				if (r < 0 && ret == 0)
+					ret = r;
+				break;
+			case UD_CONN:  /* may end slots' operations (mig_copier_backend_done) */
+				if (be && be->ops->conn_cqe)
+					be->ops->conn_cqe(be, &m->copier, cqe);
+				break;
+			}
+		}
+		io_uring_cq_advance(&m->copier.ring, n);
+		busy = 0;
+		for (i = 0; i < m->copy_depth; i++)
+			busy += m->slots[i].state != CS_FREE;
+	}
+	if (yield_since)
+		account_yield(m, yield_since);
+	A_ADD(&m->passes, 1);
+	*chunks = copied;
+	if (ret < 0 || A_LOAD(&m->error)) {
+		int err = A_LOAD(&m->error) ? A_LOAD(&m->error) : ret;
+
+		return ubm_fail(err, "copy failed: %s", strerror(-err));
+	}
+	if (A_LOAD(&m->abort))
+		return ubm_fail(ECANCELED, "the pass was aborted");
+	return 0;
+}

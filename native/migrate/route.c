@@ -1,0 +1,328 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The routing of guest requests while a migration runs: every rule that decides
+ * where a request goes, and what its completion means for the chunks it
+ * touched, is here (the router the core calls through t->router).
+ */
+#include <fcntl.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "migrate/migrate.h"
+
+/* Send the request (or a part of it) to backend `slot`. */
+static void to_slot(struct ubm_io *io, unsigned slot, uint64_t offset, uint32_t len)
+{
+	struct ubm_req *r = &io->sreq[slot];
+	uint32_t skip = (uint32_t)(offset - io->req.offset);
+
+	*r = io->req;
+	r->offset = offset;
+	r->len = len;
+	if (r->buf)
+		r->buf = (char *)r->buf + skip;
+	r->buf_off += skip;
+	io->slots |= (uint16_t)(1u << slot);
+}
+
+/* Snapshot routing: reads from the newest layer of each chunk, writes to
+ * the active delta (after copying the chunk into it if it is not there). */
+static int snapshot_route(struct ubm_migration *m, struct ubm_io *io, uint64_t c0, uint64_t c1)
+{
+	const struct ubm_req *req = &io->req;
+	unsigned active = A_LOAD(&m->gen), s0, s1;
+	int ret;
+
+	if (req->op == UBLK_IO_OP_FLUSH) {
+		/* every delta holds data the guest wrote, and the layer map
+		 * where: the records so far are durable before it is done */
+		io->map_mark = ubm_layer_map_mark(&m->map);
+		for (unsigned g = 1; g <= active; g++)
+			to_slot(io, SLOT_DELTA0 + g - 1, 0, 0);
+		return 0;
+	}
+	if (!is_write(req->op)) {
+		s0 = layer_slot(m, c0);
+		s1 = layer_slot(m, c1);
+		if (s0 == s1) {
+			to_slot(io, s0, req->offset, req->len);
+		} else {
+			uint64_t split = c1 << m->chunk_shift;
+
+			to_slot(io, s0, req->offset, (uint32_t)(split - req->offset));
+			to_slot(io, s1, split, (uint32_t)(req->offset + req->len - split));
+		}
+		return 0;
+	}
+	for (uint64_t c = c0; c <= c1; c++) {
+		if (A_LOAD(&m->newest[c]) == active)
+			continue;
+		ret = mig_snapshot_cow(m, c);
+		if (ret < 0) {
+			mig_fail_deltas(m, ret);
+			ret = 1;
+		}
+		if (ret)
+			return ret;  /* another queue is copying it, or the deltas failed: park */
+	}
+	io->mflags |= MIG_IO_TRACKED;
+	A_ADD(&m->unmirrored, 1);
+	/* FUA: its chunks' records (added above, if copied now) durable too */
+	io->map_mark = ubm_layer_map_mark(&m->map);
+	to_slot(io, SLOT_DELTA0 + active - 1, req->offset, req->len);
+	return 0;
+}
+
+/* Decide where a request goes: fills io->slots and io->sreq[].  Returns 0,
+ * 1 when it must wait (park), or -errno to fail it. */
+static int route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
+{
+	struct ubm_io *io = &q->ios[tag];
+	const struct ubm_req *req = &io->req;
+	uint32_t mode = A_LOAD(&m->mode);
+	uint64_t c0 = 0, c1 = 0;
+	bool mirror;
+	int ret;
+
+	if (!io->t_start)
+		io->t_start = ubm_now_ns();
+	io->mig_epoch = A_LOAD(&m->epoch);
+	io->mflags = 0;
+	io->slots = 0;
+	/* announce first, then look at the pause flag: ubm_mig_pause() sets
+	 * the flag first, then waits for the count to drain */
+	A_ADD(&m->inflight, 1);
+	if (ubm_unlikely(A_LOAD(&m->paused)))
+		goto park;
+	if (A_LOAD(&m->cut_over)) {
+		to_slot(io, SLOT_DEST, req->offset, req->len);
+		return 0;
+	}
+	if (req->len) {
+		c0 = req->offset >> m->chunk_shift;
+		c1 = (req->offset + req->len - 1) >> m->chunk_shift;
+	}
+	if (mode == UBM_MIG_SNAPSHOT) {
+		if ((is_write(req->op) || req->op == UBLK_IO_OP_FLUSH) &&
+		    ubm_unlikely(A_LOAD(&m->delta_failed) == DELTA_FAILED))
+			goto park;  /* until the deltas are folded back into the source */
+		if (is_write(req->op) && req->len) {
+			if (!mig_chunks_get(m, c0, c1))
+				goto park;
+			io->mflags = MIG_IO_REFS;
+		}
+		ret = snapshot_route(m, io, c0, c1);
+		if (ret == 1) {
+			mig_chunks_put(m, c0, c1);
+			io->mflags = 0;
+			goto park;
+		}
+		return ret;
+	}
+	if (req->op == UBLK_IO_OP_FLUSH) {
+		/* durable on both: mirrored writes and copied chunks sit on the destination */
+		to_slot(io, SLOT_SOURCE, 0, 0);
+		to_slot(io, SLOT_DEST, 0, 0);
+		return 0;
+	}
+	if (!is_write(req->op) || req->len == 0) {
+		to_slot(io, SLOT_SOURCE, req->offset, req->len);
+		return 0;
+	}
+	if (!mig_chunks_get(m, c0, c1))
+		goto park;
+	io->mflags = MIG_IO_REFS;
+	mirror = mode == UBM_MIG_MIRROR;
+	/* Mirror mode mirrors every write, also where a chunk is not copied
+	 * yet or is dirty (a destination error, or a connection lost, left it
+	 * behind): the copier copies such a chunk after this write is done (it
+	 * holds a reference), so the destination ends with the source's data.
+	 * Sending a write that touches a dirty chunk to the source only would
+	 * dirty its clean chunks too: under a busy guest, dirt would spread
+	 * from chunk to chunk faster than the copier cleans it. */
+	to_slot(io, SLOT_SOURCE, req->offset, req->len);
+	if (mirror) {
+		io->mflags |= MIG_IO_MIRRORED;
+		/* before it is sent: the copier (waiting for this write's
+		 * reference) must not take the destination's chunk for zeroes */
+		for (uint64_t c = c0; c <= c1; c++)
+			bit_set(m->dest_written, c);
+		to_slot(io, SLOT_DEST, req->offset, req->len);
+		return 0;
+	}
+	for (uint64_t c = c0; c <= c1; c++) {
+		if (A_LOAD(&m->chunk[c]) & CH_COPIED) {  /* dbt: a copied chunk goes dirty */
+			io->mflags |= MIG_IO_TRACKED;
+			A_ADD(&m->unmirrored, 1);
+			break;
+		}
+	}
+	return 0;
+park:
+	A_SUB(&m->inflight, 1);
+	A_ADD(&m->parked, 1);
+	return 1;
+}
+
+/*
+ * A backend's part of a request routed by the migration ended with res
+ * (bytes, or -errno).  A destination failure is recorded here, the moment it
+ * happens, not when the whole request ends: a mirrored write whose source
+ * part is still in flight must not look clean to a cutover meanwhile.  The
+ * chunks go dirty while the write still holds their references, so a copier
+ * waiting for those sees the bit.
+ */
+static bool part_done(struct ubm_migration *m, struct ubm_io *io, unsigned slot, int res)
+{
+	const struct ubm_req *req = &io->req;
+	bool data = is_write(req->op) && req->len;
+	uint64_t c0 = 0, c1 = 0;
+
+	if (slot == SLOT_SOURCE) {
+		if (io->mflags & MIG_IO_MIRRORED) {
+			io->t_source_done = ubm_now_ns();
+			/* the guest now waits for the destination alone: counted
+			 * while it does, so a destination that stops answering
+			 * shows before any write completes (auto mode's fallback) */
+			if (!(io->mflags & MIG_IO_DEST_DONE)) {
+				io->mflags |= MIG_IO_WAITING;
+				A_ADD(&m->dest_waiting_since, io->t_source_done);
+				A_ADD(&m->dest_waiting, 1);
+			}
+		}
+		return true;
+	}
+	if (slot == SLOT_DEST) {
+		io->mflags |= MIG_IO_DEST_DONE;
+		if (io->mflags & MIG_IO_WAITING) {
+			io->mflags &= ~MIG_IO_WAITING;
+			A_SUB(&m->dest_waiting, 1);
+			A_SUB(&m->dest_waiting_since, io->t_source_done);
+		}
+	}
+	/* after the cutover the destination is the disk: its errors are the guest's
+	 * (and a delta's are: io_done() tries a snapshot write again) */
+	if (slot != SLOT_DEST || A_LOAD(&m->cut_over))
+		return true;
+	/* before it, a destination's error is the migration's business alone: the
+	 * guest's answer comes from the source */
+	if (data) {
+		c0 = req->offset >> m->chunk_shift;
+		c1 = (req->offset + req->len - 1) >> m->chunk_shift;
+	}
+	if (res >= 0) {
+		/* acknowledged, not yet durable: a lost connection may lose it */
+		for (uint64_t c = c0; data && c <= c1; c++)
+			bit_set(m->unflushed, c);
+		return false;
+	}
+	if (io->mflags & MIG_IO_DEST_FAILED)
+		return false;
+	io->mflags |= MIG_IO_DEST_FAILED;
+	/* the source has it (or will), the destination may not */
+	for (uint64_t c = c0; data && c <= c1; c++)
+		mig_mark_dirty(m, c);
+	mig_dest_failed(m, io, res);
+	return false;
+}
+
+static int io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
+{
+	struct ubm_io *io = &q->ios[tag];
+	const struct ubm_req *req = &io->req;
+	uint64_t now = ubm_now_ns(), lat = now - io->t_start, cut;
+	bool cut_over = A_LOAD(&m->cut_over);
+	bool durable = req->op == UBLK_IO_OP_FLUSH ||
+		       (is_write(req->op) && (req->flags & UBLK_IO_F_FUA));
+
+	/* snapshot: a FLUSH or FUA write is acknowledged only once the layer
+	 * map says, durably, where the data it covers lives (layermap.c) */
+	if (durable && io->result >= 0 && !cut_over && m->map_open) {
+		int fds[UBM_MAX_DELTAS];
+		unsigned n = A_LOAD(&m->gen);
+		int ret;
+
+		for (unsigned g = 0; g < n; g++)
+			fds[g] = m->delta[g].fd;
+		ret = ubm_layer_map_commit(&m->map, io->map_mark, fds, n);
+		if (ret < 0)
+			io->result = ret;
+	}
+	/* a snapshot write or flush that failed on a delta is tried again
+	 * once the deltas are folded back into the source (fail_deltas) */
+	bool retry = io->result < 0 && !cut_over && A_LOAD(&m->mode) == UBM_MIG_SNAPSHOT &&
+		     (is_write(req->op) || req->op == UBLK_IO_OP_FLUSH) &&
+		     A_LOAD(&m->delta_failed) != DELTA_UNFOLDABLE;
+
+	if (retry)
+		mig_fail_deltas(m, io->result);
+
+	if (io->mflags & MIG_IO_REFS) {
+		uint64_t c0 = req->offset >> m->chunk_shift;
+		uint64_t c1 = (req->offset + req->len - 1) >> m->chunk_shift;
+
+		if (io->mflags & MIG_IO_MIRRORED) {
+			A_ADD(&m->mirrored_writes, 1);
+			/* the source was done first: the guest waited for the destination */
+			if (io->t_source_done && now > io->t_source_done) {
+				A_ADD(&m->mirror_waits, 1);
+				A_ADD(&m->mirror_wait_ns, now - io->t_source_done);
+			}
+			io->t_source_done = 0;
+			/* (a destination failure is recorded already: part_done) */
+		} else if (io->mflags & MIG_IO_TRACKED) {
+			A_ADD(&m->tracked_writes, 1);
+			if (io->result >= 0) {
+				for (uint64_t c = c0; c <= c1; c++)
+					mig_mark_dirty(m, c);
+			}
+			A_SUB(&m->unmirrored, 1);
+		}
+		/* dirty before unreferenced: a copier waiting for the count sees the bit */
+		mig_chunks_put(m, c0, c1);
+	}
+	if (retry) {
+		A_SUB(&m->inflight, 1);
+		A_ADD(&m->parked, 1);
+		return 1;  /* t_start stays: the latency counts from the first try */
+	}
+	mig_atomic_max(&m->max_latency_ns, lat);
+	cut = A_LOAD(&m->cutover_ns);
+	if (cut && now + 1000000000ull > cut && now < cut + 1000000000ull)
+		mig_atomic_max(&m->cutover_latency_ns, lat);
+	io->t_start = 0;
+	A_SUB(&m->inflight, 1);
+	return 0;
+}
+
+/* ---- the router the core calls (t->router while the migration runs) ---------- */
+
+static struct ubm_migration *of_router(struct ubm_router *r)
+{
+	return (struct ubm_migration *)((char *)r - offsetof(struct ubm_migration, router));
+}
+
+static int router_route(struct ubm_router *r, struct ubm_queue *q, unsigned tag)
+{
+	return route(of_router(r), q, tag);
+}
+
+static bool router_part_done(struct ubm_router *r, struct ubm_io *io, unsigned slot, int res)
+{
+	return part_done(of_router(r), io, slot, res);
+}
+
+static int router_io_done(struct ubm_router *r, struct ubm_queue *q, unsigned tag)
+{
+	return io_done(of_router(r), q, tag);
+}
+
+const struct ubm_router_ops ubm_mig_router_ops = {
+	.route = router_route,
+	.part_done = router_part_done,
+	.io_done = router_io_done,
+};
