@@ -3,7 +3,7 @@
 A snapshot migration keeps the source frozen and the guest's writes in deltas,
 ``PREFIX.1``, ``PREFIX.2``, ... (``PREFIX`` is ``IMAGE.ublkmig-delta``, or
 ``DELTA_DIR/NAME.ublkmig-delta``), and records in the layer map
-``PREFIX.map`` which delta holds each chunk's newest data (native/layermap.c):
+``PREFIX.map`` which delta holds each chunk's newest data (native/migrate/layermap.c):
 a record is in the file (the page cache) before the write that caused it is
 issued, so a daemon that dies (SIGKILL) leaves every acknowledged write
 findable; after a reboot (a power cut) records are trusted only up to the

@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from ublkmig import cli, daemon, migration, native
+from ublkmig.daemon import entry as daemon_entry
 
 FAIL_AT = sys.argv[1]
 
@@ -74,7 +75,8 @@ class FakeDevice:
 
 
 native.Device = FakeDevice  # type: ignore[assignment,misc]
-daemon.check_root = lambda: None
+# (serve() looks its checks up in ublkmig.daemon.entry)
+daemon_entry.check_root = lambda: None
 if policy := os.environ.get("UBLKMIG_FAKE_POLICY"):
     _init = daemon.Daemon.__init__
 
@@ -83,5 +85,5 @@ if policy := os.environ.get("UBLKMIG_FAKE_POLICY"):
         self.migration_policy = migration.Policy(**json.loads(policy))
 
     daemon.Daemon.__init__ = _init_with_policy  # type: ignore[method-assign]
-daemon.ensure_driver = lambda: None
+daemon_entry.ensure_driver = lambda: None
 sys.exit(cli.main(sys.argv[sys.argv.index("--") + 1 :]))

@@ -1,5 +1,5 @@
 """Migration to NBD exports served by real servers (qemu-nbd, nbdkit), through the simulator:
-the data plane's NBD client (native/backend_nbd.c) with guest I/O going on, ending with a
+the data plane's NBD client (native/backends/nbd.c) with guest I/O going on, ending with a
 byte-for-byte comparison of the export's file; the handshake's errors; a server that dies
 mid-migration.  (tests/vm runs the same against real ublk devices.)"""
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ublkmig import daemon, state
-from ublkmig.daemon import check_superseded, check_takeover
+from ublkmig import state
+from ublkmig.daemon import check_superseded, check_takeover, recovery
 from ublkmig.errors import UserError
 
 
@@ -41,10 +41,10 @@ def test_takeover_checks(run_dir: Path, tmp_path: Path, monkeypatch: pytest.Monk
     image, dest = tmp_path / "disk.img", tmp_path / "dest.img"
     image.write_bytes(b"x")
     dest.write_bytes(b"y")
-    monkeypatch.setattr(daemon, "ublk_device_exists", lambda dev_id: False)
+    monkeypatch.setattr(recovery, "ublk_device_exists", lambda dev_id: False)
     with pytest.raises(UserError, match="cannot recover /dev/ublkb5: there is no ublk device 5"):
         check_takeover(5, image, force=True)
-    monkeypatch.setattr(daemon, "ublk_device_exists", lambda dev_id: dev_id == 5)
+    monkeypatch.setattr(recovery, "ublk_device_exists", lambda dev_id: dev_id == 5)
     # nothing left behind: nothing says which image is the disk
     with pytest.raises(UserError, match="no record of what /dev/ublkb5 served"):
         check_takeover(5, image)

@@ -24,6 +24,7 @@ from typing import Any
 
 # the daemon's status over its control socket (a CLI process costs seconds under emulation)
 from ublkmig.bench.scenarios import device_status
+from ublkmig.migration.phase import ENDED
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -428,7 +429,7 @@ def wait_migration(device: str, until: Callable[[dict[str, Any]], bool], *,
         mig = device_status(device)["migration"]
         if mig is not None and until(mig):
             return dict(mig)
-        if mig is not None and mig["phase"] in ("completed", "cancelled", "failed"):
+        if mig is not None and mig["phase"] in ENDED:
             raise AssertionError(f"the migration ended before {what or 'the condition held'}: "
                                  f"{mig}")
         if time.monotonic() > deadline:

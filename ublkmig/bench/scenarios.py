@@ -30,12 +30,12 @@ from typing import Any
 
 from ublkmig.bench import fio, targets
 from ublkmig.bench.fio import FioJob
+from ublkmig.migration.phase import ENDED
 
 MiB = 1 << 20
 CHUNK = "1M"  # the migrations' chunk size, and dd's block size
 CHUNK_BYTES = 1 << 20
 MODES = ("mirror", "dbt", "snapshot")
-END_PHASES = ("completed", "cancelled", "failed")
 
 
 PEER_DIFFERENCES = (
@@ -176,10 +176,10 @@ def follow(device: str, log: PhaseLog, timeout: float = 3600.0) -> dict[str, Any
             label = mig["phase"]
             if mig.get("paused"):
                 label += " (paused)"
-            elif mig.get("pass_kind") and mig["phase"] not in END_PHASES:
+            elif mig.get("pass_kind") and mig["phase"] not in ENDED:
                 label += f" pass {mig['pass']} ({mig['pass_kind']})"
             log.note(label)
-            if mig["phase"] in END_PHASES:
+            if mig["phase"] in ENDED:
                 return dict(mig)
         if time.monotonic() > end:
             raise RuntimeError(f"the migration of {device} did not end in {timeout:.0f} s")

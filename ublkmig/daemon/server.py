@@ -1,27 +1,6 @@
-"""``ublkmig serve``: one ublk device for one image, for as long as the daemon runs.
-
-The image is a file, a block device or an NBD export (its URI); a lost connection to an
-export serving the device is dialled again by a task of the daemon (the keeper) while the
-guest's requests wait for it in the data plane.
-
-Lifecycle: validate the image and the options (before touching the driver),
-check root, check ``/dev/ublk-control`` (``modprobe ublk_drv`` once if it is
-missing), hold an exclusive non-blocking flock on the image, then in the event
-loop: add the device (ADD_DEV + SET_PARAMS), listen on the control socket,
-start it (queue threads + START_DEV), wait until ``/dev/ublkbN`` exists and
-answers a read, print its path as the first stdout line, serve the control
-socket until SIGINT/SIGTERM/SIGHUP or a ``stop`` request, then stop (in-flight I/O
-completes), delete the device and remove the socket.
-
-Live migration (ublkmig.migration) runs as a task of the daemon: the control
-commands ``migrate``, ``status``, ``cutover``, ``cancel`` and ``speed`` drive it.
-A migration running when the daemon stops is cancelled first (the source stays
-authoritative).  After a completed one the daemon serves the destination: it
-holds the destination's flock instead of the old image's, and ``info`` shows
-it as the image.
-
-Every blocking data-plane call runs in a worker thread; the event loop only
-waits for it.
+"""The Daemon, the event-loop half of ``serve``: the device's lifecycle, the control socket
+and a handler per command (the migration commands drive a migration task), signals, and the
+keeper of an NBD image's connections.  Blocking data-plane calls run in worker threads.
 """
 
 from __future__ import annotations
@@ -30,229 +9,24 @@ import contextlib
 import dataclasses
 import enum
 import errno
-import fcntl
 import os
-import shutil
 import signal
 import stat
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import anyio
 import anyio.abc
 
-from ublkmig import __version__, control, migration, native, snapshot, state
+from ublkmig import __version__, control, migration, native, state
+from ublkmig.daemon.checks import Image
+from ublkmig.daemon.options import ServeOptions, _int_arg, parse_migrate_args
 from ublkmig.errors import UblkmigError, UserError
 from ublkmig.log import get_logger
-from ublkmig.native import DataPath
 
 READY_TIMEOUT = 60.0  # /dev/ublkbN must answer within this (kernel VMs are slow)
 KEEPER_POLL = 0.2  # s: how often the connections of an NBD export serving a device are checked
-CONTROL_DEVICE = Path("/dev/ublk-control")
-
-DRIVER_HINT = (
-    "ublk needs Linux 6.0+ built with CONFIG_BLK_DEV_UBLK, e.g. Debian trixie's 6.12 and newer; "
-    "Debian bookworm's 6.1 lacks it"
-)
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    """What ``serve`` was asked for (ranges: see native.MAX_QUEUES etc., checked by the CLI
-    and again by the data plane)."""
-
-    image: Path | str  # a str: an NBD export's URI
-    queues: int = native.DeviceConfig.queues
-    depth: int = native.DeviceConfig.depth
-    read_only: bool = False
-    logical_block_size: int = native.DeviceConfig.logical_block_size
-    direct: bool = False
-    data_path: DataPath = DataPath.AUTO
-    recover: int | None = None  # take over /dev/ublkb<N>, whose daemon died
-    force: bool = False  # serve an image a record says is not the disk (or recover without one)
-    timeout: float = native.DEFAULT_NBD_TIMEOUT  # an NBD image: the longest wait for its server
-    reconnect_wait: float = native.DEFAULT_RECONNECT_WAIT  # a request waits for a lost connection
-
-
-class Image:
-    """The image, opened as the device will use it, with its exclusive flock held."""
-
-    def __init__(self, path: Path | str, fd: int, size: int) -> None:
-        self.path = path  # a str: an NBD export's URI (after a migration to one)
-        self.fd = fd
-        self.size = size
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)  # releases the flock
-            self.fd = -1
-
-
-def open_image(opts: ServeOptions) -> Image:
-    """Check the image as ``opts`` would serve it and lock it; UserError on anything wrong."""
-    if isinstance(opts.image, str):
-        return _nbd_image(opts, opts.image)
-    path = Path(os.path.abspath(opts.image))
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise UserError(f"image not found: {opts.image}") from None
-    except OSError as e:
-        raise UserError(f"cannot access image {opts.image}: {e.strerror}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise UserError(f"image is a directory: {opts.image}")
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise UserError(f"image is not a regular file or a block device: {opts.image}")
-    if opts.direct:
-        _check_direct(path, opts.image)
-    mode = "reading" if opts.read_only else "reading and writing"
-    # a block device exclusively: refused while mounted or claimed (a partition of it too)
-    excl = os.O_EXCL if stat.S_ISBLK(st.st_mode) else 0
-    try:
-        fd = os.open(path, (os.O_RDONLY if opts.read_only else os.O_RDWR) | os.O_CLOEXEC | excl)
-    except OSError as e:
-        hint = "" if opts.read_only else " (--read-only serves it read-only)"
-        if e.errno == errno.EBUSY and excl:
-            raise UserError(f"image is in use (mounted, or held by another program): "
-                            f"{opts.image}") from None  # fmt: skip
-        if e.errno == errno.EROFS:
-            raise UserError(f"image is on a read-only file system: {opts.image}{hint}") from None
-        raise UserError(f"cannot open image {opts.image} for {mode}: {e.strerror}{hint}") from None
-    image = Image(path, fd, 0)
-    try:
-        image.size = os.lseek(fd, 0, os.SEEK_END)  # files and block devices alike
-        if image.size == 0:
-            raise UserError(f"image is empty: {opts.image}")
-        try:
-            os.pread(fd, min(image.size, 4096), 0)
-        except OSError as e:
-            raise UserError(f"cannot read image {opts.image}: {e.strerror}") from None
-        lbs = opts.logical_block_size
-        if image.size % lbs:
-            raise UserError(
-                f"image size {image.size} bytes is not a multiple of the logical block size "
-                f"{lbs}: {opts.image}"
-            )
-        _lock(image, opts.image)
-    except BaseException:
-        image.close()
-        raise
-    return image
-
-
-def _nbd_image(opts: ServeOptions, uri: str) -> Image:
-    """An NBD export as the image: the data plane dials, checks and sizes it.  No lock can
-    keep another client off it; another daemon of this host serving it is refused here."""
-    if opts.direct:
-        raise UserError(f"--direct applies to a file or a block device, not to the NBD export "
-                        f"{uri}")  # fmt: skip
-    info = find_server(uri)
-    if info is not None:
-        raise UserError(f"the NBD export {uri} is already served by {info.get('path')} (pid "
-                        f"{info.get('pid')})")  # fmt: skip
-    return Image(uri, -1, 0)
-
-
-def _check_direct(path: Path, shown: Path) -> None:
-    try:
-        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC))
-    except OSError as e:
-        if e.errno == errno.EINVAL:
-            raise UserError(
-                f"the file system of {shown} does not support --direct (O_DIRECT)"
-            ) from None
-        # other errors (permissions...) are reported by the plain open that follows
-
-
-def _lock(image: Image, shown: Path) -> None:
-    try:
-        fcntl.flock(image.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        info = find_server(image.path)
-        if info is not None:
-            raise UserError(
-                f"image {shown} is already served by {info.get('path')} (pid {info.get('pid')})"
-            ) from None
-        raise UserError(
-            f"image {shown} is locked by another process (another ublkmig serve of it starting "
-            "or stopping?)"
-        ) from None
-
-
-def find_server(image: Path | str, exclude: Path | None = None) -> dict[str, Any] | None:
-    """The ``info`` of the daemon of this host that serves ``image`` (a path, or an NBD
-    export's URI), if one answers (but the one listening on ``exclude``)."""
-    try:
-        daemons = control.list_daemons(timeout=2.0, exclude=exclude)
-    except UblkmigError:
-        return None
-    for info in daemons:
-        if same_image(str(info.get("image", "")), image):
-            return info
-    return None
-
-
-def same_image(a: str, b: Path | str) -> bool:
-    """Whether two images are one: the same file or device, or the same NBD URI."""
-    if migration.is_nbd_uri(a) or migration.is_nbd_uri(str(b)):
-        return a == str(b)
-    try:
-        return os.path.samefile(a, b)
-    except (OSError, TypeError):
-        return False
-
-
-def check_root() -> None:
-    if os.geteuid() != 0:
-        raise UserError("must run as root (ublk devices need CAP_SYS_ADMIN)")
-
-
-def ensure_driver() -> None:
-    """UserError unless /dev/ublk-control exists; tries ``modprobe ublk_drv`` once as root."""
-    if CONTROL_DEVICE.exists():
-        return
-    release = os.uname().release
-    modprobe = shutil.which("modprobe", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
-    if modprobe is None or os.geteuid() != 0:
-        raise UserError(
-            f"no ublk driver: {CONTROL_DEVICE} is missing; load it with `modprobe ublk_drv` "
-            f"as root (this is Linux {release}); {DRIVER_HINT}"
-        )
-    try:
-        r = subprocess.run([modprobe, "ublk_drv"], capture_output=True, text=True, timeout=60)
-        failure = r.stderr.strip().splitlines()[-1] if r.returncode else ""
-    except (OSError, subprocess.TimeoutExpired) as e:
-        failure = str(e)
-    deadline = time.monotonic() + 2.0
-    while not failure and not CONTROL_DEVICE.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)  # devtmpfs creates the node right after the load
-    if CONTROL_DEVICE.exists():
-        get_logger().info("driver.loaded", module="ublk_drv")
-        return
-    why = "found no such module" if "not found" in failure else (failure or "did not create it")
-    raise UserError(
-        f"no ublk driver: {CONTROL_DEVICE} is missing and `modprobe ublk_drv` {why} "
-        f"(this is Linux {release}); {DRIVER_HINT}"
-    )
-
-
-def check_data_path(path: DataPath) -> None:
-    """UserError if a forced data path is not offered by the running driver."""
-    if path == DataPath.AUTO:
-        return
-    feats = native.features()
-    need, since = native.PATH_NEEDS[path]
-    if feats & need != need:
-        flags = ", ".join(f"UBLK_F_{n}" for n in native.decode_features(need & ~feats))
-        offered = ", ".join(p.label for p in native.paths_offered(feats))
-        raise UserError(
-            f"data path {path.label} needs {flags} (Linux {since}+), which this kernel's ublk "
-            f"driver (Linux {os.uname().release}) does not offer; it offers: {offered}"
-        )
 
 
 class State(enum.StrEnum):
@@ -805,49 +579,6 @@ class Daemon:
                 os.close(devnull)
 
 
-def _int_arg(args: dict[str, Any], key: str, *, optional: bool = False) -> Any:
-    value = args.get(key)
-    if value is None and optional:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise UserError(f"{key} must be an integer, not {value!r}")
-    return value
-
-
-def parse_migrate_args(args: dict[str, Any], direct: bool = False) -> migration.MigrationOptions:
-    """The ``migrate`` request's fields -> MigrationOptions (UserError, one line, if bad)."""
-    to = args.get("to")
-    if not isinstance(to, str) or not to:
-        raise UserError('migrate needs "to": the destination path')
-    mode = migration.check_mode(str(args.get("mode", migration.Mode.AUTO)))
-    chunk_size = args.get("chunk_size")
-    chunk_size = (
-        migration.DEFAULT_CHUNK_SIZE if chunk_size is None else _int_arg(args, "chunk_size")
-    )
-    speed = migration.check_speed(_int_arg(args, "speed", optional=True))
-    for flag, default in (("no_cutover", False), ("verify", False), ("yield", True)):
-        if not isinstance(args.get(flag, default), bool):
-            raise UserError(f"{flag} must be true or false")
-    wait = args.get("fallback_wait_ms", 20.0)
-    if not isinstance(wait, int | float) or isinstance(wait, bool):
-        raise UserError("fallback_wait_ms must be a number")
-    timeout = args.get("dest_timeout", migration.DEFAULT_DEST_TIMEOUT)
-    if not isinstance(timeout, int | float) or isinstance(timeout, bool):
-        raise UserError("dest_timeout must be a number of seconds")
-    return migration.MigrationOptions(
-        dest=to if migration.is_nbd_uri(to) else Path(to),
-        mode=mode,
-        chunk_size=migration.check_chunk_size(chunk_size),
-        speed=speed,
-        no_cutover=bool(args.get("no_cutover", False)),
-        verify=bool(args.get("verify", False)),
-        direct=direct,
-        busy_depth=migration.DEFAULT_BUSY_DEPTH if args.get("yield", True) else 0,
-        fallback_wait_ms=migration.check_fallback_wait(float(wait)),
-        dest_timeout=migration.check_dest_timeout(float(timeout)),
-    )
-
-
 def _quiet_benign_races() -> None:
     """Drop asyncio's "Exception in callback Future.set_result(None) ... InvalidStateError".
 
@@ -877,110 +608,3 @@ def _probe(path: str, length: int) -> None:
             raise OSError(errno.EIO, "short read")
     finally:
         os.close(fd)
-
-
-def check_superseded(image: Path) -> None:
-    """``serve IMAGE``: UserError if a completed migration left IMAGE (another is the disk)."""
-    mark = state.superseded_by(str(image))
-    if mark is not None:
-        raise UserError(
-            f"{image} is not the disk any more: {mark.get('device', 'its device')} migrated to "
-            f"{mark.get('superseded_by')}, which holds every write since; serve that (or pass "
-            "--force to serve this old copy)"
-        )
-
-
-def ublk_device_exists(dev_id: int) -> bool:
-    """Whether ublk device DEV_ID exists (its block or its char device node)."""
-    return Path(f"/dev/ublkb{dev_id}").exists() or Path(f"/dev/ublkc{dev_id}").exists()
-
-
-def check_takeover(dev_id: int, image: Path | str, force: bool = False) -> None:
-    """``serve IMAGE --recover N``: UserError unless IMAGE is what /dev/ublkbN's dead daemon
-    served (as its state files say), and nothing was lost with it.  Without a record of what
-    it served nothing can be concluded: refused unless ``force``."""
-    node = f"/dev/ublkb{dev_id}"
-    try:
-        info = control.request(control.socket_path(dev_id), "info", timeout=5.0)
-    except UblkmigError:  # nobody answers: as expected
-        pass
-    else:
-        raise UserError(f"{node} is served by a live ublkmig daemon (pid {info.get('pid')}): "
-                        f"`ublkmig stop {node}` stops it")
-    dev = state.read(state.device_path(dev_id))
-    if dev is None and not ublk_device_exists(dev_id):
-        raise UserError(f"cannot recover {node}: there is no ublk device {dev_id}")
-    if dev is None and not force:
-        raise UserError(
-            f"no record of what {node} served ({state.device_path(dev_id)} is missing, as after "
-            "its daemon failed to save it): pass --force if you know it was this image"
-        )
-    if dev is not None:
-        served = str(dev.get("image", ""))
-        if not same_image(served, image):
-            raise UserError(f"{node} was serving {served}: recover it with that image")
-    mig = state.read(state.migration_path(dev_id))
-    if mig is not None and not mig.get("cut_over") and mig.get("mode") == "snapshot":
-        prefix = _snapshot_prefix(mig, image)
-        if snapshot.read_map(prefix) is None:
-            raise UserError(
-                f"{node}'s daemon died during a snapshot-mode migration, and its layer map "
-                f"{snapshot.map_path(prefix)} is gone: the guest's writes since it began are "
-                f"not in the image; `ublkmig stop {node}` fails the guest's I/O instead"
-            )
-
-
-def _snapshot_prefix(mig: dict[str, Any] | None, image: Path) -> Path:
-    """Where a snapshot migration of ``image`` kept its deltas: as its record says, or the
-    default place beside the image."""
-    saved = mig.get("deltas") if mig else None
-    return Path(saved) if isinstance(saved, str) else snapshot.delta_prefix(image, None)
-
-
-def fold_back_snapshot(opts: ServeOptions, image: Image) -> None:
-    """Before serving: a snapshot migration whose daemon died left the guest's writes in its
-    deltas, named by a layer map; fold them back into the image (then the map and deltas
-    go).  Serving the image without them would lose those writes."""
-    mig = None
-    if opts.recover is not None:
-        mig = state.read(state.migration_path(opts.recover))
-        if mig is not None and mig.get("cut_over"):
-            return  # the destination is the disk; its source's deltas do not matter
-    prefix = _snapshot_prefix(mig, Path(image.path))
-    lm = snapshot.read_map(prefix)
-    if lm is None:
-        # deltas without a map are garbage (it is created before them, removed first)
-        if any(snapshot.leftovers(prefix)):
-            snapshot.remove(prefix)
-        return
-    if opts.read_only:
-        raise UserError(f"{image.path} has the deltas of a snapshot migration that did not end "
-                        f"({snapshot.map_path(prefix)}): serve it without --read-only once, to "
-                        "fold them back")  # fmt: skip
-    n = snapshot.fold_back(lm, image.fd, image.size)
-    get_logger().info("snapshot.folded_back", image=str(image.path), chunks=n,
-                      map=str(snapshot.map_path(prefix)))  # fmt: skip
-
-
-def serve(opts: ServeOptions, out: TextIO | None = None) -> int:
-    """Run the daemon in the foreground; returns its exit status."""
-    image = open_image(opts)
-    try:
-        check_root()
-        # a takeover's own record names the image more precisely than a superseded mark
-        if opts.recover is not None:
-            check_takeover(opts.recover, image.path, force=opts.force)
-        # (an NBD export is never migrated from, so never superseded, never has deltas)
-        if not opts.force and isinstance(image.path, Path):
-            check_superseded(image.path)
-        if isinstance(image.path, Path):
-            fold_back_snapshot(opts, image)
-        ensure_driver()
-        check_data_path(opts.data_path)
-        d = Daemon(opts, image, out or sys.stdout)
-        try:
-            return anyio.run(d.run)
-        finally:
-            d.image.close()  # the destination's, after a completed migration
-    finally:
-        image.close()
