@@ -34,7 +34,8 @@ from typing import BinaryIO
 from rich.console import Console
 from rich.markup import escape
 
-from ublkmig import control, daemon
+from ublkmig import daemon
+from ublkmig.client import Client
 from ublkmig.errors import UblkmigError, UserError
 from ublkmig.units import format_size
 
@@ -138,7 +139,7 @@ class Demo:
 
         with self.step("serve it: python -m ublkmig serve disk.img"):
             self._serve(image)
-        info = control.request(control.socket_path(self.dev_id), "info")
+        info = Client(self.dev_id).info()
         self.note(
             f"{self.dev}: data path {info['data_path']}, {info['queues']} queue(s) x depth "
             f"{info['depth']}, daemon pid {info['pid']}"
@@ -162,7 +163,7 @@ class Demo:
         with self.step(f"fsck.ext4 -fn {self.dev}"):
             _run(["fsck.ext4", "-fn", self.dev])
         self._migration()
-        stats = control.request(control.socket_path(self.dev_id), "info")["stats"]
+        stats = Client(self.dev_id).info()["stats"]
         self.note(
             f"the daemon served {stats['reads']} reads ({format_size(stats['read_bytes'])}), "
             f"{stats['writes']} writes ({format_size(stats['write_bytes'])}), "
@@ -208,7 +209,7 @@ class Demo:
                     raise DemoFailed(out[-1] if out else f"migrate exited {r.returncode}")
                 during = writer.count - written_before
                 writer.stop(after=WRITER_FILES_AFTER)
-            status = control.request(control.socket_path(self.dev_id), "status")
+            status = Client(self.dev_id).status()
             mig = status["migration"]
             self.note(
                 f"{mig['mode']} migration completed in {mig['elapsed']:.1f} s; cutover stall "

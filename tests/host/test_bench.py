@@ -161,11 +161,11 @@ def test_load_repetitions_combine_into_medians_with_spread(tmp_path: Path) -> No
 def test_migrate_request_is_one_the_daemon_takes(mode: str, tmp_path: Path) -> None:
     from ublkmig import daemon
 
-    opts = daemon.parse_migrate_args(scenarios.migrate_args(tmp_path / "d.img", mode))
+    opts = daemon.parse_migrate_args(scenarios.migrate_request(tmp_path / "d.img", mode).args())
     assert str(opts.mode) == mode and opts.chunk_size == scenarios.CHUNK_BYTES
     assert opts.speed is None and not opts.no_cutover and not opts.verify
     assert opts.busy_depth > 0  # the copier yields, as it does by default
-    eager = scenarios.migrate_args(tmp_path / "d.img", mode, yields=False)
+    eager = scenarios.migrate_request(tmp_path / "d.img", mode, yields=False).args()
     assert daemon.parse_migrate_args(eager).busy_depth == 0
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from ublkmig import control
 from ublkmig.cli import main
+from ublkmig.client import Client
 
 HERE = Path(__file__).resolve().parent
 EVENTS = (
@@ -92,7 +93,7 @@ def test_stop_request(served: Served, run_dir: Path, capsys: pytest.CaptureFixtu
     assert served.first_line() == f"{served.image}\n"  # the fake's "block device" is the image
     sock = control.socket_path(42)
     assert sock.exists()
-    info = control.request(sock, "info")
+    info = Client(42).info()
     assert info["id"] == 42 and info["image"] == str(served.image)
     assert (info["queues"], info["depth"], info["lbs"], info["data_path"]) == (2, 64, 512, "copy")
     assert info["state"] == "running" and info["pid"] == served.proc.pid

@@ -23,6 +23,7 @@ from control_fakes import fake_info, serving
 
 from ublkmig import control, native, state
 from ublkmig.cli import main
+from ublkmig.client import Client, MigrateRequest
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="data plane not built")
 
@@ -252,7 +253,7 @@ def test_stop_cancels_a_running_migration(
 
 def test_watch_reports_a_cancel(daemon: Daemon, tmp_path: Path, run_dir: Path) -> None:
     dest = tmp_path / "dest.img"
-    control.request(control.socket_path(42), "migrate", to=str(dest), speed=1 << 20)
+    Client(42).migrate(MigrateRequest(to=str(dest), speed=1 << 20))
     env = {**os.environ, control.ENV_RUN_DIR: str(run_dir), "PYTHONPATH": str(HERE.parents[1])}
     watch = subprocess.Popen(
         [sys.executable, "-m", "ublkmig", "status", "--watch", "42"],
@@ -264,7 +265,7 @@ def test_watch_reports_a_cancel(daemon: Daemon, tmp_path: Path, run_dir: Path) -
     assert watch.stdout is not None
     first = watch.stdout.readline()  # a line per phase when stdout is not a terminal
     assert f"{DEV} auto copying (pass 1: all): " in first
-    control.request(control.socket_path(42), "cancel")
+    Client(42).cancel()
     out, err = watch.communicate(timeout=30)
     assert watch.returncode == 1
     assert f"{DEV} auto cancel" in out

@@ -22,9 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# the daemon's status over its control socket (a CLI process costs seconds under emulation)
-from ublkmig.bench.scenarios import device_status
-from ublkmig.migration.phase import ENDED
+from ublkmig.client import Client, WaitTimeout
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -414,27 +412,29 @@ def cli_status(device: str) -> dict[str, Any]:
     return dict(json.loads(r.stdout))
 
 
+def device_status(device: str) -> dict[str, Any]:
+    """The daemon's status over its socket (a CLI process costs seconds under emulation)."""
+    return Client(device, timeout=30.0).status()
+
+
 def migration_status(device: str) -> dict[str, Any]:
-    mig = device_status(device)["migration"]
+    mig = Client(device, timeout=30.0).migration()
     assert mig is not None, f"{device} has no migration"
-    return dict(mig)
+    return mig
 
 
 def wait_migration(device: str, until: Callable[[dict[str, Any]], bool], *,
                    timeout: float = MIGRATE_TIMEOUT, what: str = "") -> dict[str, Any]:
     """Poll the migration's status until ``until(status)`` holds (AssertionError if it ends
     or the time runs out first); no migration yet counts as not holding."""
-    deadline = time.monotonic() + timeout
-    while True:
-        mig = device_status(device)["migration"]
-        if mig is not None and until(mig):
-            return dict(mig)
-        if mig is not None and mig["phase"] in ENDED:
-            raise AssertionError(f"the migration ended before {what or 'the condition held'}: "
-                                 f"{mig}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not {what} within {timeout:.0f} s: {mig}")
-        time.sleep(0.1)
+    try:
+        mig = Client(device, timeout=30.0).wait_migration(until, interval=0.1, timeout=timeout,
+                                                          before_start=True)  # fmt: skip
+    except WaitTimeout as e:
+        raise AssertionError(f"not {what} within {timeout:.0f} s: {e.last}") from None
+    if not until(mig):
+        raise AssertionError(f"the migration ended before {what or 'the condition held'}: {mig}")
+    return mig
 
 
 def sha256_of(path: str | Path, length: int | None = None) -> str:

@@ -30,6 +30,7 @@ from typing import Any
 
 from ublkmig.bench import fio, targets
 from ublkmig.bench.fio import FioJob
+from ublkmig.client import Client, MigrateRequest
 from ublkmig.migration.phase import ENDED
 
 MiB = 1 << 20
@@ -130,29 +131,14 @@ def check_same(device: str, dest: Path, size: int) -> str:
     return a
 
 
-def device_status(device: str) -> dict[str, Any]:
-    """The daemon's status (what ``ublkmig status DEVICE --json`` prints), from its socket."""
-    from ublkmig import control
-
-    dev_id = int(device.removeprefix("/dev/ublkb"))
-    answer = control.request(control.socket_path(dev_id), "status", timeout=30.0)
-    answer.pop("ok", None)
-    return dict(answer)
-
-
-def migrate_args(dest: Path | str, mode: str, yields: bool = True) -> dict[str, Any]:
-    """The control socket's ``migrate`` request: chunks of CHUNK, no speed limit; the
-    copier yields to guest I/O unless ``yields`` is False (--no-yield)."""
-    return {"to": str(dest), "mode": mode, "chunk_size": CHUNK_BYTES, "speed": None,
-            "no_cutover": False, "verify": False, "yield": yields}  # fmt: skip
+def migrate_request(dest: Path | str, mode: str, yields: bool = True) -> MigrateRequest:
+    """The bench's migrations: chunks of CHUNK, no speed limit; the copier yields to guest
+    I/O unless ``yields`` is False (--no-yield)."""
+    return MigrateRequest(to=str(dest), mode=mode, chunk_size=CHUNK_BYTES, yields=yields)
 
 
 def start_migration(device: str, dest: Path | str, mode: str, yields: bool = True) -> None:
-    from ublkmig import control
-
-    dev_id = int(device.removeprefix("/dev/ublkb"))
-    control.request(control.socket_path(dev_id), "migrate",
-                    **migrate_args(dest, mode, yields))  # fmt: skip
+    Client(device, timeout=30.0).migrate(migrate_request(dest, mode, yields))
 
 
 @dataclass
@@ -168,22 +154,18 @@ class PhaseLog:
 
 
 def follow(device: str, log: PhaseLog, timeout: float = 3600.0) -> dict[str, Any]:
-    """Sample the migration until it ends; its final status."""
-    end = time.monotonic() + timeout
-    while True:
-        mig = device_status(device)["migration"]
-        if mig is not None:
-            label = mig["phase"]
-            if mig.get("paused"):
-                label += " (paused)"
-            elif mig.get("pass_kind") and mig["phase"] not in ENDED:
-                label += f" pass {mig['pass']} ({mig['pass_kind']})"
-            log.note(label)
-            if mig["phase"] in ENDED:
-                return dict(mig)
-        if time.monotonic() > end:
-            raise RuntimeError(f"the migration of {device} did not end in {timeout:.0f} s")
-        time.sleep(0.05)
+    """Sample the migration every 50 ms until it ends; its final status."""
+
+    def note(mig: dict[str, Any]) -> None:
+        label = mig["phase"]
+        if mig.get("paused"):
+            label += " (paused)"
+        elif mig.get("pass_kind") and mig["phase"] not in ENDED:
+            label += f" pass {mig['pass']} ({mig['pass_kind']})"
+        log.note(label)
+
+    return Client(device, timeout=30.0).wait_migration(interval=0.05, timeout=timeout,
+                                                       on_status=note)  # fmt: skip
 
 
 def summary(values: list[float]) -> dict[str, float]:

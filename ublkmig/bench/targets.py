@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ublkmig.client import Client
 from ublkmig.vm import cache_dir
 
 
@@ -79,9 +80,7 @@ def ublkmig(image: Path, *, queues: int, depth: int, data_path: str = "auto",
         if not device.startswith("/dev/ublkb"):
             proc.wait(timeout=30)
             raise TargetError(f"ublkmig serve failed: {_tail(log)}")
-        from ublkmig.bench.scenarios import device_status  # the control socket
-
-        used = device_status(device)["data_path"]
+        used = Client(device, timeout=30.0).info()["data_path"]
         set_scheduler_none(device)
         yield Target(f"ublkmig {used}", device, proc.pid, used)
     finally:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -13,6 +12,7 @@ import click
 from ublkmig import control, native, state
 from ublkmig.cli.group import cli
 from ublkmig.cli.params import DeviceId
+from ublkmig.client import Client, DaemonGone
 from ublkmig.errors import UserError
 from ublkmig.native import DataPath
 from ublkmig.units import format_size
@@ -162,15 +162,13 @@ def list_cmd(as_json: bool) -> int:
 def stop(device: int, timeout: float, no_wait: bool) -> int:
     """Stop the daemon serving DEVICE (/dev/ublkbN or N): in-flight I/O completes, the device
     is removed.  A device whose daemon died is removed, failing the I/O it holds."""
-    path = control.socket_path(device)
-    node = f"/dev/ublkb{device}"
+    target = Client(device)
+    node = target.node
     try:
-        answer = control.request(path, "stop")
-    except control.DaemonGone:
+        answer = target.stop()
+    except DaemonGone:
         from ublkmig import daemon
 
-        with contextlib.suppress(OSError):
-            path.unlink()  # a dead daemon's socket
         if not daemon.ublk_device_exists(device):
             raise UserError(f"no ublkmig daemon serves {node}") from None
         try:
@@ -181,7 +179,8 @@ def stop(device: int, timeout: float, no_wait: bool) -> int:
         click.echo(f"removed {node}, whose daemon had died (the I/O it held failed)")
         return 0
     pid = answer.get("pid")
-    if not no_wait and not control.wait_gone(path, pid if isinstance(pid, int) else None, timeout):
+    pid = pid if isinstance(pid, int) else None
+    if not no_wait and not control.wait_gone(target.path, pid, timeout):
         raise UserError(f"the daemon of {node} did not stop within {timeout:g} s")
     click.echo(f"stopped {node}" if not no_wait else f"stopping {node}")
     return 0

@@ -4,13 +4,12 @@ terminal, else a line per phase, then its end as one line."""
 from __future__ import annotations
 
 import sys
-import time
 from typing import Any
 
 import click
 
-from ublkmig.cli.render import ENDED, _ms, _percent, _phase_line, _progress_text
-from ublkmig.cli.request import _ask, _node
+from ublkmig.cli.render import _ms, _percent, _phase_line, _progress_text
+from ublkmig.client import Client, DaemonGone
 from ublkmig.errors import UserError
 from ublkmig.units import format_duration
 
@@ -33,29 +32,29 @@ def _follow(device: int, *, stop_in_sync: bool, quiet: bool = False) -> dict[str
         )  # fmt: skip
         progress.start()
         task = progress.add_task("", total=100.0, detail="")
+
+    def show(mig: dict[str, Any]) -> None:
+        nonlocal last_phase
+        phase = mig["phase"]
+        if progress is not None and task is not None:
+            progress.update(
+                task, completed=_percent(mig), description=f"{mig['mode']} {phase}",
+                detail=_progress_text(mig),
+            )  # fmt: skip
+            if phase != last_phase:
+                progress.console.print(_phase_line(mig), markup=False, highlight=False)
+        elif phase != last_phase and not quiet:
+            click.echo(_phase_line(mig))
+        last_phase = phase
+
+    client = Client(device)
     try:
-        while True:
-            try:
-                st = _ask(device, "status", timeout=10.0)
-            except UserError:
-                raise UserError(f"the daemon of {_node(device)} went away") from None
-            mig = st.get("migration")
-            if mig is None:
-                raise UserError(f"no migration is running on {_node(device)}")
-            phase = mig["phase"]
-            if progress is not None and task is not None:
-                progress.update(
-                    task, completed=_percent(mig), description=f"{mig['mode']} {phase}",
-                    detail=_progress_text(mig),
-                )  # fmt: skip
-                if phase != last_phase:
-                    progress.console.print(_phase_line(mig), markup=False, highlight=False)
-            elif phase != last_phase and not quiet:
-                click.echo(_phase_line(mig))
-            last_phase = phase
-            if phase in ENDED or (stop_in_sync and phase == "in-sync"):
-                return mig
-            time.sleep(FOLLOW_INTERVAL)
+        return client.wait_migration(
+            (lambda mig: mig["phase"] == "in-sync") if stop_in_sync else None,
+            interval=FOLLOW_INTERVAL, on_status=show,
+        )  # fmt: skip
+    except DaemonGone:
+        raise UserError(f"the daemon of {client.node} went away") from None
     finally:
         if progress is not None:
             progress.stop()

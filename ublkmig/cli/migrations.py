@@ -16,16 +16,12 @@ from ublkmig.cli.follow import _finish_follow, _follow
 from ublkmig.cli.group import cli
 from ublkmig.cli.params import DeviceId, Rate, Size
 from ublkmig.cli.render import ENDED, _status_lines
-from ublkmig.cli.request import _ask, _node
+from ublkmig.client import Client, MigrateRequest
 from ublkmig.errors import UserError
 from ublkmig.migration.options import DEFAULT_FALLBACK_WAIT_MS, Mode
 from ublkmig.units import format_rate, format_size, parse_rate
 
 MODES = tuple(str(m) for m in Mode)
-
-# a cancel or a resume may wait for a migration's start: its destination's dial and handshake
-# (bounded by its --dest-timeout, 30 s by default)
-START_WAIT = 90.0
 
 
 @cli.command()
@@ -149,19 +145,16 @@ def migrate(
         if given:
             what = ", ".join(g.replace("--dest", "--to") for g in given)
             raise UserError(f"--resume takes the interrupted migration's options: not {what}")
-        extra = {"speed": speed} if speed is not None else {}
-        answer = _ask(device, "migrate", resume=True, timeout=START_WAIT, **extra)
+        mig = Client(device).resume(speed)
     elif dest is None:
         raise UserError("migrate needs --to DEST (or --resume)")
     else:
         to = dest if is_nbd_uri(dest) else os.path.abspath(dest)
-        # (its start waits for the destination: a dial and handshake, within dest_timeout)
-        answer = _ask(
-            device, "migrate", to=to, mode=mode, chunk_size=chunk_size, speed=speed,
-            no_cutover=no_cutover, verify=verify, fallback_wait_ms=fallback_wait,
-            dest_timeout=dest_timeout, timeout=dest_timeout + 10, **{"yield": not no_yield},
-        )  # fmt: skip
-    mig = answer["migration"]
+        mig = Client(device).migrate(MigrateRequest(
+            to=to, mode=mode, chunk_size=chunk_size, speed=speed, no_cutover=no_cutover,
+            verify=verify, yields=not no_yield, fallback_wait_ms=fallback_wait,
+            dest_timeout=dest_timeout,
+        ))  # fmt: skip
     no_cutover = bool(mig.get("no_cutover", no_cutover))
     limit_to = mig.get("speed", speed)
     limit = f", at most {format_rate(limit_to)}" if limit_to else ""
@@ -181,7 +174,7 @@ def migrate(
 def status(device: int, as_json: bool, watch: bool) -> int:
     """The device and its migration: mode, phase, pass, cursor, bytes copied / to copy, dirty
     chunks, rate, ETA, guest I/O counters."""
-    st = _ask(device, "status")
+    st = Client(device).status()
     mig = st.get("migration")
     if watch and mig is not None and mig["phase"] not in ENDED:
         return _finish_follow(device, _follow(device, stop_in_sync=False))
@@ -198,9 +191,10 @@ def status(device: int, as_json: bool, watch: bool) -> int:
 @click.option("--no-wait", is_flag=True, help="Return once the daemon accepted the request.")
 def cutover(device: int, no_wait: bool) -> int:
     """Switch DEVICE to its destination now (a migration started with --no-cutover, in sync)."""
-    _ask(device, "cutover")
+    client = Client(device)
+    client.cutover()
     if no_wait:
-        click.echo(f"cutting over {_node(device)}")
+        click.echo(f"cutting over {client.node}")
         return 0
     return _finish_follow(device, _follow(device, stop_in_sync=False, quiet=True))
 
@@ -210,10 +204,10 @@ def cutover(device: int, no_wait: bool) -> int:
 @click.option("--no-wait", is_flag=True, help="Return once the daemon accepted the request.")
 def cancel(device: int, no_wait: bool) -> int:
     """Stop the migration of DEVICE: the source stays authoritative and untouched."""
-    # (one still starting is cancelled once its destination answered, or timed out)
-    _ask(device, "cancel", timeout=START_WAIT)
+    client = Client(device)
+    client.cancel()
     if no_wait:
-        click.echo(f"cancelling the migration of {_node(device)}")
+        click.echo(f"cancelling the migration of {client.node}")
         return 0
     mig = _follow(device, stop_in_sync=False, quiet=True)
     if mig.get("phase") == "cancelled":
@@ -231,8 +225,9 @@ def speed(device: int, limit: str) -> int:
 
     value = None if limit.strip().lower() in ("unlimited", "none") else parse_rate(limit)
     check_speed(value)
-    _ask(device, "speed", speed=value)
+    client = Client(device)
+    client.set_speed(value)
     click.echo(
-        f"speed of {_node(device)}'s migration: {format_rate(value) if value else 'unlimited'}"
+        f"speed of {client.node}'s migration: {format_rate(value) if value else 'unlimited'}"
     )
     return 0

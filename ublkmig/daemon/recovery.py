@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ublkmig import control, snapshot, state
+from ublkmig import snapshot, state
+from ublkmig.client import Client
 from ublkmig.daemon.checks import Image, same_image
 from ublkmig.daemon.options import ServeOptions
 from ublkmig.errors import UblkmigError, UserError
@@ -37,7 +38,7 @@ def check_takeover(dev_id: int, image: Path | str, force: bool = False) -> None:
     it served nothing can be concluded: refused unless ``force``."""
     node = f"/dev/ublkb{dev_id}"
     try:
-        info = control.request(control.socket_path(dev_id), "info", timeout=5.0)
+        info = Client(dev_id, timeout=5.0).info()
     except UblkmigError:  # nobody answers: as expected
         pass
     else:
