@@ -1,6 +1,6 @@
 """Build the C data plane (native/) as a shared object inside the package.
 
-The object is loaded with ctypes (ublkmig/native.py), so it carries no Python
+The object is loaded with ctypes (ublkmig/native/), so it carries no Python
 entry point; setuptools' Extension machinery is used only to compile and link
 it as part of the package build.  liburing (2.x, static) and the ublk UAPI
 header come from the build cache that ci/kernels fills (bookworm's are too
