@@ -2,8 +2,8 @@
 /*
  * Backends: where data lives.  Each fills the core's ops table (struct
  * ubm_backend_ops) in a file of its own: file.c (regular files and block
- * devices), nbd.c (an export of an NBD server); delay.c, for tests, wraps
- * another.
+ * devices), nbd.c (an export of an NBD server: with nbd_wire.c and nbd_io.c);
+ * delay.c, for tests, wraps another.
  */
 #ifndef UBM_BACKENDS_H
 #define UBM_BACKENDS_H

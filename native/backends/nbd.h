@@ -122,4 +122,15 @@ int nbd_full_io(int fd, void *buf, size_t len, bool wr, uint64_t deadline);
 int nbd_connect(struct ubm_backend *be, uint64_t deadline);
 void nbd_free(struct nbd_backend *nb);
 
+/* nbd.c: the connections (the ring takes a redialled one, with nothing in flight) */
+void nbd_revive(struct nbd_conn *c);
+
+/* nbd_io.c: the requests, on a ring's connection and on the control thread's */
+int nbd_queue_io(struct ubm_backend *be, struct ubm_queue *q, unsigned tag, unsigned slot,
+		 const struct ubm_req *req);
+int nbd_complete(struct ubm_backend *be, struct ubm_queue *q, unsigned tag, unsigned slot,
+		 const struct ubm_req *req, int cqe_res, int *res);
+void nbd_conn_cqe(struct ubm_backend *be, struct ubm_queue *q, const struct io_uring_cqe *cqe);
+int nbd_sync_io(struct ubm_backend *be, int op, void *buf, uint32_t len, uint64_t off);
+
 #endif

@@ -2,8 +2,8 @@
 /*
  * The NBD protocol up to transmission: the export's address (a URI), dialling
  * it (TCP or a unix socket) and the fixed newstyle handshake (NBD_OPT_GO), all
- * against one deadline; blocking I/O with a deadline.  The connections and
- * the requests on them are in nbd.c.
+ * against one deadline; blocking I/O with a deadline.  The connections are
+ * in nbd.c, the requests on them in nbd_io.c.
  */
 #include <arpa/inet.h>
 #include <ctype.h>

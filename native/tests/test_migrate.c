@@ -8,7 +8,6 @@
  * nbdkit exports over a unix socket (the NBD backend).
  */
 #include <errno.h>
-#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <spawn.h>
@@ -21,13 +20,12 @@
 #include <linux/ublk_cmd.h>
 
 #include "migrate/migrate.h"  /* ubm_fixed_migration_files */
+#include "tests/helpers.h"
 #include "ubm.h"
 
 #define SIZE (16u << 20)
 #define CHUNK (64u << 10)
 #define DEPTH 16
-
-#define CHECK(c, ...) do { if (!(c)) { fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); exit(1); } } while (0)
 
 static unsigned char *model;
 static struct ubm_sim *sim;
@@ -35,57 +33,34 @@ static struct ubm_target *tgt;
 static volatile int copier_done;
 static int copier_ret;
 static uint32_t mode;
-
-struct slot { int used; uint32_t op; uint64_t off; uint32_t len; unsigned char *buf; };
-static struct slot slots[DEPTH];
-static int inflight;
-
-static uint64_t rnd(uint64_t n) { return (uint64_t)random() % n; }
-
-static void reap_one(void)
-{
-	int t, res;
-
-	CHECK(ubm_sim_wait(sim, &t, &res) == 0, "wait");
-	struct slot *s = &slots[t];
-	CHECK(s->used, "completion of an idle ticket");
-	CHECK(res == (int)s->len, "op %u at %llu len %u: result %d", s->op,
-	      (unsigned long long)s->off, s->len, res);
-	if (s->op == UBLK_IO_OP_READ)
-		CHECK(memcmp(s->buf, model + s->off, s->len) == 0, "read at %llu differs",
-		      (unsigned long long)s->off);
-	free(s->buf);
-	s->used = 0;
-	inflight--;
-}
+static struct t_guest guest;  /* on sim, against model */
 
 static void guest_io(void)
 {
 	uint32_t kinds[] = { UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_OP_WRITE, UBLK_IO_OP_WRITE,
 			     UBLK_IO_OP_DISCARD, UBLK_IO_OP_WRITE_ZEROES, UBLK_IO_OP_FLUSH };
-	uint32_t op = kinds[rnd(7)];
-	uint64_t off = rnd(SIZE / 4096) * 4096;
-	uint32_t len = (uint32_t)(1 + rnd(64)) * 4096;  /* up to 256 KiB: spans chunks */
+	uint32_t op = kinds[t_rnd(7)];
+	uint64_t off = t_rnd(SIZE / 4096) * 4096;
+	uint32_t len = (uint32_t)(1 + t_rnd(64)) * 4096;  /* up to 256 KiB: spans chunks */
 
 	if (off + len > SIZE)
 		len = (uint32_t)(SIZE - off);
-	for (int k = 0; k < DEPTH; k++)
-		if (slots[k].used && off < slots[k].off + slots[k].len && slots[k].off < off + len)
-			return;  /* the block layer never has overlapping requests in flight */
-	if (op == UBLK_IO_OP_FLUSH)
-		off = len = 0;
-	unsigned char *buf = malloc(len ? len : 1);
-	if (op == UBLK_IO_OP_WRITE)
-		for (uint32_t b = 0; b < len; b++)
-			buf[b] = (unsigned char)random();
-	int t = ubm_sim_submit(sim, op, 0, off, len, buf);
-	CHECK(t >= 0, "submit: %d %s", t, ubm_last_error());
-	slots[t] = (struct slot){ 1, op, off, len, buf };
-	if (op == UBLK_IO_OP_WRITE)
-		memcpy(model + off, buf, len);
-	else if (op == UBLK_IO_OP_DISCARD || op == UBLK_IO_OP_WRITE_ZEROES)
-		memset(model + off, 0, len);
-	inflight++;
+	if (t_guest_overlaps(&guest, off, len))
+		return;  /* the block layer never has overlapping requests in flight */
+	t_guest_submit(&guest, op, 0, off, len);
+}
+
+/* n rounds of guest I/O (each a new request, or a completion when the queue
+ * is full), then every request completes. */
+static void guest_io_rounds(int n)
+{
+	for (int i = 0; i < n; i++) {
+		if (guest.inflight < DEPTH)
+			guest_io();
+		else
+			t_guest_reap(&guest);
+	}
+	t_guest_drain(&guest);
 }
 
 static void *copier(void *arg)
@@ -116,28 +91,15 @@ static void copy_with_guest_io(void)
 	copier_done = 0;
 	CHECK(pthread_create(&th, NULL, copier, NULL) == 0, "thread");
 	while (!__atomic_load_n(&copier_done, __ATOMIC_SEQ_CST)) {
-		if (inflight < DEPTH && rnd(3))
+		if (guest.inflight < DEPTH && t_rnd(3))
 			guest_io();
-		else if (inflight)
-			reap_one();
+		else if (guest.inflight)
+			t_guest_reap(&guest);
 		else
 			ubm_sim_poll(sim);
 	}
 	pthread_join(th, NULL);
 	CHECK(copier_ret == 0, "copier: %d %s", copier_ret, ubm_last_error());
-}
-
-static void check_file(const char *path, const char *what)
-{
-	unsigned char *disk = malloc(SIZE);
-	int fd = open(path, O_RDONLY);
-
-	CHECK(pread(fd, disk, SIZE, 0) == SIZE, "pread");
-	close(fd);
-	for (uint64_t i = 0; i < SIZE; i++)
-		CHECK(disk[i] == model[i], "%s differs from the model at byte %llu", what,
-		      (unsigned long long)i);
-	free(disk);
 }
 
 extern char **environ;
@@ -158,33 +120,26 @@ static pid_t start_nbdkit(const char *file, const char *sock)
 
 /* The destination: a file, or with nbd that file exported by nbdkit over a
  * unix socket (the NBD backend under ASan). */
-static void run(const char *dir, uint32_t m, int zeroed, int cancel, int nbd)
+static void run(uint32_t m, int zeroed, int cancel, int nbd)
 {
-	char src[4096], dst[4096], sock[4200], uri[4300];
+	char src[T_PATH_MAX], dst[T_PATH_MAX], sock[T_PATH_MAX + 8], uri[T_PATH_MAX + 32];
 	struct ubm_mig_stats st;
 	pid_t server = 0;
 	int fd;
 
 	mode = m;
-	memset(slots, 0, sizeof(slots));
-	inflight = 0;
 	copier_done = 0;
-	snprintf(src, sizeof(src), "%s/ubm-src-XXXXXX", dir);
-	snprintf(dst, sizeof(dst), "%s/ubm-dst-XXXXXX", dir);
 	/* the source: random data, with holes */
-	fd = mkstemp(src);
-	CHECK(fd >= 0 && ftruncate(fd, SIZE) == 0, "source");
+	fd = t_create_file(src, "ubm-src", SIZE);
 	memset(model, 0, SIZE);
 	for (uint64_t off = 0; off < SIZE; off += 256 << 10) {
-		if (rnd(3) == 0)
+		if (t_rnd(3) == 0)
 			continue;
-		for (uint32_t b = 0; b < (128u << 10); b++)
-			model[off + b] = (unsigned char)random();
+		t_fill_random(model + off, 128u << 10);
 		CHECK(pwrite(fd, model + off, 128 << 10, (off_t)off) == 128 << 10, "pwrite");
 	}
 	close(fd);
-	fd = mkstemp(dst);
-	CHECK(fd >= 0 && ftruncate(fd, SIZE) == 0, "dest");
+	fd = t_create_file(dst, "ubm-dst", SIZE);
 	if (!zeroed) {
 		/* old data on the destination must not survive: junk, but for an earlier
 		 * copy of the first half (with a junk page in every 8th 64 KiB), which the
@@ -213,6 +168,7 @@ static void run(const char *dir, uint32_t m, int zeroed, int cancel, int nbd)
 
 	CHECK(ubm_sim_create(src, 512, 0, DEPTH, &sim) == 0, "sim: %s", ubm_last_error());
 	tgt = ubm_sim_target(sim);
+	t_guest_init(&guest, sim, model, SIZE, DEPTH);
 	struct ubm_mig_config cfg = { .dest_path = nbd ? uri : dst, .mode = m, .dest_zeroed = (uint32_t)zeroed,
 				      /* snapshot: chunks no smaller than a request */
 				      .chunk_size = m == UBM_MIG_SNAPSHOT ? 4 * CHUNK : CHUNK,
@@ -231,19 +187,11 @@ static void run(const char *dir, uint32_t m, int zeroed, int cancel, int nbd)
 		copy_with_guest_io();
 	}
 	if (cancel) {
-		while (inflight)
-			reap_one();
+		t_guest_drain(&guest);
 		CHECK(ubm_mig_finish(tgt) == 0, "cancel: %s", ubm_last_error());
-		for (int i = 0; i < 300; i++) {  /* the source serves on */
-			if (inflight < DEPTH)
-				guest_io();
-			else
-				reap_one();
-		}
-		while (inflight)
-			reap_one();
+		guest_io_rounds(300);  /* the source serves on */
 		ubm_sim_destroy(sim);
-		check_file(src, "the source after a cancel");
+		t_check_file(src, model, SIZE, "the source after a cancel");
 		printf("test_migrate: %s cancelled: the source equals the model\n", mode_name(m));
 		unlink(src);
 		unlink(dst);
@@ -256,10 +204,10 @@ static void run(const char *dir, uint32_t m, int zeroed, int cancel, int nbd)
 
 		/* pause with guest requests in flight (they complete first) and
 		 * more submitted: those park until the resume */
-		for (int k = 0; k < DEPTH / 2 && inflight < DEPTH; k++)
+		for (int k = 0; k < DEPTH / 2 && guest.inflight < DEPTH; k++)
 			guest_io();
 		CHECK(ubm_mig_pause(tgt) == 0, "pause");
-		for (int k = 0; k < 4 && inflight < DEPTH; k++)
+		for (int k = 0; k < 4 && guest.inflight < DEPTH; k++)
 			guest_io();
 		CHECK(ubm_mig_copy_pass(tgt, UBM_PASS_FINAL, &n) == 0, "final: %s", ubm_last_error());
 		uint64_t bad;
@@ -283,30 +231,16 @@ static void run(const char *dir, uint32_t m, int zeroed, int cancel, int nbd)
 	       (unsigned long long)st.parked, (unsigned long long)st.cow_chunks,
 	       (unsigned long long)st.bytes_matched);
 	/* guest I/O after the cutover goes to the destination */
-	for (int i = 0; i < 500; i++) {
-		if (inflight < DEPTH)
-			guest_io();
-		else
-			reap_one();
-	}
-	while (inflight)
-		reap_one();
+	guest_io_rounds(500);
 	CHECK(ubm_mig_finish(tgt) == 0, "finish");
-	for (int i = 0; i < 200; i++) {
-		if (inflight < DEPTH)
-			guest_io();
-		else
-			reap_one();
-	}
-	while (inflight)
-		reap_one();
+	guest_io_rounds(200);
 	ubm_sim_destroy(sim);
 	if (server) {
 		kill(server, SIGTERM);
 		waitpid(server, NULL, 0);
 		unlink(sock);
 	}
-	check_file(dst, "the destination");
+	t_check_file(dst, model, SIZE, "the destination");
 	printf("destination equals the model\n");
 	unlink(src);
 	unlink(dst);
@@ -318,21 +252,15 @@ static void run(const char *dir, uint32_t m, int zeroed, int cancel, int nbd)
  * write is not tracked: its chunk was not copied when it arrived).  Only
  * the copier's wait for in-flight writes makes this hold.
  */
-static void copier_waits_for_inflight_writes(const char *dir, int before_start)
+static void copier_waits_for_inflight_writes(int before_start)
 {
-	char src[4096], dst[4096];
-	unsigned char *buf = malloc(CHUNK), *disk = malloc(SIZE);
+	char src[T_PATH_MAX], dst[T_PATH_MAX];
+	unsigned char *buf = malloc(CHUNK), *disk;
 	uint64_t n;
-	int fd, t, res;
+	int t, res;
 
-	snprintf(src, sizeof(src), "%s/ubm-src-XXXXXX", dir);
-	snprintf(dst, sizeof(dst), "%s/ubm-dst-XXXXXX", dir);
-	fd = mkstemp(src);
-	CHECK(fd >= 0 && ftruncate(fd, SIZE) == 0, "source");
-	close(fd);
-	fd = mkstemp(dst);
-	CHECK(fd >= 0 && ftruncate(fd, SIZE) == 0, "dest");
-	close(fd);
+	close(t_create_file(src, "ubm-src", SIZE));
+	close(t_create_file(dst, "ubm-dst", SIZE));
 	memset(buf, 0x5a, CHUNK);
 	CHECK(ubm_sim_create(src, 512, 0, 4, &sim) == 0, "sim");
 	tgt = ubm_sim_target(sim);
@@ -360,9 +288,7 @@ static void copier_waits_for_inflight_writes(const char *dir, int before_start)
 	CHECK(ubm_mig_cutover(tgt) == 0, "cutover: %s", ubm_last_error());
 	CHECK(ubm_mig_finish(tgt) == 0, "finish");
 	ubm_sim_destroy(sim);
-	fd = open(dst, O_RDONLY);
-	CHECK(pread(fd, disk, SIZE, 0) == SIZE, "pread");
-	close(fd);
+	disk = t_read_file(dst, SIZE);
 	CHECK(memcmp(disk + 5 * CHUNK, buf, CHUNK) == 0,
 	      "a write in flight during the chunk's copy is missing on the destination");
 	printf("test_migrate: the copier waited for a write in flight%s: ok\n",
@@ -375,26 +301,24 @@ static void copier_waits_for_inflight_writes(const char *dir, int before_start)
 
 int main(void)
 {
-	const char *dir = getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
-
 	srandom(7);
-	copier_waits_for_inflight_writes(dir, 0);
-	copier_waits_for_inflight_writes(dir, 1);
+	copier_waits_for_inflight_writes(0);
+	copier_waits_for_inflight_writes(1);
 	model = malloc(SIZE);
 	for (uint32_t m = UBM_MIG_MIRROR; m <= UBM_MIG_SNAPSHOT; m++) {
-		run(dir, m, 1, 0, 0);
-		run(dir, m, 0, 0, 0);
-		run(dir, m, 1, 1, 0);
+		run(m, 1, 0, 0);
+		run(m, 0, 0, 0);
+		run(m, 1, 1, 0);
 	}
 	printf("test_migrate: to an NBD export (nbdkit, unix socket)\n");
 	for (uint32_t m = UBM_MIG_MIRROR; m <= UBM_MIG_SNAPSHOT; m++)
-		run(dir, m, 0, 0, 1);
+		run(m, 0, 0, 1);
 	/* the destination and deltas as plain fds, as on kernels before 6.13
 	 * (the runs above used what this kernel picks) */
 	ubm_fixed_migration_files = 0;
 	printf("test_migrate: again, the destination and deltas as plain fds\n");
 	for (uint32_t m = UBM_MIG_MIRROR; m <= UBM_MIG_SNAPSHOT; m++)
-		run(dir, m, 0, 0, 0);
+		run(m, 0, 0, 0);
 	free(model);
 	return 0;
 }
