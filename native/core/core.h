@@ -171,7 +171,8 @@ struct ubm_router_ops {
 	int (*route)(struct ubm_router *r, struct ubm_queue *q, unsigned tag);
 	/* backend `slot`'s part ended with res: whether res counts for the
 	 * guest's answer (else it is the router's business alone) */
-	bool (*part_done)(struct ubm_router *r, struct ubm_io *io, unsigned slot, int res);
+	bool (*part_done)(struct ubm_router *r, struct ubm_queue *q, unsigned tag, unsigned slot,
+			  int res);
 	/* every part ended: 1 to route it again (park it), else 0 */
 	int (*io_done)(struct ubm_router *r, struct ubm_queue *q, unsigned tag);
 };
@@ -223,20 +224,14 @@ struct ubm_io {
 	uint16_t pending;        /* backend CQEs still to come */
 	uint16_t slots;          /* backends the request went to (bit per slot) */
 	uint8_t state;           /* enum ubm_io_state */
-	/* the router's own, while it has the request (migrate/route.c) */
-	uint8_t mflags;          /* MIG_IO_* */
-	bool plain;              /* routed without a migration (counted in plain_inflight) */
+	bool plain;              /* routed without a router (counted in plain_inflight) */
 	struct ubm_req sreq[UBM_MAX_BACKENDS];  /* what each of those backends does */
 	uint8_t be_stage[UBM_MAX_BACKENDS];  /* backend-private progress */
 	uint32_t be_bytes[UBM_MAX_BACKENDS];  /* bytes a backend has transferred so far */
 	uint16_t next_parked;    /* parked list link */
-	struct ubm_router *router;  /* routed by this router (it holds references for it) */
-	uint32_t mig_epoch;      /* the migration's epoch when routed (ubm_mig_reconnect) */
-	uint64_t t_start;        /* migration: when the request arrived (ns) */
-	uint64_t t_source_done;  /* migration, mirrored: when the source's part ended (ns) */
+	struct ubm_router *router;  /* routed by this router, which keeps its own state for
+				     * the request by queue and tag (migrate/route.c) */
 	uint64_t t_wait;         /* when it first failed on a lost connection (ns; 0: never) */
-	uint64_t map_mark;       /* snapshot, a FLUSH or FUA write: the layer map's records
-				  * that must be durable before it is acknowledged */
 	void *buf;               /* copy mode: this tag's buffer */
 };
 

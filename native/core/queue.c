@@ -128,9 +128,12 @@ static void route_io(struct ubm_queue *q, unsigned tag);
 /* Backend `slot`'s part of the request ended with res (bytes or -errno): the
  * first error is the guest's answer, unless the router keeps it (a
  * destination's before the cutover: migrate/route.c). */
-static void part_result(struct ubm_io *io, unsigned slot, int res)
+static void part_result(struct ubm_queue *q, unsigned tag, unsigned slot, int res)
 {
-	if (ubm_unlikely(io->router != NULL) && !io->router->ops->part_done(io->router, io, slot, res))
+	struct ubm_io *io = &q->ios[tag];
+
+	if (ubm_unlikely(io->router != NULL) &&
+	    !io->router->ops->part_done(io->router, q, tag, slot, res))
 		return;
 	if (res < 0 && io->result >= 0)
 		io->result = res;
@@ -282,7 +285,7 @@ static void route_io(struct ubm_queue *q, unsigned tag)
 		if (n >= 0)
 			io->pending += n;
 		else
-			part_result(io, slot, n);
+			part_result(q, tag, slot, n);
 	}
 	if (io->pending == 0)
 		ubm_queue_backends_done(q, tag);
@@ -428,7 +431,7 @@ static void backend_cqe(struct ubm_queue *q, unsigned tag, unsigned slot, int cq
 
 	if (be->ops->complete(be, q, tag, slot, &io->sreq[slot], cqe_res, &res))
 		return;  /* a follow-up operation is on its way */
-	part_result(io, slot, res);
+	part_result(q, tag, slot, res);
 	if (--io->pending == 0)
 		ubm_queue_backends_done(q, tag);
 }
@@ -439,8 +442,8 @@ void ubm_queue_handle_cqe(struct ubm_queue *q, const struct io_uring_cqe *cqe)
 	struct ubm_io *io = &q->ios[tag];
 
 	switch (ubm_ud_kind(cqe->user_data)) {
-	case UD_BACKEND:
-		backend_cqe(q, tag, ubm_ud_slot(cqe->user_data), cqe->res);
+	case UD_BACKEND:  /* (backend_cqe, or the copier's: migrate/copier.c) */
+		q->backend_done(q, tag, ubm_ud_slot(cqe->user_data), cqe->res);
 		break;
 	case UD_REG:
 		if (cqe->res < 0) {

@@ -35,9 +35,9 @@ void mig_set_error(struct ubm_migration *m, int err)
  * the last ubm_mig_reconnect() failed on a connection since replaced:
  * counted, but not the migration's error any more (its chunks went dirty all
  * the same). */
-void mig_dest_failed(struct ubm_migration *m, const struct ubm_io *io, int err)
+void mig_dest_failed(struct ubm_migration *m, uint32_t epoch, int err)
 {
-	if (io->mig_epoch == A_LOAD(&m->epoch))
+	if (epoch == A_LOAD(&m->epoch))
 		mig_set_error(m, err);
 	else
 		A_ADD(&m->dest_errors, 1);

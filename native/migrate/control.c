@@ -87,6 +87,7 @@ void mig_free(struct ubm_migration *m)
 	free(m->unflushed);
 	free(m->hot);
 	free(m->newest);
+	free(m->ios);
 	free(m->delta_path);
 	free(m);
 }
@@ -202,6 +203,12 @@ UBM_EXPORT int ubm_mig_start(struct ubm_target *t, const struct ubm_mig_config *
 	m->hot = calloc(m->nr_chunks, 1);
 	m->newest = calloc(m->nr_chunks, 1);
 	m->copier.ios = calloc(m->copy_depth, sizeof(*m->copier.ios));
+	/* the router's state of every guest request (route.c) */
+	for (unsigned i = 0; i < t->nr_queues; i++) {
+		if (t->queues[i].depth > m->ios_per_queue)
+			m->ios_per_queue = t->queues[i].depth;
+	}
+	m->ios = calloc((size_t)t->nr_queues * m->ios_per_queue + 1, sizeof(*m->ios));
 	m->copier.bell_fd = -1;
 	if (cfg->delta_path) {
 		m->delta_path = strdup(cfg->delta_path);
@@ -209,7 +216,7 @@ UBM_EXPORT int ubm_mig_start(struct ubm_target *t, const struct ubm_mig_config *
 		m->delta_path = NULL;
 	}
 	ret = (!m->chunk || !m->dirty || !m->dest_written || !m->unflushed || !m->hot ||
-	       !m->newest || !m->copier.ios || !m->delta_path)
+	       !m->newest || !m->copier.ios || !m->ios || !m->delta_path)
 		? ubm_fail(ENOMEM, "out of memory") : 0;
 	for (unsigned i = 0; ret == 0 && i < m->copy_depth; i++) {
 		if (posix_memalign(&m->slots[i].buf, 4096, m->chunk_size) ||

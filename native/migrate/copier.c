@@ -216,12 +216,113 @@ static uint64_t account_yield(struct ubm_migration *m, uint64_t since)
 	return 0;
 }
 
+/* Copy slots in use (a chunk locked, being read, checked or written). */
+static unsigned slots_busy(const struct ubm_migration *m)
+{
+	unsigned n = 0;
+
+	for (unsigned i = 0; i < m->copy_depth; i++)
+		n += m->slots[i].state != CS_FREE;
+	return n;
+}
+
+/* One pass's progress through the chunks (ubm_mig_copy_pass). */
+struct pass {
+	uint32_t kind;          /* UBM_PASS_* */
+	uint64_t next;          /* the next chunk to look at */
+	uint64_t copied;        /* chunks taken */
+	uint64_t bytes;         /* ... their bytes (the speed limit's) */
+	double origin;          /* the speed limit's clock, in seconds */
+};
+
+/*
+ * Lock the next wanted chunks into free slots.  The copier yields the source
+ * to the guest: while guest requests are in flight it reads at most
+ * busy_depth chunks at a time and rests after each read as long as it took
+ * (copy_result); writes to the destination stay pipelined.  Returns whether
+ * it held back for the guest.
+ */
+static bool take_chunks(struct ubm_migration *m, struct pass *p)
+{
+	unsigned limit = A_LOAD(&m->inflight) ? m->busy_depth : m->copy_depth;
+	bool resting = limit < m->copy_depth && ubm_now_ns() < m->busy_resume_ns;
+	unsigned reading = 0;
+
+	for (unsigned i = 0; i < m->copy_depth; i++)
+		reading += m->slots[i].state == CS_LOCKING || m->slots[i].state == CS_READING;
+	for (unsigned i = 0; i < m->copy_depth; i++) {
+		struct copy_slot *cs = &m->slots[i];
+
+		if (cs->state != CS_FREE)
+			continue;
+		if (!within_speed(m, &p->origin, p->bytes))
+			return false;  /* over the speed limit: wait for time to pass */
+		while (p->next < m->nr_chunks && !wanted(m, p->next, p->kind))
+			p->next++;
+		if (p->next >= m->nr_chunks)
+			return false;
+		if (reading >= limit || resting)
+			return true;
+		cs->chunk = p->next++;
+		cs->state = CS_LOCKING;
+		cs->t_start = ubm_now_ns();
+		reading++;
+		if (p->kind == UBM_PASS_DIRTY)
+			m->hot[cs->chunk]++;
+		__atomic_fetch_or(&m->chunk[cs->chunk], CH_LOCKED, __ATOMIC_SEQ_CST);
+		p->bytes += chunk_len(m, cs->chunk);
+		p->copied++;
+	}
+	return false;
+}
+
+/* Start copying the locked chunks whose guest writes have drained (with
+ * stop, unlock them instead).  Returns how many still wait for writes. */
+static unsigned start_locked(struct ubm_migration *m, bool stop, int *ret)
+{
+	unsigned locking = 0;
+
+	for (unsigned i = 0; i < m->copy_depth; i++) {
+		struct copy_slot *cs = &m->slots[i];
+		int r;
+
+		if (cs->state != CS_LOCKING)
+			continue;
+		if (stop) {
+			unlock_chunk(m, cs->chunk, false);
+			cs->state = CS_FREE;
+			continue;
+		}
+		if (A_LOAD(&m->chunk[cs->chunk]) & CH_COUNT) {
+			locking++;
+			continue;
+		}
+		r = copy_begin(m, i);
+		if (r < 0 && *ret == 0)
+			*ret = r;
+	}
+	return locking;
+}
+
+/* A dirty pass begins: chunks dirty again since the last one are getting hot. */
+static void count_hot(struct ubm_migration *m)
+{
+	uint64_t hot = 0;
+
+	for (uint64_t c = 0; c < m->nr_chunks; c++) {
+		if (!is_dirty(m, c))
+			m->hot[c] = 0;
+		else if (m->hot[c] >= HOT_PASSES)
+			hot++;
+	}
+	A_STORE(&m->hot_count, hot);
+}
+
 UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *chunks)
 {
 	struct ubm_migration *m = mig_of(t);
-	uint64_t next = 0, copied = 0, pass_bytes = 0, yield_since = 0;
-	double origin = (double)ubm_now_ns() / 1e9;  /* the speed limit's clock, in seconds */
-	unsigned busy = 0, locking, i;
+	struct pass p = { .kind = pass, .origin = (double)ubm_now_ns() / 1e9 };
+	uint64_t yield_since = 0;
 	int ret = 0, r;
 
 	*chunks = 0;
@@ -232,20 +333,11 @@ UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *
 	if (A_LOAD(&m->cut_over))
 		return ubm_fail(EINVAL, "the migration has cut over already");
 	/* (an abort stays: every later pass of this migration stops at once) */
-	if (pass == UBM_PASS_DIRTY) {
-		/* chunks dirty again since the last dirty pass are getting hot */
-		uint64_t hot = 0;
-
-		for (uint64_t c = 0; c < m->nr_chunks; c++) {
-			if (!is_dirty(m, c))
-				m->hot[c] = 0;
-			else if (m->hot[c] >= HOT_PASSES)
-				hot++;
-		}
-		A_STORE(&m->hot_count, hot);
-	}
+	if (pass == UBM_PASS_DIRTY)
+		count_hot(m);
 	for (;;) {
-		bool stop;
+		unsigned busy, locking;
+		bool stop, held;
 
 		if (t->dest.ops->reconnect && !A_LOAD(&m->error) &&
 		    ubm_now_ns() - m->last_flush_ns > FLUSH_INTERVAL_NS) {
@@ -255,72 +347,13 @@ UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *
 				mig_set_error(m, r);
 		}
 		stop = ret < 0 || A_LOAD(&m->abort) || A_LOAD(&m->error);
-		/* the copier yields the source to the guest: while guest requests
-		 * are in flight it reads at most busy_depth chunks at a time and
-		 * rests after each read as long as it took (copy_result); writes
-		 * to the destination stay pipelined */
-		unsigned limit = A_LOAD(&m->inflight) ? m->busy_depth : m->copy_depth;
-		bool resting = limit < m->copy_depth && ubm_now_ns() < m->busy_resume_ns;
-		bool held = false;
-		unsigned reading = 0;
-
-		for (i = 0; i < m->copy_depth; i++)
-			reading += m->slots[i].state == CS_LOCKING || m->slots[i].state == CS_READING;
-
-		/* fill free slots with the next chunks of this pass */
-		for (i = 0; i < m->copy_depth && !stop; i++) {
-			struct copy_slot *cs = &m->slots[i];
-
-			if (cs->state != CS_FREE)
-				continue;
-			if (!within_speed(m, &origin, pass_bytes))
-				break;  /* over the speed limit: wait for time to pass */
-			while (next < m->nr_chunks && !wanted(m, next, pass))
-				next++;
-			if (next >= m->nr_chunks)
-				break;
-			if (reading >= limit || resting) {
-				held = true;
-				break;
-			}
-			cs->chunk = next++;
-			cs->state = CS_LOCKING;
-			cs->t_start = ubm_now_ns();
-			reading++;
-			if (pass == UBM_PASS_DIRTY)
-				m->hot[cs->chunk]++;
-			__atomic_fetch_or(&m->chunk[cs->chunk], CH_LOCKED, __ATOMIC_SEQ_CST);
-			pass_bytes += chunk_len(m, cs->chunk);
-			busy++;
-			copied++;
-		}
-		A_STORE(&m->cursor, next);
+		held = !stop && take_chunks(m, &p);
+		A_STORE(&m->cursor, p.next);
 		if (held != (yield_since != 0))
 			yield_since = account_yield(m, yield_since);
-		/* locked chunks whose guest writes have drained can be read */
-		locking = 0;
-		for (i = 0; i < m->copy_depth; i++) {
-			struct copy_slot *cs = &m->slots[i];
-
-			if (cs->state != CS_LOCKING)
-				continue;
-			if (stop) {
-				unlock_chunk(m, cs->chunk, false);
-				cs->state = CS_FREE;
-				busy--;
-				continue;
-			}
-			if (A_LOAD(&m->chunk[cs->chunk]) & CH_COUNT) {
-				locking++;
-				continue;
-			}
-			r = copy_begin(m, i);
-			if (r < 0 && ret == 0)
-				ret = r;
-			if (cs->state == CS_FREE)
-				busy--;
-		}
-		if (busy == 0 && (stop || next >= m->nr_chunks))
+		locking = start_locked(m, stop, &ret);
+		busy = slots_busy(m);
+		if (busy == 0 && (stop || p.next >= m->nr_chunks))
 			break;
 		if (busy == 0 || locking == busy) {
 			/* nothing on the ring: waiting for guest writes or the speed limit */
@@ -328,35 +361,14 @@ UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *
 			continue;
 		}
 		io_uring_submit_and_wait(&m->copier.ring, 1);
-		struct io_uring_cqe *cqe;
-		unsigned head, n = 0;
-
-		io_uring_for_each_cqe(&m->copier.ring, head, cqe) {
-			struct ubm_backend *be = t->be[ubm_ud_slot(cqe->user_data)];
-
-			n++;
-			switch (ubm_ud_kind(cqe->user_data)) {
-			case UD_BACKEND:
-				r = copy_result(m, ubm_ud_tag(cqe->user_data),
-						ubm_ud_slot(cqe->user_data), cqe->res);
-				if (r < 0 && ret == 0)
-					ret = r;
-				break;
-			case UD_CONN:  /* may end slots' operations (mig_copier_backend_done) */
-				if (be && be->ops->conn_cqe)
-					be->ops->conn_cqe(be, &m->copier, cqe);
-				break;
-			}
-		}
-		io_uring_cq_advance(&m->copier.ring, n);
-		busy = 0;
-		for (i = 0; i < m->copy_depth; i++)
-			busy += m->slots[i].state != CS_FREE;
+		/* the core's dispatch: each copy step ends in copy_result, through
+		 * mig_copier_backend_done (a failure lands in m->error) */
+		ubm_queue_reap(&m->copier);
 	}
 	if (yield_since)
 		account_yield(m, yield_since);
 	A_ADD(&m->passes, 1);
-	*chunks = copied;
+	*chunks = p.copied;
 	if (ret < 0 || A_LOAD(&m->error)) {
 		int err = A_LOAD(&m->error) ? A_LOAD(&m->error) : ret;
 

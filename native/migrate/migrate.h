@@ -53,6 +53,16 @@
 #define CH_COPIED (1u << 28)
 #define CH_WAITERS (1u << 29)
 #define CH_LOCKED (1u << 30)
+/* A guest request's state while the migration routes it (route.c): the router's
+ * own, by queue and tag, so the core's struct ubm_io knows nothing of it. */
+struct mig_io {
+	uint8_t flags;           /* MIG_IO_* */
+	uint32_t epoch;          /* the migration's epoch when routed (ubm_mig_reconnect) */
+	uint64_t t_start;        /* when the request arrived (ns; 0: not routed yet) */
+	uint64_t t_source_done;  /* mirrored: when the source's part ended (ns) */
+	uint64_t map_mark;       /* snapshot, a FLUSH or FUA write: the layer map's records
+				  * that must be durable before it is acknowledged */
+};
 #define MIG_IO_MIRRORED 1  /* sent to both sides */
 #define MIG_IO_TRACKED 2   /* source only, touching copied chunks: dirty them when done */
 #define MIG_IO_REFS 4      /* holds chunk references */
@@ -104,6 +114,8 @@ void ubm_layer_map_close(struct ubm_layer_map *lm);
 struct ubm_migration {
 	struct ubm_router router;  /* what the core calls (route.c): t->router while it runs */
 	struct ubm_target *t;
+	struct mig_io *ios;        /* per guest request: queue q's tag i at [q * ios_per_queue + i] */
+	unsigned ios_per_queue;
 	uint64_t size, chunk_size, nr_chunks;
 	unsigned chunk_shift;
 	uint32_t *chunk;           /* state words */
@@ -192,7 +204,7 @@ extern const struct ubm_router_ops ubm_mig_router_ops;
 /* chunks.c */
 void mig_atomic_max(uint64_t *p, uint64_t v);
 void mig_set_error(struct ubm_migration *m, int err);
-void mig_dest_failed(struct ubm_migration *m, const struct ubm_io *io, int err);
+void mig_dest_failed(struct ubm_migration *m, uint32_t epoch, int err);
 void mig_fail_deltas(struct ubm_migration *m, int err);
 void mig_mark_dirty(struct ubm_migration *m, uint64_t c);
 bool mig_clear_dirty(struct ubm_migration *m, uint64_t c);

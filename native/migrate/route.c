@@ -14,6 +14,12 @@
 
 #include "migrate/migrate.h"
 
+/* The migration's own state of queue q's request tag. */
+static struct mig_io *mig_io(struct ubm_migration *m, const struct ubm_queue *q, unsigned tag)
+{
+	return &m->ios[q->q_id * m->ios_per_queue + tag];
+}
+
 /* Send the request (or a part of it) to backend `slot`. */
 static void to_slot(struct ubm_io *io, unsigned slot, uint64_t offset, uint32_t len)
 {
@@ -31,7 +37,8 @@ static void to_slot(struct ubm_io *io, unsigned slot, uint64_t offset, uint32_t 
 
 /* Snapshot routing: reads from the newest layer of each chunk, writes to
  * the active delta (after copying the chunk into it if it is not there). */
-static int snapshot_route(struct ubm_migration *m, struct ubm_io *io, uint64_t c0, uint64_t c1)
+static int snapshot_route(struct ubm_migration *m, struct ubm_io *io, struct mig_io *mi,
+			  uint64_t c0, uint64_t c1)
 {
 	const struct ubm_req *req = &io->req;
 	unsigned active = A_LOAD(&m->gen), s0, s1;
@@ -40,7 +47,7 @@ static int snapshot_route(struct ubm_migration *m, struct ubm_io *io, uint64_t c
 	if (req->op == UBLK_IO_OP_FLUSH) {
 		/* every delta holds data the guest wrote, and the layer map
 		 * where: the records so far are durable before it is done */
-		io->map_mark = ubm_layer_map_mark(&m->map);
+		mi->map_mark = ubm_layer_map_mark(&m->map);
 		for (unsigned g = 1; g <= active; g++)
 			to_slot(io, SLOT_DELTA0 + g - 1, 0, 0);
 		return 0;
@@ -69,10 +76,10 @@ static int snapshot_route(struct ubm_migration *m, struct ubm_io *io, uint64_t c
 		if (ret)
 			return ret;  /* another queue is copying it, or the deltas failed: park */
 	}
-	io->mflags |= MIG_IO_TRACKED;
+	mi->flags |= MIG_IO_TRACKED;
 	A_ADD(&m->unmirrored, 1);
 	/* FUA: its chunks' records (added above, if copied now) durable too */
-	io->map_mark = ubm_layer_map_mark(&m->map);
+	mi->map_mark = ubm_layer_map_mark(&m->map);
 	to_slot(io, SLOT_DELTA0 + active - 1, req->offset, req->len);
 	return 0;
 }
@@ -82,16 +89,17 @@ static int snapshot_route(struct ubm_migration *m, struct ubm_io *io, uint64_t c
 static int route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 {
 	struct ubm_io *io = &q->ios[tag];
+	struct mig_io *mi = mig_io(m, q, tag);
 	const struct ubm_req *req = &io->req;
 	uint32_t mode = A_LOAD(&m->mode);
 	uint64_t c0 = 0, c1 = 0;
 	bool mirror;
 	int ret;
 
-	if (!io->t_start)
-		io->t_start = ubm_now_ns();
-	io->mig_epoch = A_LOAD(&m->epoch);
-	io->mflags = 0;
+	if (!mi->t_start)
+		mi->t_start = ubm_now_ns();
+	mi->epoch = A_LOAD(&m->epoch);
+	mi->flags = 0;
 	io->slots = 0;
 	/* announce first, then look at the pause flag: ubm_mig_pause() sets
 	 * the flag first, then waits for the count to drain */
@@ -113,12 +121,12 @@ static int route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 		if (is_write(req->op) && req->len) {
 			if (!mig_chunks_get(m, c0, c1))
 				goto park;
-			io->mflags = MIG_IO_REFS;
+			mi->flags = MIG_IO_REFS;
 		}
-		ret = snapshot_route(m, io, c0, c1);
+		ret = snapshot_route(m, io, mi, c0, c1);
 		if (ret == 1) {
 			mig_chunks_put(m, c0, c1);
-			io->mflags = 0;
+			mi->flags = 0;
 			goto park;
 		}
 		return ret;
@@ -135,7 +143,7 @@ static int route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 	}
 	if (!mig_chunks_get(m, c0, c1))
 		goto park;
-	io->mflags = MIG_IO_REFS;
+	mi->flags = MIG_IO_REFS;
 	mirror = mode == UBM_MIG_MIRROR;
 	/* Mirror mode mirrors every write, also where a chunk is not copied
 	 * yet or is dirty (a destination error, or a connection lost, left it
@@ -146,7 +154,7 @@ static int route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 	 * from chunk to chunk faster than the copier cleans it. */
 	to_slot(io, SLOT_SOURCE, req->offset, req->len);
 	if (mirror) {
-		io->mflags |= MIG_IO_MIRRORED;
+		mi->flags |= MIG_IO_MIRRORED;
 		/* before it is sent: the copier (waiting for this write's
 		 * reference) must not take the destination's chunk for zeroes */
 		for (uint64_t c = c0; c <= c1; c++)
@@ -156,7 +164,7 @@ static int route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 	}
 	for (uint64_t c = c0; c <= c1; c++) {
 		if (A_LOAD(&m->chunk[c]) & CH_COPIED) {  /* dbt: a copied chunk goes dirty */
-			io->mflags |= MIG_IO_TRACKED;
+			mi->flags |= MIG_IO_TRACKED;
 			A_ADD(&m->unmirrored, 1);
 			break;
 		}
@@ -176,32 +184,34 @@ park:
  * chunks go dirty while the write still holds their references, so a copier
  * waiting for those sees the bit.
  */
-static bool part_done(struct ubm_migration *m, struct ubm_io *io, unsigned slot, int res)
+static bool part_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag, unsigned slot,
+		      int res)
 {
-	const struct ubm_req *req = &io->req;
+	struct mig_io *mi = mig_io(m, q, tag);
+	const struct ubm_req *req = &q->ios[tag].req;
 	bool data = is_write(req->op) && req->len;
 	uint64_t c0 = 0, c1 = 0;
 
 	if (slot == SLOT_SOURCE) {
-		if (io->mflags & MIG_IO_MIRRORED) {
-			io->t_source_done = ubm_now_ns();
+		if (mi->flags & MIG_IO_MIRRORED) {
+			mi->t_source_done = ubm_now_ns();
 			/* the guest now waits for the destination alone: counted
 			 * while it does, so a destination that stops answering
 			 * shows before any write completes (auto mode's fallback) */
-			if (!(io->mflags & MIG_IO_DEST_DONE)) {
-				io->mflags |= MIG_IO_WAITING;
-				A_ADD(&m->dest_waiting_since, io->t_source_done);
+			if (!(mi->flags & MIG_IO_DEST_DONE)) {
+				mi->flags |= MIG_IO_WAITING;
+				A_ADD(&m->dest_waiting_since, mi->t_source_done);
 				A_ADD(&m->dest_waiting, 1);
 			}
 		}
 		return true;
 	}
 	if (slot == SLOT_DEST) {
-		io->mflags |= MIG_IO_DEST_DONE;
-		if (io->mflags & MIG_IO_WAITING) {
-			io->mflags &= ~MIG_IO_WAITING;
+		mi->flags |= MIG_IO_DEST_DONE;
+		if (mi->flags & MIG_IO_WAITING) {
+			mi->flags &= ~MIG_IO_WAITING;
 			A_SUB(&m->dest_waiting, 1);
-			A_SUB(&m->dest_waiting_since, io->t_source_done);
+			A_SUB(&m->dest_waiting_since, mi->t_source_done);
 		}
 	}
 	/* after the cutover the destination is the disk: its errors are the guest's
@@ -220,21 +230,22 @@ static bool part_done(struct ubm_migration *m, struct ubm_io *io, unsigned slot,
 			bit_set(m->unflushed, c);
 		return false;
 	}
-	if (io->mflags & MIG_IO_DEST_FAILED)
+	if (mi->flags & MIG_IO_DEST_FAILED)
 		return false;
-	io->mflags |= MIG_IO_DEST_FAILED;
+	mi->flags |= MIG_IO_DEST_FAILED;
 	/* the source has it (or will), the destination may not */
 	for (uint64_t c = c0; data && c <= c1; c++)
 		mig_mark_dirty(m, c);
-	mig_dest_failed(m, io, res);
+	mig_dest_failed(m, mi->epoch, res);
 	return false;
 }
 
 static int io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 {
 	struct ubm_io *io = &q->ios[tag];
+	struct mig_io *mi = mig_io(m, q, tag);
 	const struct ubm_req *req = &io->req;
-	uint64_t now = ubm_now_ns(), lat = now - io->t_start, cut;
+	uint64_t now = ubm_now_ns(), lat = now - mi->t_start, cut;
 	bool cut_over = A_LOAD(&m->cut_over);
 	bool durable = req->op == UBLK_IO_OP_FLUSH ||
 		       (is_write(req->op) && (req->flags & UBLK_IO_F_FUA));
@@ -248,7 +259,7 @@ static int io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 
 		for (unsigned g = 0; g < n; g++)
 			fds[g] = m->delta[g].fd;
-		ret = ubm_layer_map_commit(&m->map, io->map_mark, fds, n);
+		ret = ubm_layer_map_commit(&m->map, mi->map_mark, fds, n);
 		if (ret < 0)
 			io->result = ret;
 	}
@@ -261,20 +272,20 @@ static int io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 	if (retry)
 		mig_fail_deltas(m, io->result);
 
-	if (io->mflags & MIG_IO_REFS) {
+	if (mi->flags & MIG_IO_REFS) {
 		uint64_t c0 = req->offset >> m->chunk_shift;
 		uint64_t c1 = (req->offset + req->len - 1) >> m->chunk_shift;
 
-		if (io->mflags & MIG_IO_MIRRORED) {
+		if (mi->flags & MIG_IO_MIRRORED) {
 			A_ADD(&m->mirrored_writes, 1);
 			/* the source was done first: the guest waited for the destination */
-			if (io->t_source_done && now > io->t_source_done) {
+			if (mi->t_source_done && now > mi->t_source_done) {
 				A_ADD(&m->mirror_waits, 1);
-				A_ADD(&m->mirror_wait_ns, now - io->t_source_done);
+				A_ADD(&m->mirror_wait_ns, now - mi->t_source_done);
 			}
-			io->t_source_done = 0;
+			mi->t_source_done = 0;
 			/* (a destination failure is recorded already: part_done) */
-		} else if (io->mflags & MIG_IO_TRACKED) {
+		} else if (mi->flags & MIG_IO_TRACKED) {
 			A_ADD(&m->tracked_writes, 1);
 			if (io->result >= 0) {
 				for (uint64_t c = c0; c <= c1; c++)
@@ -294,7 +305,7 @@ static int io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 	cut = A_LOAD(&m->cutover_ns);
 	if (cut && now + 1000000000ull > cut && now < cut + 1000000000ull)
 		mig_atomic_max(&m->cutover_latency_ns, lat);
-	io->t_start = 0;
+	mi->t_start = 0;
 	A_SUB(&m->inflight, 1);
 	return 0;
 }
@@ -311,9 +322,10 @@ static int router_route(struct ubm_router *r, struct ubm_queue *q, unsigned tag)
 	return route(of_router(r), q, tag);
 }
 
-static bool router_part_done(struct ubm_router *r, struct ubm_io *io, unsigned slot, int res)
+static bool router_part_done(struct ubm_router *r, struct ubm_queue *q, unsigned tag,
+			     unsigned slot, int res)
 {
-	return part_done(of_router(r), io, slot, res);
+	return part_done(of_router(r), q, tag, slot, res);
 }
 
 static int router_io_done(struct ubm_router *r, struct ubm_queue *q, unsigned tag)

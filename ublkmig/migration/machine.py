@@ -78,7 +78,6 @@ class Migration(Steps):
         self.phase = Phase.STARTING
         self.error: str | None = None
         self.speed = opts.speed
-        self._cut_over = False
         self._cancel_reason = ""
         self._cutover_requested = anyio.Event()
         self._done = anyio.Event()
@@ -89,12 +88,18 @@ class Migration(Steps):
         # how guest writes go (auto mode: its switches, decided there)
         self.auto = Auto(self.policy, opts.fallback_wait_ms,
                          writes_mirrored=opts.mode not in (Mode.DBT, Mode.SNAPSHOT))  # fmt: skip
-        self._cutting_over: str | None = None  # "intent" (in sync, switching), "done"
+        # the cutover's record: "intent" (in sync, switching), "done" (switched)
+        self._cutting_over: str | None = None
 
     # --- requests (event loop) ----------------------------------------------------------------
     @property
     def ended(self) -> bool:
         return self.phase in ENDED
+
+    @property
+    def _cut_over(self) -> bool:
+        """The device serves the destination now."""
+        return self._cutting_over == "done"
 
     @property
     def in_sync(self) -> bool:
@@ -524,9 +529,8 @@ class Migration(Steps):
                 )  # fmt: skip
                 await self._pass(Pass.FINAL if self._paused else Pass.ALL)
                 continue
-            self._cut_over = True
-            self.progress.cutover_after = time.monotonic() - self.progress.started
             self._cutting_over = "done"
+            self.progress.cutover_after = time.monotonic() - self.progress.started
             s = self._stats()
             self.log.info(
                 "migration.switched", device=self.device,
