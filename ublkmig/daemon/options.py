@@ -1,13 +1,18 @@
-"""What the daemon is asked for: ``serve``'s options (ServeOptions) and the fields of a
-``migrate`` request, checked (parse_migrate_args)."""
+"""What the daemon is asked for: ``serve``'s options (ServeOptions), the fields of a
+``migrate`` request, checked (parse_migrate_args), and a resumed migration's, from its record
+(resume_options)."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ublkmig import migration, native
+from ublkmig.control import ControlError
 from ublkmig.errors import UserError
 from ublkmig.native import DataPath
 
@@ -71,3 +76,43 @@ def parse_migrate_args(args: dict[str, Any], direct: bool = False) -> migration.
         fallback_wait_ms=migration.check_fallback_wait(float(wait)),
         dest_timeout=migration.check_dest_timeout(float(timeout)),
     )
+
+
+def resume_options(
+    saved: dict[str, Any] | None, args: dict[str, Any], *, image: Path | str, node: str
+) -> migration.MigrationOptions:
+    """``migrate --resume``: the options of the migration NODE's last daemon left unfinished
+    (its record, ``saved``), serving ``image``; ``args`` may bring a new speed.  ControlError
+    (one line) if there is none, it had cut over, it was from another image, or the record
+    is damaged."""
+    if saved is None:
+        raise ControlError(f"no interrupted migration of {node} to resume")
+    if saved.get("cut_over"):
+        raise ControlError(
+            f"the migration of {node} to {saved['dest']} had cut over: there is nothing to resume"
+        )
+    with contextlib.suppress(OSError, KeyError, TypeError):
+        if not os.path.samefile(saved["source"], image):
+            raise ControlError(
+                f"the interrupted migration of {node} was from {saved['source']}, but this "
+                f"daemon serves {image}"
+            )
+    try:
+        keys = ("mode", "chunk_size", "speed", "no_cutover", "verify", "fallback_wait_ms")
+        fields = {k: saved[k] for k in keys}
+        fields["dest_timeout"] = saved.get("dest_timeout", migration.DEFAULT_DEST_TIMEOUT)
+        fields["yield"] = saved.get("yield", True)  # (not saved before it existed)
+        if "speed" in args:  # a new limit for the rest
+            fields["speed"] = args["speed"]
+        opts = parse_migrate_args(
+            {"to": saved["dest"], **fields}, direct=bool(saved.get("direct", False))
+        )
+        reach = saved["reach"]
+        if not isinstance(reach, int) or reach < 0:
+            raise TypeError(reach)
+    except (KeyError, TypeError, UserError) as e:
+        raise ControlError(
+            f"the saved state of {node}'s interrupted migration is damaged ({e})"
+        ) from None
+    # every chunk the last one may have written is compared (and fixed) before use
+    return dataclasses.replace(opts, resumed=True, check_below=reach)

@@ -21,7 +21,7 @@ import anyio.abc
 
 from ublkmig import __version__, control, migration, native, state
 from ublkmig.daemon.checks import Image
-from ublkmig.daemon.options import ServeOptions, _int_arg, parse_migrate_args
+from ublkmig.daemon.options import ServeOptions, _int_arg, parse_migrate_args, resume_options
 from ublkmig.errors import UblkmigError, UserError
 from ublkmig.log import get_logger
 
@@ -139,38 +139,7 @@ class Daemon:
             saved = state.read(state.migration_path(self.device.id))
         except state.Damaged as e:
             raise control.ControlError(str(e)) from None
-        if saved is None:
-            raise control.ControlError(f"no interrupted migration of {self._node()} to resume")
-        if saved.get("cut_over"):
-            raise control.ControlError(
-                f"the migration of {self._node()} to {saved['dest']} had cut over: there is "
-                "nothing to resume"
-            )
-        with contextlib.suppress(OSError, KeyError, TypeError):
-            if not os.path.samefile(saved["source"], self.image.path):
-                raise control.ControlError(
-                    f"the interrupted migration of {self._node()} was from {saved['source']}, "
-                    f"but this daemon serves {self.image.path}"
-                )
-        try:
-            keys = ("mode", "chunk_size", "speed", "no_cutover", "verify", "fallback_wait_ms")
-            fields = {k: saved[k] for k in keys}
-            fields["dest_timeout"] = saved.get("dest_timeout", migration.DEFAULT_DEST_TIMEOUT)
-            fields["yield"] = saved.get("yield", True)  # (not saved before it existed)
-            if "speed" in args:  # a new limit for the rest
-                fields["speed"] = args["speed"]
-            opts = parse_migrate_args(
-                {"to": saved["dest"], **fields}, direct=bool(saved.get("direct", False))
-            )
-            reach = saved["reach"]
-            if not isinstance(reach, int) or reach < 0:
-                raise TypeError(reach)
-        except (KeyError, TypeError, UserError) as e:
-            raise control.ControlError(
-                f"the saved state of {self._node()}'s interrupted migration is damaged ({e})"
-            ) from None
-        # every chunk the last one may have written is compared (and fixed) before use
-        return dataclasses.replace(opts, resumed=True, check_below=reach)
+        return resume_options(saved, args, image=self.image.path, node=self._node())
 
     def _save_migration_state(self, data: dict[str, Any]) -> None:
         """Migration.on_state: the state --resume needs; the image the device's next daemon
