@@ -2,7 +2,55 @@
 /*
  * The routing of guest requests while a migration runs: every rule that decides
  * where a request goes, and what its completion means for the chunks it
- * touched, is here (the router the core calls through t->router).
+ * touched, is here (the router the core calls through t->router: route(),
+ * part_done() as each backend's part ends, io_done() once all have).
+ *
+ * Where a request goes:
+ * - after the cutover: the destination alone;
+ * - paused (a final pass, a cutover's hold): parked until resumed;
+ * - a read, or an empty write: the source (snapshot: each chunk's newest layer);
+ * - a FLUSH: every backend holding guest data (source and destination;
+ *   snapshot: every delta);
+ * - a write, mirror mode: source and destination, every write, wherever it
+ *   lands (why: at route(), below);
+ * - a write, dbt: the source; if it touched a copied chunk, its chunks go
+ *   dirty when it is done;
+ * - a write, snapshot: the active delta, after its chunks were copied into it
+ *   (copy on write, snapshot.c).
+ * Whose errors the guest sees: the source's (or the delta's), never the
+ * destination's before the cutover (part_done()).
+ *
+ * The orderings, each against a reader on another thread:
+ * 1. A request counts itself in m->inflight, then looks at m->paused.  The
+ *    pauser sets the flag, then waits for the count to drain: one of the two
+ *    sees the other, so no request slips past a pause.
+ * 2. A write takes a reference on each chunk it touches before it is sent,
+ *    and drops them only when it is done; a chunk the copier has locked
+ *    parks it (WAITERS: the copier rings the bells when it unlocks).  The
+ *    copier reads a chunk only once its count is zero, so no write that came
+ *    before the lock lands after the read.
+ * 3. Mirror: a chunk's dest_written bit is set before the write is sent to
+ *    the destination: the copier, waiting for this write's reference, must
+ *    not take the destination's chunk for zeroes and skip it.
+ * 4. A chunk goes dirty while the write still holds its references: dbt at
+ *    io_done() before mig_chunks_put(), a destination failure at
+ *    part_done().  A copier that waited for the count sees the bit.
+ * 5. A destination failure is recorded the moment its part ends
+ *    (part_done()), not when the whole request does: a mirrored write whose
+ *    source part is still in flight must not look clean to a cutover
+ *    meanwhile.  It counts as the migration's error only if it was routed
+ *    in the current epoch (after the last ubm_mig_reconnect()).
+ * 6. What the destination acknowledged goes into `unflushed` at part_done(),
+ *    before the request is answered: a lost connection may lose it until a
+ *    flush, and ubm_mig_reconnect() copies those chunks again.
+ * 7. Snapshot: a copy on write appends its layer-map record before the
+ *    write that caused it is issued; a FLUSH or FUA write takes its mark
+ *    when routed and is answered only once the deltas, the records and the
+ *    committed count are durable (io_done(), layermap.c).
+ * 8. A mirrored write whose source part is done waits for the destination
+ *    alone, and counts in dest_waiting while it does (part_done()): a
+ *    destination that stops answering shows in auto mode's measure before
+ *    any write completes.
  */
 #include <fcntl.h>
 #include <stddef.h>
