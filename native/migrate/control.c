@@ -281,13 +281,25 @@ UBM_EXPORT int ubm_mig_start(struct ubm_target *t, const struct ubm_mig_config *
 	return 0;
 }
 
+int mig_check(const struct ubm_migration *m, bool before_cutover)
+{
+	if (!m)
+		return ubm_fail(ENOENT, "no migration is running");
+	if (before_cutover && A_LOAD(&m->cut_over))
+		return ubm_fail(EINVAL, "the migration has cut over already");
+	return 0;
+}
+
 UBM_EXPORT int ubm_mig_set_mode(struct ubm_target *t, uint32_t mode)
 {
-	if (!mig_of(t))
-		return ubm_fail(ENOENT, "no migration is running");
-	if (mode > UBM_MIG_DBT || A_LOAD(&mig_of(t)->mode) == UBM_MIG_SNAPSHOT)
+	struct ubm_migration *m = mig_of(t);
+	int ret = mig_check(m, false);
+
+	if (ret)
+		return ret;
+	if (mode > UBM_MIG_DBT || A_LOAD(&m->mode) == UBM_MIG_SNAPSHOT)
 		return ubm_fail(EINVAL, "only mirror and dirty tracking switch modes");
-	A_STORE(&mig_of(t)->mode, mode);
+	A_STORE(&m->mode, mode);
 	return 0;
 }
 
@@ -318,9 +330,10 @@ UBM_EXPORT int ubm_mig_abort(struct ubm_target *t)
 UBM_EXPORT int ubm_mig_pause(struct ubm_target *t)
 {
 	struct ubm_migration *m = mig_of(t);
+	int ret = mig_check(m, false);
 
-	if (!m)
-		return ubm_fail(ENOENT, "no migration is running");
+	if (ret)
+		return ret;
 	m->pause_start_ns = ubm_now_ns();
 	__atomic_store_n(&m->paused, 1, __ATOMIC_SEQ_CST);
 	mig_wait_inflight(m);
@@ -330,9 +343,10 @@ UBM_EXPORT int ubm_mig_pause(struct ubm_target *t)
 UBM_EXPORT int ubm_mig_resume(struct ubm_target *t)
 {
 	struct ubm_migration *m = mig_of(t);
+	int ret = mig_check(m, false);
 
-	if (!m)
-		return ubm_fail(ENOENT, "no migration is running");
+	if (ret)
+		return ret;
 	if (!A_LOAD(&m->paused))
 		return 0;
 	__atomic_store_n(&m->paused, 0, __ATOMIC_SEQ_CST);
@@ -344,14 +358,15 @@ UBM_EXPORT int ubm_mig_resume(struct ubm_target *t)
 UBM_EXPORT int ubm_mig_finish(struct ubm_target *t)
 {
 	struct ubm_migration *m = mig_of(t);
+	int ret = mig_check(m, false);
 	bool cut_over;
 
-	if (!m)
-		return ubm_fail(ENOENT, "no migration is running");
+	if (ret)
+		return ret;
 	cut_over = A_LOAD(&m->cut_over);
 	if (!cut_over && A_LOAD(&m->mode) == UBM_MIG_SNAPSHOT) {
 		/* the guest's writes since the start live in the deltas */
-		int ret = mig_fold_back(m);
+		ret = mig_fold_back(m);
 
 		if (ret < 0)
 			return ret;
@@ -389,10 +404,9 @@ UBM_EXPORT int ubm_mig_reconnect(struct ubm_target *t)
 	struct ubm_migration *m = mig_of(t);
 	int ret;
 
-	if (!m)
-		return ubm_fail(ENOENT, "no migration is running");
-	if (A_LOAD(&m->cut_over))
-		return ubm_fail(EINVAL, "the migration has cut over already");
+	ret = mig_check(m, true);
+	if (ret)
+		return ret;
 	if (!t->dest.ops->reconnect)
 		return ubm_fail(EOPNOTSUPP, "the destination has no connections to restore");
 	ret = t->dest.ops->reconnect(&t->dest);

@@ -326,12 +326,11 @@ UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *
 	int ret = 0, r;
 
 	*chunks = 0;
-	if (!m)
-		return ubm_fail(ENOENT, "no migration is running");
+	ret = mig_check(m, true);
+	if (ret)
+		return ret;
 	if (pass > UBM_PASS_FINAL)
 		return ubm_fail(EINVAL, "unknown pass %u", pass);
-	if (A_LOAD(&m->cut_over))
-		return ubm_fail(EINVAL, "the migration has cut over already");
 	/* (an abort stays: every later pass of this migration stops at once) */
 	if (pass == UBM_PASS_DIRTY)
 		count_hot(m);

@@ -82,10 +82,9 @@ UBM_EXPORT int ubm_mig_cutover_hold(struct ubm_target *t)
 	struct ubm_migration *m = mig_of(t);
 	int ret;
 
-	if (!m)
-		return ubm_fail(ENOENT, "no migration is running");
-	if (A_LOAD(&m->cut_over))
-		return ubm_fail(EINVAL, "the migration has cut over already");
+	ret = mig_check(m, true);
+	if (ret)
+		return ret;
 	if (A_LOAD(&m->mode) != UBM_MIG_MIRROR && !A_LOAD(&m->paused))
 		return ubm_fail(EAGAIN, "not in sync: dirty tracking needs a pause to cut over");
 	ret = not_in_sync(m);
@@ -113,9 +112,10 @@ UBM_EXPORT int ubm_mig_cutover_hold(struct ubm_target *t)
 UBM_EXPORT int ubm_mig_cutover_switch(struct ubm_target *t, uint32_t commit)
 {
 	struct ubm_migration *m = mig_of(t);
+	int ret = mig_check(m, false);
 
-	if (!m)
-		return ubm_fail(ENOENT, "no migration is running");
+	if (ret)
+		return ret;
 	if (!m->hold_start_ns)
 		return ubm_fail(EINVAL, "the cutover is not held");
 	if (commit) {
@@ -148,8 +148,9 @@ UBM_EXPORT int ubm_mig_verify(struct ubm_target *t, uint64_t *mismatched)
 	int ret = 0;
 
 	*mismatched = 0;
-	if (!m)
-		return ubm_fail(ENOENT, "no migration is running");
+	ret = mig_check(m, false);
+	if (ret)
+		return ret;
 	if (!A_LOAD(&m->paused) && !A_LOAD(&m->cut_over))
 		return ubm_fail(EAGAIN, "verifying needs guest I/O paused");
 	if (posix_memalign(&a, 4096, m->chunk_size) || posix_memalign(&b, 4096, m->chunk_size)) {

@@ -212,6 +212,9 @@ bool mig_chunks_get(struct ubm_migration *m, uint64_t c0, uint64_t c1);
 void mig_chunks_put(struct ubm_migration *m, uint64_t c0, uint64_t c1);
 
 /* control.c */
+/* What each ubm_mig_* call checks first: 0 if a migration runs (and, with
+ * before_cutover, has not cut over), else the error, its text set. */
+int mig_check(const struct ubm_migration *m, bool before_cutover);
 void mig_wait_inflight(struct ubm_migration *m);
 void mig_free(struct ubm_migration *m);
 int mig_file_index(unsigned slot);

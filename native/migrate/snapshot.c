@@ -164,8 +164,9 @@ UBM_EXPORT int ubm_mig_new_delta(struct ubm_target *t)
 	unsigned next;
 	int ret;
 
-	if (!m)
-		return ubm_fail(ENOENT, "no migration is running");
+	ret = mig_check(m, false);
+	if (ret)
+		return ret;
 	if (A_LOAD(&m->mode) != UBM_MIG_SNAPSHOT)
 		return ubm_fail(EINVAL, "not a snapshot migration");
 	next = m->gen + 1;
