@@ -76,7 +76,7 @@ def test_windows_and_series() -> None:
     # writes in [0.5, 1): latencies 502, 504, ..., 1000 us
     assert w["b"]["lat_max_ms"] == pytest.approx(1.0)
     assert w["b"]["lat_p50_ms"] == pytest.approx(0.752)
-    series = scenarios._series(samples, 0.25)
+    series = scenarios.series(samples, 0.25)
     assert [round(t, 2) for t, _, _ in series] == [0.0, 0.25, 0.5, 0.75]
     assert all(iops == pytest.approx(1000) for _, iops, _ in series)
 

@@ -1,0 +1,115 @@
+"""Migration under load, and the same load under QEMU's mirror (the peer).
+
+Each mode migrates the disk to a file on the same tmpfs while fio writes (unthrottled,
+rate-limited at 2000 IOPS, a 70/30 read/write mix): guest IOPS and write latency before,
+during and after (:mod:`.under_load`), the time to cutover, the cutover stall or final
+pause, the daemon's peak memory.  With ``peer=True`` (the ``qemu`` scenario) the same load
+runs on qemu-storage-daemon's NBD export through the kernel's NBD client while
+blockdev-mirror (copy modes background and write-blocking) moves the disk.  Every run
+starts from the same pristine disk.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from ublkmig.bench import targets
+from ublkmig.bench.fio import FioJob
+from ublkmig.bench.scenarios.common import (
+    MODES,
+    MiB,
+    PhaseLog,
+    Settings,
+    check_same,
+    make_image,
+    say,
+)
+from ublkmig.bench.scenarios.under_load import combine, load_jobs, load_result, load_run, loaded
+
+PEER_DIFFERENCES = (
+    "What differs: ublkmig serves the disk through ublk (/dev/ublkbN, one queue, its own "
+    "data plane in the daemon) and migrates inside that process; QEMU's set-up is "
+    "qemu-storage-daemon exporting the disk over NBD on a unix socket, reached by the "
+    "kernel's NBD client (/dev/nbdN, one connection), with blockdev-mirror moving it to "
+    "the same tmpfs.  The guest's path to the disk is therefore different (NBD socket "
+    "round trips against ublk's shared-memory commands), so compare each side's "
+    "during/before ratio and migration time more than absolute IOPS.  QEMU's copy-mode "
+    "background mirrors writes only to already copied areas asynchronously and "
+    "converges by re-copying dirty ones; write-blocking mirrors every write "
+    "synchronously (ublkmig's mirror mode is the closer match).  The cutover of QEMU "
+    "is the time from block-job-complete to the job's completion."
+)
+
+
+def load(s: Settings, work: Path, peer: bool = False) -> dict[str, Any]:
+    """Each mode (or, with peer, QEMU's copy modes) under each load job, ``reps`` times;
+    every run starts from the same disk (a pristine copy is put back)."""
+    size = min(s.size, 256 * MiB)
+    image, dest, pristine = work / "load.img", work / "load-dest.img", work / "pristine.img"
+    make_image(pristine, size)
+    out: dict[str, Any] = {"size": size, "span": s.load_span, "runs": []}
+    for job in load_jobs(s):
+        for mode in (("qemu background", "qemu write-blocking") if peer else MODES):
+            reps = []
+            for _rep in range(s.reps):
+                shutil.copyfile(pristine, image)
+                one = _qemu_run if peer else load_run
+                reps.append(one(s, job, mode, image, dest, work))
+                dest.unlink(missing_ok=True)
+            run = combine(reps)
+            out["runs"].append(run)
+            w = run["windows"]
+            say(f"load {job.name} {mode}: {w['before']['iops']:.0f} IOPS before, "
+                f"{w['during']['iops']:.0f} during, {w['after']['iops']:.0f} after; "
+                f"migration {run['seconds']:.2f} s (medians of {len(reps)})")  # fmt: skip
+    image.unlink()
+    pristine.unlink()
+    return out
+
+
+def _qemu_run(s: Settings, job: FioJob, mode: str, image: Path, dest: Path,
+              work: Path) -> dict[str, Any]:  # fmt: skip
+    """The same load on QEMU's NBD export (kernel NBD client, one connection like the one
+    queue ublkmig serves with) while blockdev-mirror moves the disk."""
+    from ublkmig.bench.qemu_mirror import QemuMirrorPeer, QmpError
+
+    copy_mode = mode.split(" ", 1)[1]
+    qsd = work / "qsd"
+    qsd.mkdir(exist_ok=True)
+    with QemuMirrorPeer(image, qsd, connections=1) as peer:
+        assert peer.device is not None
+        targets.set_scheduler_none(peer.device)
+        with loaded(job, peer.device, work) as f:
+            log = PhaseLog(t0=f["t0"])
+            time.sleep(s.load_window)
+            log.note("start")
+            wall = time.time() - time.monotonic()
+            try:
+                res = peer.mirror(dest, copy_mode, timeout=s.peer_timeout)  # type: ignore[arg-type]
+            except QmpError as e:  # not ready in time: the job is cancelled
+                say(f"QEMU's mirror ({copy_mode}) did not converge in {s.peer_timeout:.0f} s "
+                    f"under {job.name}: {e}")  # fmt: skip
+                res = None
+                log.note("cancelled")
+            else:
+                log.events += [(round(t + wall - log.t0, 3), name) for t, name in res.timeline
+                               if name in ("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED")]
+                log.note("completed")
+            time.sleep(s.load_window)
+            log.note("end of load")
+        assert peer.proc is not None
+        peak_rss = targets.Target("qemu-storage-daemon", peer.device, peer.proc.pid).peak_rss()
+        if res is not None and res.error:
+            raise RuntimeError(f"QEMU's mirror ({copy_mode}) under load failed: {res.error}")
+        if res is not None:
+            check_same(peer.device, dest, os.path.getsize(image))
+    mig = {"phase": "completed" if res else "cancelled",
+           "bytes_copied": res.offset if res else None, "pass": None,
+           "cutover_after": res.elapsed if res else s.peer_timeout,
+           "cutover_stall_ms": None if res is None or res.cutover is None else res.cutover * 1000,
+           "final_pause_ms": None, "daemon_peak_rss": peak_rss}  # fmt: skip
+    return load_result(job, mode, f, log, mig)

@@ -1,0 +1,214 @@
+"""Measuring a migration under load, shared by the load, slow, yield and qemu scenarios.
+
+fio runs a write load with a latency log of every I/O (Unix time, on the harness's own
+clock) beside a slow verifying writer past the load's span (bad data raises
+:class:`IntegrityError`).  The harness notes the migration's phases on the same clock, so
+a run is cut into windows (before, during, after: IOPS and write latency percentiles) and a
+series for the plot; repetitions are combined into medians with their spread.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ublkmig.bench import fio, targets
+from ublkmig.bench.fio import FioJob
+from ublkmig.bench.scenarios.common import (
+    IntegrityError,
+    MiB,
+    PhaseLog,
+    Settings,
+    check_same,
+    follow,
+    start_migration,
+    summary,
+)
+
+
+def load_jobs(s: Settings) -> list[FioJob]:
+    base = FioJob("randwrite-4k-qd32", "randwrite", "4k", 32, runtime=3600, ramp=0,
+                  size=s.load_span, lat_log=True)  # fmt: skip
+    jobs = [base]
+    if not s.quick:
+        jobs += [replace(base, name="randwrite-4k-qd32-2000iops", rate_iops=2000),
+                 replace(base, name="randrw70-4k-qd32", rw="randrw", rwmixread=70)]  # fmt: skip
+    return jobs
+
+
+Sample = tuple[float, float, bool]  # (seconds since the load started, latency us, a write)
+
+
+def windows(samples: list[Sample], spans: dict[str, tuple[float, float]]
+            ) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Per window: IOPS (every I/O) and write latency percentiles (ms)."""
+    out = {}
+    for name, (a, b) in spans.items():
+        n = sum(1 for t, _, _ in samples if a <= t < b)
+        lats = sorted(lat for t, lat, w in samples if a <= t < b and w)
+        if not n or b <= a:
+            out[name] = {"iops": 0.0}
+            continue
+        out[name] = {"iops": n / (b - a), **_percentiles(lats)}
+    return out
+
+
+def _percentiles(lats: list[float]) -> dict[str, float]:
+    if not lats:
+        return {}
+
+    def pct(p: float) -> float:
+        return lats[min(len(lats) - 1, int(p / 100 * len(lats)))] / 1000.0
+
+    return {"lat_p50_ms": pct(50), "lat_p99_ms": pct(99), "lat_p99.9_ms": pct(99.9),
+            "lat_max_ms": lats[-1] / 1000.0}  # fmt: skip
+
+
+def series(samples: list[Sample], step: float) -> list[tuple[float, float, float]]:
+    """(time, IOPS, p99 write latency ms) per ``step`` seconds, for the plot."""
+    buckets: dict[int, list[Sample]] = {}
+    for smp in samples:
+        buckets.setdefault(int(smp[0] / step), []).append(smp)
+    out = []
+    for k in sorted(buckets):
+        lats = sorted(lat for _, lat, w in buckets[k] if w)
+        p99 = lats[min(len(lats) - 1, int(0.99 * len(lats)))] / 1000.0 if lats else 0.0
+        out.append((round(k * step, 3), len(buckets[k]) / step, p99))
+    return out
+
+
+SENTINEL = 8 * MiB
+
+
+def sentinel_argv(device: str, offset: int, work: Path) -> list[str]:
+    """A slow writer over the SENTINEL bytes at ``offset`` (past the load) that reads back
+    and checks (crc32c) what it wrote, all through the migration and after it."""
+    return ["fio", "--name=sentinel", f"--filename={device}", f"--offset={offset}",
+            f"--size={SENTINEL}", "--rw=write", "--bs=4k", "--iodepth=4", "--ioengine=io_uring",
+            "--direct=1", "--verify=crc32c", "--verify_backlog=32", "--loops=1000000",
+            "--rate_iops=100", "--output-format=json", f"--output={work / 'sentinel.json'}"]
+
+
+def _interrupt(proc: subprocess.Popen[str]) -> str:
+    """SIGINT (fio ends its jobs and writes its logs); its stderr."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.communicate(timeout=300)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()[1] + "\n(killed: it did not stop on SIGINT)"
+
+
+@contextmanager
+def loaded(job: FioJob, device: str, work: Path) -> Iterator[dict[str, Any]]:
+    """fio running ``job`` on ``device`` for the body of the with; on exit, ``samples``:
+    every I/O's completion (seconds since ``t0``, latency in µs, whether a write)."""
+    out: dict[str, Any] = {}
+    for old in work.glob(f"{job.name}_*.log"):
+        old.unlink()
+    assert job.size is not None
+    t0 = time.time()
+    proc, argv = fio.start(job, device, work)
+    sentinel = subprocess.Popen(sentinel_argv(device, job.size, work), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, cwd=work)  # fmt: skip
+    out["t0"], out["argv"] = t0, argv
+    try:
+        yield out
+    finally:
+        err, serr = _interrupt(proc), _interrupt(sentinel)
+    if "verify" in serr.lower() or "error" in serr.lower():
+        raise IntegrityError(f"fio's verifying writer beside the load saw bad data: {serr}")
+    logs = sorted(work.glob(f"{job.name}_lat.*.log"))
+    if "error" in err.lower() or not logs:
+        raise fio.FioError(f"fio {job.name} failed ({proc.returncode}): {err.strip()[-1000:]}")
+    samples: list[Sample] = []
+    for lg in logs:
+        for line in lg.read_text().splitlines():
+            p = line.split(",")
+            if len(p) >= 3 and p[0].strip().isdigit():
+                samples.append((int(p[0]) / 1000.0 - t0, int(p[1]) / 1000.0,
+                                p[2].strip() == "1"))  # fmt: skip
+        lg.unlink()
+    samples.sort()
+    out["samples"] = samples
+
+
+def combine(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The repetitions of one load run as one: medians of every figure, the spread of the
+    time and of the during/before IOPS ratio; the first run's timeline and series (plot)."""
+    def med(vals: list[Any]) -> Any:
+        vals = [v for v in vals if v is not None]
+        return statistics.median(vals) if vals else None
+
+    run = dict(reps[0])
+    run["reps"] = len(reps)
+    run["seconds"] = med([r["seconds"] for r in reps])
+    run["seconds_spread"] = summary([r["seconds"] for r in reps])
+    ratios = [r["windows"]["during"]["iops"] / r["windows"]["before"]["iops"]
+              for r in reps if r["windows"]["before"]["iops"]]  # fmt: skip
+    run["during_vs_before"] = summary(ratios) if ratios else None
+    run["windows"] = {
+        w: {k: med([r["windows"][w].get(k) for r in reps]) for k in reps[0]["windows"][w]}
+        for w in reps[0]["windows"]
+    }
+    for k in ("bytes_copied", "cutover_pause_ms", "cutover_stall_ms", "final_pause_ms",
+              "yielded_seconds", "daemon_peak_rss"):
+        run[k] = med([r.get(k) for r in reps])
+    run["converged"] = all(r["converged"] for r in reps)
+    return run
+
+
+def load_run(s: Settings, job: FioJob, mode: str, image: Path, dest: Path | str,
+             work: Path, dest_file: Path | None = None, direct: bool = False,
+             yields: bool = True) -> dict[str, Any]:  # fmt: skip
+    """One migration under ``job``; ``dest`` a path, or an NBD URI exporting ``dest_file``;
+    the image served with O_DIRECT if ``direct``; ``yields``: the copier's --no-yield if
+    False."""
+    with targets.ublkmig(image, queues=1, depth=128, direct=direct,
+                         log=work / "serve.log") as t:  # fmt: skip
+        with loaded(job, t.path, work) as f:
+            log = PhaseLog(t0=f["t0"])
+            time.sleep(s.load_window)
+            log.note("start")
+            start_migration(t.path, dest, mode, yields)
+            mig = follow(t.path, log)
+            time.sleep(s.load_window)
+            log.note("end of load")
+        mig["daemon_peak_rss"] = t.peak_rss()
+        if mig["phase"] != "completed":
+            raise RuntimeError(f"{mode} under load {mig['phase']}: {mig['error']}")
+        check_same(t.path, dest_file or Path(dest), os.path.getsize(image))
+    return load_result(job, mode, f, log, mig)
+
+
+def load_result(job: FioJob, mode: str, f: dict[str, Any], log: PhaseLog,
+                mig: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """One run's figures: its windows (split at the start and the cutover), the migration's
+    status, its phases and the series for the plot."""
+    ev = dict((label, t) for t, label in reversed(log.events))
+    start, stop = ev["start"], ev["end of load"]
+    # the migration ends at its cutover (the daemon's clock from the request)
+    end = start + mig["cutover_after"]
+    spans = {"before": (1.0, start), "during": (start, end), "after": (end, stop)}
+    return {
+        "job": job.name, "mode": mode, "fio": f["argv"], "seconds": end - start,
+        "windows": windows(f["samples"], spans),
+        "bytes_copied": mig.get("bytes_copied"), "passes": mig.get("pass"),
+        "cutover_pause_ms": mig.get("cutover_pause_ms"),
+        "cutover_stall_ms": mig.get("cutover_stall_ms"),
+        "final_pause_ms": mig.get("final_pause_ms"),
+        "converged": mig.get("phase") == "completed",
+        "fallbacks": mig.get("fallbacks"),
+        "yielded_seconds": mig.get("yielded_seconds"),
+        "daemon_peak_rss": mig.get("daemon_peak_rss"),
+        "events": log.events,
+        "series": series(f["samples"], 0.25),
+    }  # fmt: skip
