@@ -135,7 +135,7 @@ const char *ubm_last_error(void);
 struct ubm_target *ubm_dev_target(struct ubm_dev *dev);
 
 enum ubm_mig_mode {
-	UBM_MIG_MIRROR = 0,    /* writes to clean chunks go to both sides */
+	UBM_MIG_MIRROR = 0,    /* every write goes to both sides */
 	UBM_MIG_DBT = 1,       /* writes go to the source; the chunks they touch go dirty */
 	UBM_MIG_SNAPSHOT = 2,  /* writes go to a delta (the source is frozen); the copier
 				* folds frozen deltas into the destination */

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 class MigMode(enum.IntEnum):
     """enum ubm_mig_mode."""
 
-    MIRROR = 0  # writes to clean chunks go to both sides
+    MIRROR = 0  # every write goes to both sides
     DBT = 1  # writes go to the source; the chunks they touch go dirty
     SNAPSHOT = 2  # writes go to a delta; the copier folds frozen deltas
 
