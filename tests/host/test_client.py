@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from control_fakes import serving
+from support.control_fakes import serving
 
 from ublkmig import control
 from ublkmig.client import Client, ControlError, DaemonGone, MigrateRequest, WaitTimeout

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from control_fakes import fake_info, serving
+from support.control_fakes import fake_info, serving
 
 from ublkmig import control
 from ublkmig.errors import UserError

@@ -4,22 +4,19 @@ validation, flock, control socket, signal handling, logs and stdout protocol."""
 from __future__ import annotations
 
 import json
-import os
-import select
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.images import sparse_image
+from support.serve import Served, events, spawn_fake_serve
 
 from ublkmig import control
 from ublkmig.cli import main
 from ublkmig.client import Client
 
-HERE = Path(__file__).resolve().parent
 EVENTS = (
     "device.added",
     "control.listening",
@@ -32,61 +29,17 @@ EVENTS = (
 )
 
 
-class Served:
-    def __init__(self, proc: subprocess.Popen[str], image: Path) -> None:
-        self.proc = proc
-        self.image = image
-
-    def first_line(self, timeout: float = 30) -> str:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        assert ready, "serve printed nothing"
-        return self.proc.stdout.readline()
-
-    def finish(self, timeout: float = 30) -> tuple[int, str, str]:
-        out, err = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, out, err
-
-
-def spawn(
-    image: Path, run_dir: Path, fail_at: str = "", *args: str, pre: tuple[str, ...] = (), **env: str
-) -> Served:
-    env = {
-        **os.environ,
-        control.ENV_RUN_DIR: str(run_dir),
-        "PYTHONPATH": str(HERE.parents[1]),
-        **env,
-    }
-    argv = [sys.executable, str(HERE / "fake_serve.py"), fail_at, "--", *pre, "serve", *args]
-    proc = subprocess.Popen(
-        [*argv, str(image)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
-    return Served(proc, image)
-
-
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
-    p = tmp_path / "disk.img"
-    p.write_bytes(bytes(1 << 20))
-    return p
+    return sparse_image(tmp_path / "disk.img", 1 << 20)
 
 
 @pytest.fixture
 def served(image: Path, run_dir: Path) -> Iterator[Served]:
-    s = spawn(image, run_dir, "", "--queues", "2", "--depth", "64")
+    s = spawn_fake_serve(image, run_dir, "--queues", "2", "--depth", "64")
     yield s
     if s.proc.poll() is None:
-        s.proc.kill()
-        s.proc.communicate()
-
-
-def events(stderr: str) -> list[str]:
-    found = []
-    for line in stderr.splitlines():
-        for field in line.split():
-            if field.startswith("event="):
-                found.append(field.removeprefix("event="))
-    return found
+        s.kill()
 
 
 def test_stop_request(served: Served, run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -113,7 +66,7 @@ def test_stop_request(served: Served, run_dir: Path, capsys: pytest.CaptureFixtu
     assert main(["stop", "42"]) == 0
     assert capsys.readouterr().out == "stopped /dev/ublkb42\n"
     rc, out, err = served.finish()
-    assert rc == 0 and out == "", err
+    assert rc == 0 and out == f"{served.image}\n", err  # its first line, nothing more
     assert [e for e in events(err) if e in EVENTS] == list(EVENTS)
     assert "reason=request" in err
     assert err.index("fake.stop") < err.index("fake.destroy") < err.index("event=device.deleted")
@@ -131,7 +84,7 @@ def test_signal_stops(served: Served, run_dir: Path, sig: signal.Signals) -> Non
     assert "Traceback" not in err
     assert not control.socket_path(42).exists()
     # the lock went with the daemon: the image can be served again
-    again = spawn(served.image, run_dir)
+    again = spawn_fake_serve(served.image, run_dir)
     assert again.first_line() == f"{served.image}\n"
     again.proc.terminate()
     assert again.finish()[0] == 0
@@ -155,7 +108,7 @@ def test_signal_during_stop_is_not_fatal(served: Served) -> None:
     ],
 )
 def test_failures_clean_up(image: Path, run_dir: Path, fail_at: str, message: str) -> None:
-    rc, out, err = spawn(image, run_dir, fail_at).finish()
+    rc, out, err = spawn_fake_serve(image, run_dir, fail_at=fail_at).finish()
     assert rc == 1 and out == ""
     errors = [line for line in err.splitlines() if line.startswith("ublkmig:")]
     assert errors == ["ublkmig: error: " + message.format(image=image)]
@@ -166,7 +119,7 @@ def test_failures_clean_up(image: Path, run_dir: Path, fail_at: str, message: st
 
 
 def test_json_logs(image: Path, run_dir: Path) -> None:
-    s = spawn(image, run_dir, pre=("--log-json",))
+    s = spawn_fake_serve(image, run_dir, pre=("--log-json",))
     s.first_line()
     s.proc.terminate()
     rc, _, err = s.finish()
@@ -179,7 +132,7 @@ def test_json_logs(image: Path, run_dir: Path) -> None:
 
 
 def test_log_level_from_environment(image: Path, run_dir: Path) -> None:
-    s = spawn(image, run_dir, UBLKMIG_LOG_LEVEL="warning")
+    s = spawn_fake_serve(image, run_dir, env={"UBLKMIG_LOG_LEVEL": "warning"})
     s.first_line()
     s.proc.terminate()
     rc, _, err = s.finish()

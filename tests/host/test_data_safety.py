@@ -1,5 +1,5 @@
 """Acknowledged writes are never lost: the data plane through the simulator against a
-destination that misbehaves at chosen moments (tests/host/faulty_nbd.py, or a file), each
+destination that misbehaves at chosen moments (tests/support/faulty_nbd.py, or a file), each
 test ending with a byte-for-byte comparison of what the disk is afterwards.
 
 - a mirrored write whose destination part fails is recorded at once, and the cutover waits
@@ -24,7 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from faulty_nbd import FaultyNbd
+from support.faulty_nbd import FaultyNbd
+from support.images import sparse_image
 
 from ublkmig import native
 from ublkmig.native import MigMode, MigrationConfig, NativeError, Op, Pass, Sim
@@ -52,15 +53,9 @@ def read_all(sim: Sim) -> bytes:
     return b"".join(sim.read(off, 256 << 10) for off in range(0, SIZE, 256 << 10))
 
 
-def new_file(path: Path) -> Path:
-    with open(path, "wb") as f:
-        f.truncate(SIZE)
-    return path
-
-
 def in_sync_mirror(sim: Sim, dest: str | Path, zeroed: bool = False) -> native.Target:
     if isinstance(dest, Path):
-        new_file(dest)
+        sparse_image(dest, SIZE)
     t = sim.target()
     t.mig_start(MigrationConfig(dest=dest, mode=MigMode.MIRROR, chunk_size=CHUNK,
                                 dest_zeroed=zeroed))  # fmt: skip
@@ -188,7 +183,7 @@ def test_zeroes_over_a_mirrored_write_reach_a_new_destination(tmp: Path, zeroing
     os.truncate(tmp / "src.img", SIZE)  # a hole: the copier would skip it all
     with Sim(tmp / "src.img") as sim:
         t = sim.target()
-        t.mig_start(MigrationConfig(dest=new_file(tmp / "dest.img"), mode=MigMode.MIRROR,
+        t.mig_start(MigrationConfig(dest=sparse_image(tmp / "dest.img", SIZE), mode=MigMode.MIRROR,
                                     chunk_size=CHUNK, dest_zeroed=True))  # fmt: skip
         off = 9 * CHUNK
         sim.write(off, b"\x66" * CHUNK)  # mirrored: the destination's chunk holds it
@@ -213,7 +208,7 @@ def test_zeroes_over_a_mirrored_write_reach_a_new_destination(tmp: Path, zeroing
 def start_snapshot(sim: Sim, tmp: Path, prefix: Path) -> native.Target:
     """A snapshot migration to a new file, its deltas and layer map at ``prefix``."""
     t = sim.target()
-    t.mig_start(MigrationConfig(dest=new_file(tmp / "dest.img"), mode=MigMode.SNAPSHOT,
+    t.mig_start(MigrationConfig(dest=sparse_image(tmp / "dest.img", SIZE), mode=MigMode.SNAPSHOT,
                                 chunk_size=4 * CHUNK, delta_path=prefix))  # fmt: skip
     return t
 
@@ -431,7 +426,7 @@ def test_an_error_the_server_answers_is_not_waited_for(tmp: Path) -> None:
 def test_a_device_serving_an_nbd_export_is_not_migrated(tmp: Path) -> None:
     with FaultyNbd(SIZE) as srv, Sim(srv.uri) as sim:
         with pytest.raises(NativeError) as e:
-            sim.target().mig_start(MigrationConfig(dest=new_file(tmp / "d.img"),
+            sim.target().mig_start(MigrationConfig(dest=sparse_image(tmp / "d.img", SIZE),
                                                    mode=MigMode.MIRROR, chunk_size=CHUNK))
         assert e.value.errno == errno.EOPNOTSUPP and "NBD export" in str(e.value), e.value
 

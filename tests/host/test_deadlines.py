@@ -1,6 +1,6 @@
 """Nothing waits forever on the destination: the data plane's NBD client against a server that
 stops answering, trickles its handshake, holds a flush, or answers with the wrong cookie
-(tests/host/faulty_nbd.py), through the simulator.  Each wait that would hang on a client
+(tests/support/faulty_nbd.py), through the simulator.  Each wait that would hang on a client
 without deadlines runs in a watchdog thread, so a regression fails instead of hanging."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import anyio
 import pytest
-from faulty_nbd import FaultyNbd
+from support.faulty_nbd import FaultyNbd
 from test_migration import FAST, Run
 
 from ublkmig import native

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.images import sparse_image
 
 from ublkmig.errors import UserError
 from ublkmig.migration import open_destination, storage_overlap
@@ -46,8 +47,7 @@ def attach(loops: list[str], image: Path, *opts: str) -> str:
 def test_a_loop_device_over_the_source_is_the_source(tmp_path: Path, loops: list[str]) -> None:
     src, other = tmp_path / "src.img", tmp_path / "other.img"
     for p in (src, other):
-        with open(p, "wb") as f:
-            f.truncate(8 * MiB)
+        sparse_image(p, 8 * MiB)
     loop = attach(loops, src)
     assert storage_overlap(os.stat(loop), os.stat(src))
     assert storage_overlap(os.stat(src), os.stat(loop))  # either way round
@@ -82,8 +82,7 @@ def test_partitions_of_one_disk(tmp_path: Path, loops: list[str]) -> None:
     if not shutil.which("sfdisk"):
         pytest.skip("no sfdisk")
     disk = tmp_path / "disk.img"
-    with open(disk, "wb") as f:
-        f.truncate(32 * MiB)
+    sparse_image(disk, 32 * MiB)
     subprocess.run(["sfdisk", "-q", str(disk)], input="label: gpt\n,8M\n,8M\n", text=True,
                    check=True, capture_output=True)  # fmt: skip
     whole = attach(loops, disk, "-P")

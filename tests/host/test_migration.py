@@ -1,5 +1,5 @@
 """The migration controller (ublkmig.migration) against the real data plane, through the
-simulator: guest I/O runs concurrently on the simulator's thread (tests/host/sim_guest.py)
+simulator: guest I/O runs concurrently on the simulator's thread (tests/support/sim_guest.py)
 while the controller runs its passes; every run ends with a byte-for-byte comparison with a
 model of the disk (the destination after a cutover, the source after a cancel or a failure)."""
 
@@ -21,7 +21,8 @@ from typing import Any
 
 import anyio
 import pytest
-from sim_guest import SimGuest, SimTarget
+from support.images import sparse_image
+from support.sim_guest import SimGuest, SimTarget
 
 from ublkmig import native
 from ublkmig.migration import Migration, MigrationOptions, Mode, Phase, Policy
@@ -119,8 +120,7 @@ class Run:
         if self.dest is None:
             self.dest = self.tmp / "dest.img"
         if isinstance(self.dest, Path) and not self.dest.exists():
-            with open(self.dest, "wb") as f:
-                f.truncate(SIZE)
+            sparse_image(self.dest, SIZE)
         self.sim = Sim(self.source, depth=16)
         self.guest = SimGuest(
             self.sim, self.model, seed=self.seed, io=self.guest_io, region=GUEST_REGION

@@ -7,26 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from control_fakes import serving
 from hypothesis import given
 from hypothesis import strategies as st
+from support.cli import call_main, one_error_line
+from support.control_fakes import serving
 
 from ublkmig import control, daemon
-from ublkmig.cli import _status_lines, main
+from ublkmig.cli import _status_lines
 from ublkmig.errors import UserError
 from ublkmig.units import format_duration, format_rate, format_size, parse_rate, parse_size
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def one_error_line(err: str) -> str:
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ublkmig: error: "), err
-    return lines[0].removeprefix("ublkmig: error: ")
 
 
 @pytest.mark.parametrize(
@@ -63,7 +52,7 @@ def one_error_line(err: str) -> str:
 def test_bad_arguments(
     run_dir: Path, capsys: pytest.CaptureFixture[str], argv: list[str], status: int, message: str
 ) -> None:
-    rc, out, err = run_cli(capsys, *argv)
+    rc, out, err = call_main(capsys, *argv)
     assert rc == status and out == ""
     assert message in one_error_line(err)
 
@@ -80,10 +69,10 @@ def test_migrate_sends_what_was_asked(
 
     monkeypatch.chdir(tmp_path)
     with serving(control.socket_path(3), {"migrate": migrate}):
-        rc, out, err = run_cli(capsys, "migrate", "/dev/ublkb3", "--to", "rel.img")
+        rc, out, err = call_main(capsys, "migrate", "/dev/ublkb3", "--to", "rel.img")
         assert rc == 0, err
         assert out == f"migrating /dev/ublkb3 to {tmp_path}/rel.img (auto, chunks of 1 MiB)\n"
-        rc, out, err = run_cli(
+        rc, out, err = call_main(
             capsys, "migrate", "3", "--to", "/d.img", "--mode", "snapshot", "--chunk-size",
             "4M", "--speed", "100M/s", "--no-cutover", "--verify", "--no-yield",
             "--dest-timeout", "5",
@@ -95,7 +84,7 @@ def test_migrate_sends_what_was_asked(
         )
         # an NBD export's URI goes as it is (not made a path)
         uri = "nbd+unix:///disk?socket=/run/x.sock"
-        rc, out, err = run_cli(capsys, "migrate", "3", "--to", uri)
+        rc, out, err = call_main(capsys, "migrate", "3", "--to", uri)
         assert rc == 0 and out == f"migrating /dev/ublkb3 to {uri} (auto, chunks of 1 MiB)\n"
     assert got == [
         {"to": f"{tmp_path}/rel.img", "mode": "auto", "chunk_size": 1 << 20, "speed": None,
@@ -125,20 +114,20 @@ def test_speed_command(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> Non
         return {"migration": {}}
 
     with serving(control.socket_path(3), {"speed": speed}):
-        assert run_cli(capsys, "speed", "3", "50M")[1] == (
+        assert call_main(capsys, "speed", "3", "50M")[1] == (
             "speed of /dev/ublkb3's migration: 50 MiB/s\n"
         )
-        assert run_cli(capsys, "speed", "3", "unlimited")[1] == (
+        assert call_main(capsys, "speed", "3", "unlimited")[1] == (
             "speed of /dev/ublkb3's migration: unlimited\n"
         )
     assert got == [50 << 20, None]
 
 
 def test_help(capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, _ = run_cli(capsys, "--help")
+    rc, out, _ = call_main(capsys, "--help")
     for cmd in ("migrate", "status", "cutover", "cancel", "speed"):
         assert cmd in out
-    rc, out, _ = run_cli(capsys, "migrate", "--help")
+    rc, out, _ = call_main(capsys, "migrate", "--help")
     flat = " ".join(out.split())
     assert rc == 0
     assert "[default: auto]" in flat and "[default: 1M]" in flat and "--fallback-wait MS" in flat

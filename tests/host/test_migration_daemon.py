@@ -8,7 +8,6 @@ import fcntl
 import json
 import os
 import random
-import select
 import shutil
 import signal
 import subprocess
@@ -19,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from control_fakes import fake_info, serving
+from support.cli import call_main, one_error_line
+from support.control_fakes import fake_info, serving
+from support.serve import Served, events, spawn_fake_serve
 
 from ublkmig import control, native, state
 from ublkmig.cli import main
@@ -31,20 +32,6 @@ HERE = Path(__file__).resolve().parent
 SIZE = 8 << 20
 DEV = "/dev/ublkb42"
 POLICY = {"cutover_window": 0.1, "sample_interval": 0.05, "in_sync_dirty_interval": 0.1}
-
-
-class Daemon:
-    def __init__(self, proc: subprocess.Popen[str], image: Path) -> None:
-        self.proc = proc
-        self.image = image
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], 30)
-        assert ready, "serve printed nothing"
-        assert proc.stdout.readline() == f"{image}\n"
-
-    def finish(self, timeout: float = 60) -> tuple[int, str]:
-        _, err = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, err
 
 
 @pytest.fixture
@@ -61,59 +48,35 @@ def image(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def daemon(image: Path, run_dir: Path) -> Iterator[Daemon]:
-    env = {
-        **os.environ,
-        control.ENV_RUN_DIR: str(run_dir),
-        "PYTHONPATH": str(HERE.parents[1]),
-        "UBLKMIG_FAKE_POLICY": json.dumps(POLICY),
-    }
-    argv = [sys.executable, str(HERE / "fake_serve.py"), "", "--", "serve", str(image)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)  # fmt: skip
-    d = Daemon(proc, image)
-    yield d
-    if proc.poll() is None:
-        proc.kill()
-        proc.communicate()
-
-
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def error_line(err: str) -> str:
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ublkmig: error: "), err
-    return lines[0].removeprefix("ublkmig: error: ")
+def daemon(image: Path, run_dir: Path) -> Iterator[Served]:
+    d = spawn_fake_serve(image, run_dir, env={"UBLKMIG_FAKE_POLICY": json.dumps(POLICY)})
+    try:
+        assert d.first_line() == f"{image}\n"
+        yield d
+    finally:
+        if d.proc.poll() is None:
+            d.kill()
 
 
 def status(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
-    rc, out, err = cli(capsys, "status", "--json", "42")
+    rc, out, err = call_main(capsys, "status", "--json", "42")
     assert rc == 0, err
     return json.loads(out)
 
 
-def events(err: str) -> list[str]:
-    return [f.removeprefix("event=") for line in err.splitlines() for f in line.split()
-            if f.startswith("event=")]  # fmt: skip
-
-
 def test_migrate_wait_completes_and_serves_the_destination(
-    daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str], run_dir: Path
+    daemon: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str], run_dir: Path
 ) -> None:
     before = daemon.image.read_bytes()
     st = status(capsys)
     assert st["migration"] is None and st["image"] == str(daemon.image)
-    rc, out, _ = cli(capsys, "status", "42")
+    rc, out, _ = call_main(capsys, "status", "42")
     assert rc == 0 and out.splitlines()[1] == "no migration"
 
     dest = tmp_path / "new" / "dest.img"
     dest.parent.mkdir()
-    rc, out, err = cli(capsys, "migrate", DEV, "--to", str(dest), "--chunk-size", "256K",
-                       "--wait")  # fmt: skip
+    rc, out, err = call_main(capsys, "migrate", DEV, "--to", str(dest), "--chunk-size", "256K",
+                             "--wait")  # fmt: skip
     assert rc == 0, err
     lines = out.splitlines()
     assert lines[0] == f"migrating {DEV} to {dest} (auto, chunks of 256 KiB)"
@@ -130,7 +93,7 @@ def test_migrate_wait_completes_and_serves_the_destination(
     assert mig["phase"] == "completed" and mig["mode"] == "auto" and mig["error"] is None
     assert mig["chunk_size"] == 256 << 10 and mig["bytes_to_copy"] == 0
     assert mig["bytes_copied"] + mig["bytes_skipped"] == SIZE
-    rc, out, _ = cli(capsys, "list", "--json")
+    rc, out, _ = call_main(capsys, "list", "--json")
     [info] = json.loads(out)
     assert info["image"] == str(dest)
     assert info["migration"] == {"mode": "auto", "phase": "completed", "dest": str(dest)}
@@ -143,14 +106,14 @@ def test_migrate_wait_completes_and_serves_the_destination(
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.close(fd)
 
-    rc, _, err = cli(capsys, "migrate", "42", "--to", str(tmp_path / "again.img"))
+    rc, _, err = call_main(capsys, "migrate", "42", "--to", str(tmp_path / "again.img"))
     assert rc == 1
-    assert error_line(err) == (
+    assert one_error_line(err) == (
         f"{DEV} was migrated already (it now serves {dest}); serve that image again to "
         "migrate it further"
     )
     assert main(["stop", "42"]) == 0
-    rc, err = daemon.finish()
+    rc, _, err = daemon.finish()
     assert rc == 0, err
     evs = events(err)
     assert "migration.phase" in evs and "device.image_changed" in evs
@@ -163,24 +126,24 @@ def test_migrate_wait_completes_and_serves_the_destination(
     for p in run_dir.iterdir():
         p.unlink()
     capsys.readouterr()
-    rc, out, err = cli(capsys, "serve", str(daemon.image))
+    rc, out, err = call_main(capsys, "serve", str(daemon.image))
     assert rc == 1 and out == ""
-    assert error_line(err) == (
+    assert one_error_line(err) == (
         f"{daemon.image} is not the disk any more: {DEV} migrated to {dest}, which holds every "
         "write since; serve that (or pass --force to serve this old copy)"
     )
-    rc, _, err = cli(capsys, "serve", str(daemon.image), "--force")
+    rc, _, err = call_main(capsys, "serve", str(daemon.image), "--force")
     assert rc == 1 and "is not the disk any more" not in err  # (refused later: no ublk here)
 
 
 @pytest.mark.parametrize("mode", ["dbt", "snapshot"])
 def test_other_modes_through_the_daemon(
-    daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str
+    daemon: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str
 ) -> None:
     dest = tmp_path / "dest.img"
     dest.write_bytes(b"\x5a" * SIZE)  # an existing destination is used as it is
-    rc, out, err = cli(capsys, "migrate", "42", "--to", str(dest), "--mode", mode, "--verify",
-                       "--wait")  # fmt: skip
+    rc, out, err = call_main(capsys, "migrate", "42", "--to", str(dest), "--mode", mode,
+                             "--verify", "--wait")  # fmt: skip
     assert rc == 0, err
     assert "final pause" in out.splitlines()[-1]
     assert dest.read_bytes() == daemon.image.read_bytes()
@@ -190,58 +153,58 @@ def test_other_modes_through_the_daemon(
 
 
 def test_no_cutover_then_cutover(
-    daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    daemon: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     dest = tmp_path / "dest.img"
-    rc, out, err = cli(capsys, "migrate", "42", "--to", str(dest), "--mode", "dbt",
-                       "--no-cutover", "--wait")  # fmt: skip
+    rc, out, err = call_main(capsys, "migrate", "42", "--to", str(dest), "--mode", "dbt",
+                             "--no-cutover", "--wait")  # fmt: skip
     assert rc == 0, err
     assert out.splitlines()[-1] == (
         f"in sync: {DEV} is kept in sync with {dest}; `ublkmig cutover {DEV}` switches"
     )
     assert status(capsys)["migration"]["phase"] == "in-sync"
-    rc, out, _ = cli(capsys, "status", "42")
+    rc, out, _ = call_main(capsys, "status", "42")
     assert f"migration      dbt to {dest}: in-sync" in out
-    rc, out, err = cli(capsys, "cutover", "42")
+    rc, out, err = call_main(capsys, "cutover", "42")
     assert rc == 0, err
     assert out.startswith(f"completed: {DEV} now serves {dest}")
     assert dest.read_bytes() == daemon.image.read_bytes()
 
 
-def test_cancel(daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cancel(daemon: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = daemon.image.read_bytes()
     dest = tmp_path / "dest.img"
-    rc, _, err = cli(capsys, "migrate", "42", "--to", str(dest), "--speed", "2M",
-                     "--chunk-size", "64K")  # fmt: skip
+    rc, _, err = call_main(capsys, "migrate", "42", "--to", str(dest), "--speed", "2M",
+                           "--chunk-size", "64K")  # fmt: skip
     assert rc == 0, err
     assert dest.exists()
-    rc, _, err = cli(capsys, "cutover", "42")
-    assert rc == 1 and error_line(err).startswith("not in sync yet: /dev/ublkb42 is copying (")
-    rc, out, err = cli(capsys, "speed", "42", "3M/s")
+    rc, _, err = call_main(capsys, "cutover", "42")
+    assert rc == 1 and one_error_line(err).startswith("not in sync yet: /dev/ublkb42 is copying (")
+    rc, out, err = call_main(capsys, "speed", "42", "3M/s")
     assert (rc, out) == (0, f"speed of {DEV}'s migration: 3 MiB/s\n"), err
     assert status(capsys)["migration"]["speed"] == 3 << 20
-    rc, out, err = cli(capsys, "cancel", "42")
+    rc, out, err = call_main(capsys, "cancel", "42")
     assert rc == 0, err
     assert out == f"cancelled: {DEV} keeps serving {daemon.image}\n"
     mig = status(capsys)["migration"]
     assert mig["phase"] == "cancelled" and mig["error"] is None
     assert not dest.exists(), "the destination the migration created is gone"
     assert daemon.image.read_bytes() == before
-    rc, _, err = cli(capsys, "cancel", "42")
-    assert rc == 1 and error_line(err) == f"no migration is running on {DEV}"
+    rc, _, err = call_main(capsys, "cancel", "42")
+    assert rc == 1 and one_error_line(err) == f"no migration is running on {DEV}"
     # and a new migration may start
-    rc, _, err = cli(capsys, "migrate", "42", "--to", str(dest), "--wait")
+    rc, _, err = call_main(capsys, "migrate", "42", "--to", str(dest), "--wait")
     assert rc == 0, err
 
 
 def test_stop_cancels_a_running_migration(
-    daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    daemon: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     dest = tmp_path / "dest.img"
-    rc, _, err = cli(capsys, "migrate", "42", "--to", str(dest), "--speed", "1M")
+    rc, _, err = call_main(capsys, "migrate", "42", "--to", str(dest), "--speed", "1M")
     assert rc == 0, err
     daemon.proc.send_signal(signal.SIGTERM)
-    rc, err = daemon.finish()
+    rc, _, err = daemon.finish()
     assert rc == 0, err
     evs = events(err)
     cancelled = [line for line in err.splitlines() if "phase=cancelled" in line]
@@ -251,7 +214,7 @@ def test_stop_cancels_a_running_migration(
     assert not dest.exists()
 
 
-def test_watch_reports_a_cancel(daemon: Daemon, tmp_path: Path, run_dir: Path) -> None:
+def test_watch_reports_a_cancel(daemon: Served, tmp_path: Path, run_dir: Path) -> None:
     dest = tmp_path / "dest.img"
     Client(42).migrate(MigrateRequest(to=str(dest), speed=1 << 20))
     env = {**os.environ, control.ENV_RUN_DIR: str(run_dir), "PYTHONPATH": str(HERE.parents[1])}
@@ -269,7 +232,7 @@ def test_watch_reports_a_cancel(daemon: Daemon, tmp_path: Path, run_dir: Path) -
     out, err = watch.communicate(timeout=30)
     assert watch.returncode == 1
     assert f"{DEV} auto cancel" in out
-    assert error_line(err) == (
+    assert one_error_line(err) == (
         f"the migration of {DEV} was cancelled; it keeps serving {daemon.image}"
     )
 
@@ -305,7 +268,7 @@ def small(tmp_path: Path) -> Path:
     ],
 )  # fmt: skip
 def test_bad_input(
-    daemon: Daemon,
+    daemon: Served,
     tmp_path: Path,
     small: Path,
     capsys: pytest.CaptureFixture[str],
@@ -313,38 +276,38 @@ def test_bad_input(
     message: str,
 ) -> None:
     fill = {"small": small, "tmp": tmp_path, "image": daemon.image}
-    rc, out, err = cli(capsys, "migrate", "42", *[a.format(**fill) for a in args])
+    rc, out, err = call_main(capsys, "migrate", "42", *[a.format(**fill) for a in args])
     assert rc == 1 and out == ""
-    assert error_line(err).startswith(message.format(**fill))
+    assert one_error_line(err).startswith(message.format(**fill))
     assert not (tmp_path / "d.img").exists(), "nothing left behind"
     assert status(capsys)["migration"] is None, "a refused migration leaves no trace"
 
 
 def test_destination_in_use(
-    daemon: Daemon, tmp_path: Path, run_dir: Path, capsys: pytest.CaptureFixture[str]
+    daemon: Served, tmp_path: Path, run_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     dest = tmp_path / "dest.img"
     dest.write_bytes(bytes(SIZE))
     fd = os.open(dest, os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
-        rc, _, err = cli(capsys, "migrate", "42", "--to", str(dest))
+        rc, _, err = call_main(capsys, "migrate", "42", "--to", str(dest))
         assert rc == 1
-        assert error_line(err) == (
+        assert one_error_line(err) == (
             f"the destination {dest} is in use by another migration or process (it is locked)"
         )
         # locked by a daemon that serves it as its image
         info = fake_info(id=4, path="/dev/ublkb4", image=str(dest), pid=4242)
         with serving(control.socket_path(4), {"info": info}):
-            rc, _, err = cli(capsys, "migrate", "42", "--to", str(dest))
-        assert error_line(err) == (
+            rc, _, err = call_main(capsys, "migrate", "42", "--to", str(dest))
+        assert one_error_line(err) == (
             f"the destination {dest} is in use by /dev/ublkb4 (pid 4242), serving it"
         )
         # locked by another daemon's migration
         info = fake_info(id=5, path="/dev/ublkb5", migration_dest=str(dest), pid=4343)
         with serving(control.socket_path(5), {"info": info}):
-            rc, _, err = cli(capsys, "migrate", "42", "--to", str(dest))
-        assert error_line(err) == (
+            rc, _, err = call_main(capsys, "migrate", "42", "--to", str(dest))
+        assert one_error_line(err) == (
             f"the destination {dest} is in use by /dev/ublkb5 (pid 4343), migrating to it"
         )
     finally:
@@ -353,37 +316,37 @@ def test_destination_in_use(
 
 
 def test_one_migration_at_a_time(
-    daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    daemon: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     dest = tmp_path / "dest.img"
-    rc, _, err = cli(capsys, "migrate", "42", "--to", str(dest), "--no-cutover")
+    rc, _, err = call_main(capsys, "migrate", "42", "--to", str(dest), "--no-cutover")
     assert rc == 0, err
-    rc, _, err = cli(capsys, "migrate", "42", "--to", str(tmp_path / "other.img"))
+    rc, _, err = call_main(capsys, "migrate", "42", "--to", str(tmp_path / "other.img"))
     assert rc == 1
-    assert error_line(err).startswith(
+    assert one_error_line(err).startswith(
         f"a migration is already running on {DEV} (auto to {dest}, "
     )
     # the daemon's own running migration holds the destination
-    info = json.loads(cli(capsys, "list", "--json")[1])[0]
+    info = json.loads(call_main(capsys, "list", "--json")[1])[0]
     assert info["migration_dest"] == str(dest)
-    rc, _, err = cli(capsys, "cancel", "42")
+    rc, _, err = call_main(capsys, "cancel", "42")
     assert rc == 0, err
 
 
 def test_no_daemon(run_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     for argv in (["migrate", "7", "--to", str(tmp_path / "d.img")], ["status", "7"],
                  ["cutover", "7"], ["cancel", "7"], ["speed", "7", "1M"]):  # fmt: skip
-        rc, out, err = cli(capsys, *argv)
+        rc, out, err = call_main(capsys, *argv)
         assert rc == 1 and out == ""
-        assert error_line(err) == "no ublkmig daemon serves /dev/ublkb7", argv
+        assert one_error_line(err) == "no ublkmig daemon serves /dev/ublkb7", argv
 
 
-def test_commands_without_a_migration(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
+def test_commands_without_a_migration(daemon: Served, capsys: pytest.CaptureFixture[str]) -> None:
     for argv in (["cutover", "42"], ["cancel", "42"], ["speed", "42", "1M"]):
-        rc, _, err = cli(capsys, *argv)
+        rc, _, err = call_main(capsys, *argv)
         assert rc == 1
-        assert error_line(err) == f"no migration is running on {DEV}", argv
-    rc, out, _ = cli(capsys, "status", "--watch", "42")
+        assert one_error_line(err) == f"no migration is running on {DEV}", argv
+    rc, out, _ = call_main(capsys, "status", "--watch", "42")
     assert rc == 0 and "no migration" in out
 
 
@@ -401,14 +364,14 @@ def test_commands_without_a_migration(daemon: Daemon, capsys: pytest.CaptureFixt
         ({"to": "/x.img", "yield": 1}, "yield must be true or false"),
     ],
 )  # fmt: skip
-def test_protocol_bad_migrate_requests(daemon: Daemon, args: dict[str, Any], message: str) -> None:
+def test_protocol_bad_migrate_requests(daemon: Served, args: dict[str, Any], message: str) -> None:
     with pytest.raises(control.ControlError) as e:
         control.request(control.socket_path(42), "migrate", **args)
     assert str(e.value).startswith(message)
 
 
 def test_resume_goes_on_with_the_saved_options(
-    daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    daemon: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``migrate --resume`` takes the interrupted migration's options from its saved state
     (here dbt, and a copier that does not yield) and compares what lies below ``reach``."""
@@ -420,7 +383,7 @@ def test_resume_goes_on_with_the_saved_options(
         "fallback_wait_ms": 20.0, "yield": False, "phase": "copying", "reach": 4,
         "chunks": SIZE >> 20, "cut_over": False, "updated": time.time(),
     })  # fmt: skip
-    rc, out, err = cli(capsys, "migrate", "42", "--resume", "--wait")
+    rc, out, err = call_main(capsys, "migrate", "42", "--resume", "--wait")
     assert rc == 0, err
     mig = status(capsys)["migration"]
     assert mig["phase"] == "completed" and mig["mode"] == "dbt" and mig["resumed"], mig

@@ -14,7 +14,7 @@ from typing import Any
 
 import anyio
 import pytest
-from sim_guest import SimGuest, SimTarget
+from support.sim_guest import SimGuest, SimTarget
 from test_migration import FAST, MODES, SIZE, Run
 
 from ublkmig import native

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.cli import run_cli
+from support.images import sparse_image
 from vmlib import (
     CONTROL,
     HERE,
@@ -31,7 +33,6 @@ from vmlib import (
     FioLoop,
     MakeImage,
     ServeFactory,
-    run_cli,
     run_fio,
 )
 
@@ -93,12 +94,7 @@ def make_image(scratch: Path) -> MakeImage:
     def make(size: int, name: str | None = None, data: bytes | None = None) -> Path:
         nonlocal count
         count += 1
-        path = scratch / (name or f"disk{count}.img")
-        with open(path, "wb") as f:
-            f.truncate(size)
-            if data:
-                f.write(data)
-        return path
+        return sparse_image(scratch / (name or f"disk{count}.img"), size, data)
 
     return make
 

@@ -25,10 +25,12 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # vmlib; support (tests/support)
 
+from support.cli import UBLKMIG, run_cli  # noqa: E402 - after the path
+from support.images import sparse_image  # noqa: E402
 from vmlib import (  # noqa: E402 - after the path
-    UBLKMIG,
     FioFailed,
     FioLoop,
     Served,
@@ -37,7 +39,6 @@ from vmlib import (  # noqa: E402 - after the path
     cli_status,
     finish_migrate,
     pattern,
-    run_cli,
     sha256_of,
     start_migrate,
     start_serve,
@@ -86,9 +87,7 @@ def one_round(n: int, scratch: Path, rng: random.Random, counts: dict[str, int])
     to_nbd = n % 2 == 1
     work = Path(tempfile.mkdtemp(prefix=f"round{n}-", dir=scratch))
     image = work / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(SIZE)
-        f.write(pattern(n, SIZE - 8 * MiB))
+    sparse_image(image, SIZE, pattern(n, SIZE - 8 * MiB))
     server = start_nbd_server("qemu-nbd", "tcp", work, SIZE) if to_nbd else None
     dest: Path | str = server.uri if server else work / "dest.img"
     dev = start_serve(image, "--queues", "2", logdir=work / "logs")

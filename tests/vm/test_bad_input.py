@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-from vmlib import MakeImage, ServeFactory, assert_one_line_error, run_cli
+from support.cli import assert_one_line_error, run_cli
+from vmlib import MakeImage, ServeFactory
 
 MiB = 1 << 20
 

@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+from support.cli import assert_one_line_error, run_cli
 from vmlib import (
     ALL_PATHS,
     IN_VM,
@@ -14,10 +15,8 @@ from vmlib import (
     KERNEL_PATHS,
     MakeImage,
     ServeFactory,
-    assert_one_line_error,
     data_paths,
     device_info,
-    run_cli,
 )
 
 from ublkmig import vm

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.cli import run_cli
 from vmlib import (
     MODES,
     FioLoop,
@@ -34,7 +35,6 @@ from vmlib import (
     finish_migrate,
     pattern,
     read_device,
-    run_cli,
     run_fio,
     run_ok,
     sha256_of,

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.cli import assert_one_line_error, run_cli
+from support.images import sparse_image
 from vmlib import (
     FioLoop,
     MakeImage,
     ServeFactory,
     Steps,
     WriteProbe,
-    assert_one_line_error,
     assert_same_bytes,
     check_completed,
     cli_status,
@@ -29,7 +30,6 @@ from vmlib import (
     finish_migrate,
     pattern,
     read_device,
-    run_cli,
     run_ok,
     sha256_of,
     start_migrate,
@@ -112,8 +112,7 @@ def dm_device(scratch: Path, size: int, name: str) -> Iterator[Path]:
     """A device-mapper device (linear over a loop device over a file on /dev/shm) whose
     table ``dm_fail(name)`` replaces with the ``error`` target."""
     backing = scratch / "dm-backing.img"
-    with open(backing, "wb") as f:
-        f.truncate(size)
+    sparse_image(backing, size)
     subprocess.run(["modprobe", "-a", "loop", "dm_mod"], capture_output=True)
     loop = run_ok("losetup", "--find", "--show", str(backing)).strip()
     try:
@@ -341,8 +340,7 @@ def _migrate_to_slow_local_disk(mode: str, make_image: MakeImage, serve: ServeFa
     data = pattern(8, DATA)
     image = make_image(SIZE, name=f"{mode}.img", data=data)
     backing = scratch / f"{mode}-slow.img"
-    backing.write_bytes(b"")
-    os.truncate(backing, SIZE)
+    sparse_image(backing, SIZE)
     with delayed_disk(backing, SLOW_MS, name=f"ublkmig-test-slow-{mode}") as slow:
         dev = serve(image, "--queues", "2", "--direct")
         busy = fio_loop(dev.device, *BUSY)

@@ -14,14 +14,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from support.cli import UBLKMIG, assert_one_line_error, run_cli
+from support.images import sparse_image
 from vmlib import (
-    UBLKMIG,
     FioLoop,
     MakeImage,
     Served,
     ServeFactory,
     Steps,
-    assert_one_line_error,
     assert_same_bytes,
     check_completed,
     cli_status,
@@ -29,7 +29,6 @@ from vmlib import (
     finish_migrate,
     pattern,
     read_device,
-    run_cli,
     sha256_of,
     start_migrate,
     wait_gone,
@@ -248,8 +247,7 @@ def test_recover_after_a_completed_migration_needs_the_destination(
     data = pattern(24, 4 * MiB)
     image = make_image(SIZE, data=data)
     dest = scratch / "moved.img"
-    with open(dest, "wb") as f:  # larger than the device (allowed), so recovered as such
-        f.truncate(SIZE + 8 * MiB)
+    sparse_image(dest, SIZE + 8 * MiB)  # larger than the device (allowed), so recovered as such
     dev = serve(image)
     orphans.append(dev.device)
     finish_migrate(start_migrate(dev.device, dest))

@@ -1,6 +1,9 @@
-"""Helpers of the real-device tests (tests/vm): the daemon, the CLI, fio, data.
+"""Helpers of the real-device tests (tests/vm): the daemon and its device, fio, data,
+migrations.
 
-Used by conftest.py's fixtures and imported by the tests (``from vmlib import ...``).
+Used by conftest.py's fixtures and imported by the tests (``from vmlib import ...``).  What
+the host tests need too (the CLI as a child process, its one-line errors, a spawned
+``serve``, sparse images) is in tests/support.
 """
 
 from __future__ import annotations
@@ -13,14 +16,16 @@ import os
 import random
 import signal
 import subprocess
-import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from support.cli import UBLKMIG, run_cli
+from support.serve import SERVE_TIMEOUT, STOP_TIMEOUT, ServeFailed
+from support.serve import Served as ServedChild
 
 from ublkmig.client import Client, WaitTimeout
 
@@ -29,11 +34,6 @@ REPO = HERE.parent.parent
 IN_VM = os.environ.get("UBLKMIG_IN_VM") == "1"
 KERNEL = os.environ.get("UBLKMIG_VM_KERNEL", "")
 CONTROL = Path("/dev/ublk-control")
-
-SERVE_TIMEOUT = 120.0  # python start + ADD_DEV + first read, under emulation
-STOP_TIMEOUT = 60.0
-CLI_TIMEOUT = 120.0
-UBLKMIG = [sys.executable, "-m", "ublkmig"]
 
 ALL_PATHS = ("auto-zc", "zc", "copy")
 # what each kernel the CI boots must offer, and what `auto` must pick there
@@ -49,8 +49,7 @@ def data_paths() -> tuple[str, ...]:
     if KERNEL in KERNEL_PATHS:
         return KERNEL_PATHS[KERNEL]
     if CONTROL.exists():
-        r = subprocess.run([*UBLKMIG, "features", "--json"], capture_output=True, text=True,
-                           timeout=CLI_TIMEOUT)
+        r = run_cli("features", "--json")
         if r.returncode == 0:
             return tuple(json.loads(r.stdout)["data_paths"])
     return ("auto",)
@@ -69,47 +68,15 @@ def drop_caches(device: str) -> None:
 # ---- the daemon ---------------------------------------------------------------------
 
 
-class ServeFailed(AssertionError):
-    pass
-
-
 @dataclass
-class Served:
-    """One ``ublkmig serve`` child."""
+class Served(ServedChild):
+    """One ``ublkmig serve`` child and its device (``device``: its path, once started)."""
 
-    image: Path
-    argv: list[str]
-    proc: subprocess.Popen[bytes]
-    out_path: Path
-    err_path: Path
     device: str = ""
-    returncode: int | None = None
-    extra_stdout: list[str] = field(default_factory=list)
 
     @property
     def dev_id(self) -> int:
         return int(self.device.removeprefix("/dev/ublkb"))
-
-    def stderr(self) -> str:
-        return self.err_path.read_text(errors="replace")
-
-    def stdout(self) -> str:
-        return self.out_path.read_text(errors="replace")
-
-    def describe(self) -> str:
-        return (f"`{' '.join(self.argv)}` (pid {self.proc.pid}, rc {self.proc.poll()})\n"
-                f"--- stdout:\n{self.stdout()[-4000:]}\n--- stderr:\n{self.stderr()[-8000:]}")
-
-    def signal(self, sig: int = signal.SIGTERM) -> None:
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float = STOP_TIMEOUT) -> int:
-        try:
-            self.returncode = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise ServeFailed(f"the daemon did not exit within {timeout:.0f} s:\n"
-                              f"{self.describe()}") from None
-        return self.returncode
 
     def stop(self, how: str = "SIGTERM", timeout: float = STOP_TIMEOUT) -> int:
         """Stop it ("SIGTERM", "SIGINT" or "cli": `ublkmig stop DEVICE`) and check that it
@@ -139,30 +106,10 @@ def wait_gone(device: str, timeout: float = 10.0) -> None:
 
 def start_serve(image: Path, *opts: str, logdir: Path,
                 timeout: float = SERVE_TIMEOUT) -> Served:
-    """Start ``ublkmig serve IMAGE OPTS...`` and wait for its first stdout line."""
-    logdir.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix="serve-", suffix=".out", dir=logdir)
-    os.close(fd)
-    out_path = Path(name)
-    err_path = out_path.with_suffix(".err")
-    argv = [*UBLKMIG, "serve", str(image), *opts]
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-    s = Served(image, argv, proc, out_path, err_path)
-    deadline = time.monotonic() + timeout
-    while True:
-        text = out_path.read_text(errors="replace")
-        if "\n" in text:
-            break
-        if proc.poll() is not None:
-            raise ServeFailed(f"serve exited before printing a device:\n{s.describe()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            raise ServeFailed(f"serve printed no device within {timeout:.0f} s:\n{s.describe()}")
-        time.sleep(0.05)
-    s.device = text.split("\n", 1)[0].strip()
+    """Start ``ublkmig serve IMAGE OPTS...`` and wait for its first stdout line: the
+    device's path."""
+    s = Served.start([*UBLKMIG, "serve", str(image), *opts], image=image, logdir=logdir)
+    s.device = s.first_line(timeout).strip()
     if not s.device.startswith("/dev/ublkb") or not s.device[len("/dev/ublkb"):].isdigit():
         s.signal(signal.SIGKILL)
         raise ServeFailed(f"serve's first line is not a device path: {s.device!r}\n"
@@ -198,60 +145,6 @@ class ServeFactory:
                     s.proc.wait()
         if problems:
             raise AssertionError("\n".join(problems))
-
-
-# ---- the CLI, as a user runs it ----------------------------------------------------------
-
-
-def run_cli(*args: str, timeout: float = CLI_TIMEOUT, as_nobody: bool = False,
-            ) -> subprocess.CompletedProcess[str]:
-    argv: list[str] = [*UBLKMIG, *args]
-    if as_nobody:
-        argv = as_nobody_argv(argv)
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
-
-
-def as_nobody_argv(argv: Sequence[str]) -> list[str]:
-    """``argv`` run as nobody (uid/gid 65534, no groups, no capabilities).
-
-    This interpreter may live where nobody cannot reach it (pyenv under /root,
-    mode 0700): then the command runs in a private mount namespace where /root
-    is an overlay of itself with mode 0755; nothing else changes.
-    """
-    drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-            "--inh-caps=-all", "--bounding-set=-all", "--"]
-    if _reachable_by_others(Path(sys.executable)):
-        return [*drop, *argv]
-    script = (
-        "set -e; u=$(mktemp -d /run/ubm-nobody.XXXXXX); "
-        "mkdir $u/up $u/work; "
-        "mount -t overlay overlay -o lowerdir=/root,upperdir=$u/up,workdir=$u/work /root; "
-        'chmod 0755 /root; exec "$@"'
-    )
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
-            *drop, *argv]
-
-
-def _reachable_by_others(path: Path) -> bool:
-    for p in [*reversed(path.absolute().parents), path.absolute()]:
-        try:
-            mode = p.stat().st_mode
-        except OSError:
-            return False
-        if not mode & 0o001:
-            return False
-    return True
-
-
-def assert_one_line_error(r: subprocess.CompletedProcess[str], what: str) -> str:
-    """A user error: non-zero exit, exactly one line on stderr, no traceback."""
-    detail = f"{what}: rc {r.returncode}\n--- stdout:\n{r.stdout}\n--- stderr:\n{r.stderr}"
-    assert r.returncode != 0, detail
-    assert "Traceback" not in r.stderr + r.stdout, detail
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected one line on stderr; {detail}"
-    return lines[0]
 
 
 # ---- fio ---------------------------------------------------------------------------------

@@ -1,11 +1,12 @@
 """`ublkmig serve` with the data plane replaced by a fake device (host tests of the daemon).
 
-Usage: python fake_serve.py [FAIL_AT] -- SERVE-ARGS...
+Usage: python -m support.fake_serve [FAIL_AT] -- SERVE-ARGS...  (tests/ on $PYTHONPATH;
+support.serve.spawn_fake_serve starts it)
 FAIL_AT: "" (no failure), "create" or "start": that step raises NativeError.
 The fake's block device is the image itself, so the readiness probe reads a real file.
 Everything else (validation, flock, control socket, signals, logs, stdout) is the real code.
 Migrations run on the real data plane: the fake's target() is a simulator of the image
-(tests/host/sim_guest.py), so `migrate` really copies the image to its destination.
+(tests/support/sim_guest.py), so `migrate` really copies the image to its destination.
 $UBLKMIG_FAKE_POLICY (JSON) shortens the migration policy's timings.
 """
 
@@ -66,7 +67,7 @@ class FakeDevice:
     def target(self) -> Any:
         """A simulator of the image, driven by a guest thread that runs the migration's calls
         (no guest I/O of its own)."""
-        from sim_guest import SimGuest, SimTarget
+        from support.sim_guest import SimGuest, SimTarget
 
         if self.guest is None:
             sim = native.Sim(self.config.source)

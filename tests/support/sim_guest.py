@@ -8,7 +8,7 @@ it, and between requests runs the control calls other threads queue with :meth:`
 :class:`SimTarget` is the ``MigrationTarget`` the controller drives: its guest-thread calls go
 through the queue, the others (copy_pass, abort, set_speed, stats) run where they are called.
 
-(A module of its own, not conftest.py: the tests and fake_serve.py import it by name.)
+(Used by the tests and by fake_serve.py.)
 """
 
 from __future__ import annotations

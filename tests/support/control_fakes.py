@@ -1,6 +1,5 @@
 """Fakes for host tests of the control socket: a ControlServer in a background event loop, and
-an ``info`` handler answering like a daemon.  (A module of its own, not conftest.py: tests import
-it by name, and tests/vm may have a conftest.py too.)"""
+an ``info`` handler answering like a daemon."""
 
 from __future__ import annotations
 
