@@ -11,6 +11,18 @@ import pytest
 from ublkmig import state
 from ublkmig.daemon import check_superseded, check_takeover, recovery
 from ublkmig.errors import UserError
+from ublkmig.migration import MigrationRecord
+
+
+def record(mode: str, cut_over: str | None = None, **fields: object) -> dict[str, object]:
+    """A migration record as a daemon saves it."""
+    return {
+        "device": "/dev/ublkb5", "source": "/s.img", "dest": "/d.img", "mode": mode,
+        "chunk_size": 1 << 20, "speed": None, "no_cutover": False, "verify": False,
+        "direct": False, "fallback_wait_ms": 20.0, "yield": True, "dest_timeout": 30.0,
+        "phase": "copying", "reach": 3, "chunks": 8, "cut_over": cut_over, "updated": 1.0,
+        "deltas": None, **fields,
+    }  # fmt: skip
 
 
 def test_write_read_remove(run_dir: Path) -> None:
@@ -70,9 +82,9 @@ def test_takeover_checks(run_dir: Path, tmp_path: Path, monkeypatch: pytest.Monk
 
     state.write(state.device_path(5), {"image": str(image), "pid": 1})
     for mode in ("mirror", "dbt", "auto"):  # resumable: the image holds everything
-        state.write(state.migration_path(5), {"mode": mode, "cut_over": None})
+        state.write(state.migration_path(5), record(mode))
         check_takeover(5, image)
-    state.write(state.migration_path(5), {"mode": "snapshot", "cut_over": None})
+    state.write(state.migration_path(5), record("snapshot"))
     with pytest.raises(UserError, match="died during a snapshot-mode migration"):
         check_takeover(5, image)
     state.migration_path(5).write_text("")  # torn: the snapshot refusal is not skipped
@@ -80,8 +92,30 @@ def test_takeover_checks(run_dir: Path, tmp_path: Path, monkeypatch: pytest.Monk
         check_takeover(5, image)
     # cut over (or in sync and switching): the destination holds everything, deltas or not
     state.write(state.device_path(5), {"image": str(dest), "pid": 1})
-    state.write(state.migration_path(5), {"mode": "snapshot", "cut_over": "intent"})
+    state.write(state.migration_path(5), record("snapshot", "intent"))
     check_takeover(5, dest)
+    # a record missing what decides which image is the disk, or with it garbled, fails closed
+    state.write(state.device_path(5), {"image": str(image), "pid": 1})
+    for bad in ({k: v for k, v in record("dbt").items() if k != "cut_over"},
+                record("dbt", "maybe"), record("snapshot", reach=-1), record("dbt", dest=7)):
+        state.write(state.migration_path(5), bad)
+        with pytest.raises(state.Damaged, match="ublkb5.migration.json is damaged"):
+            check_takeover(5, image)
+
+
+def test_migration_record_round_trip_and_older_records() -> None:
+    rec = MigrationRecord.from_dict(record("snapshot", "intent", deltas="/s.img.d"))
+    assert rec.switched and rec.yields and rec.deltas == "/s.img.d"
+    assert MigrationRecord.from_dict(rec.to_dict()) == rec
+    assert rec.to_dict()["yield"] is True and "yields" not in rec.to_dict()
+    # written before these fields existed: their meaning then
+    old = {k: v for k, v in record("dbt").items()
+           if k not in ("yield", "dest_timeout", "direct", "deltas", "updated")}  # fmt: skip
+    old["cut_over"] = False  # (a flag before the cutover had two steps)
+    rec = MigrationRecord.from_dict(old)
+    assert (rec.yields, rec.dest_timeout, rec.direct, rec.deltas) == (True, 30.0, False, None)
+    assert not rec.switched
+    assert MigrationRecord.from_dict({**old, "cut_over": True}).switched
 
 
 def test_superseded_images(state_dir: Path, tmp_path: Path) -> None:

@@ -79,40 +79,40 @@ def parse_migrate_args(args: dict[str, Any], direct: bool = False) -> migration.
 
 
 def resume_options(
-    saved: dict[str, Any] | None, args: dict[str, Any], *, image: Path | str, node: str
+    saved: migration.MigrationRecord | None,
+    args: dict[str, Any],
+    *,
+    image: Path | str,
+    node: str,
 ) -> migration.MigrationOptions:
     """``migrate --resume``: the options of the migration NODE's last daemon left unfinished
     (its record, ``saved``), serving ``image``; ``args`` may bring a new speed.  ControlError
-    (one line) if there is none, it had cut over, it was from another image, or the record
-    is damaged."""
+    (one line) if there is none, it had cut over, it was from another image, or its options
+    are not valid any more."""
     if saved is None:
         raise ControlError(f"no interrupted migration of {node} to resume")
-    if saved.get("cut_over"):
+    if saved.switched:
         raise ControlError(
-            f"the migration of {node} to {saved['dest']} had cut over: there is nothing to resume"
+            f"the migration of {node} to {saved.dest} had cut over: there is nothing to resume"
         )
-    with contextlib.suppress(OSError, KeyError, TypeError):
-        if not os.path.samefile(saved["source"], image):
+    with contextlib.suppress(OSError):
+        if not os.path.samefile(saved.source, image):
             raise ControlError(
-                f"the interrupted migration of {node} was from {saved['source']}, but this "
+                f"the interrupted migration of {node} was from {saved.source}, but this "
                 f"daemon serves {image}"
             )
+    request = {
+        "to": saved.dest, "mode": saved.mode, "chunk_size": saved.chunk_size,
+        "speed": args["speed"] if "speed" in args else saved.speed,  # a new limit for the rest
+        "no_cutover": saved.no_cutover, "verify": saved.verify,
+        "fallback_wait_ms": saved.fallback_wait_ms, "dest_timeout": saved.dest_timeout,
+        "yield": saved.yields,
+    }  # fmt: skip
     try:
-        keys = ("mode", "chunk_size", "speed", "no_cutover", "verify", "fallback_wait_ms")
-        fields = {k: saved[k] for k in keys}
-        fields["dest_timeout"] = saved.get("dest_timeout", migration.DEFAULT_DEST_TIMEOUT)
-        fields["yield"] = saved.get("yield", True)  # (not saved before it existed)
-        if "speed" in args:  # a new limit for the rest
-            fields["speed"] = args["speed"]
-        opts = parse_migrate_args(
-            {"to": saved["dest"], **fields}, direct=bool(saved.get("direct", False))
-        )
-        reach = saved["reach"]
-        if not isinstance(reach, int) or reach < 0:
-            raise TypeError(reach)
-    except (KeyError, TypeError, UserError) as e:
+        opts = parse_migrate_args(request, direct=saved.direct)
+    except UserError as e:
         raise ControlError(
             f"the saved state of {node}'s interrupted migration is damaged ({e})"
         ) from None
     # every chunk the last one may have written is compared (and fixed) before use
-    return dataclasses.replace(opts, resumed=True, check_below=reach)
+    return dataclasses.replace(opts, resumed=True, check_below=saved.reach)

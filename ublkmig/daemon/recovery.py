@@ -6,7 +6,6 @@ deltas, folded back into the image."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from ublkmig import snapshot, state
 from ublkmig.client import Client
@@ -14,6 +13,7 @@ from ublkmig.daemon.checks import Image, same_image
 from ublkmig.daemon.options import ServeOptions
 from ublkmig.errors import UblkmigError, UserError
 from ublkmig.log import get_logger
+from ublkmig.migration.record import MigrationRecord, read_record
 
 
 def check_superseded(image: Path) -> None:
@@ -56,8 +56,8 @@ def check_takeover(dev_id: int, image: Path | str, force: bool = False) -> None:
         served = str(dev.get("image", ""))
         if not same_image(served, image):
             raise UserError(f"{node} was serving {served}: recover it with that image")
-    mig = state.read(state.migration_path(dev_id))
-    if mig is not None and not mig.get("cut_over") and mig.get("mode") == "snapshot":
+    mig = read_record(dev_id)
+    if mig is not None and not mig.switched and mig.mode == "snapshot":
         prefix = _snapshot_prefix(mig, image)
         if snapshot.read_map(prefix) is None:
             raise UserError(
@@ -67,11 +67,12 @@ def check_takeover(dev_id: int, image: Path | str, force: bool = False) -> None:
             )
 
 
-def _snapshot_prefix(mig: dict[str, Any] | None, image: Path) -> Path:
+def _snapshot_prefix(mig: MigrationRecord | None, image: Path) -> Path:
     """Where a snapshot migration of ``image`` kept its deltas: as its record says, or the
     default place beside the image."""
-    saved = mig.get("deltas") if mig else None
-    return Path(saved) if isinstance(saved, str) else snapshot.delta_prefix(image, None)
+    if mig is not None and mig.deltas is not None:
+        return Path(mig.deltas)
+    return snapshot.delta_prefix(image, None)
 
 
 def fold_back_snapshot(opts: ServeOptions, image: Image) -> None:
@@ -80,8 +81,8 @@ def fold_back_snapshot(opts: ServeOptions, image: Image) -> None:
     go).  Serving the image without them would lose those writes."""
     mig = None
     if opts.recover is not None:
-        mig = state.read(state.migration_path(opts.recover))
-        if mig is not None and mig.get("cut_over"):
+        mig = read_record(opts.recover)
+        if mig is not None and mig.switched:
             return  # the destination is the disk; its source's deltas do not matter
     prefix = _snapshot_prefix(mig, Path(image.path))
     lm = snapshot.read_map(prefix)

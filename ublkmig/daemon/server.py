@@ -136,23 +136,22 @@ class Daemon:
         """The options of the migration the last daemon of this device left unfinished."""
         assert self.device is not None
         try:
-            saved = state.read(state.migration_path(self.device.id))
+            saved = migration.read_record(self.device.id)
         except state.Damaged as e:
             raise control.ControlError(str(e)) from None
         return resume_options(saved, args, image=self.image.path, node=self._node())
 
-    def _save_migration_state(self, data: dict[str, Any]) -> None:
+    def _save_migration_state(self, rec: migration.MigrationRecord) -> None:
         """Migration.on_state: the state --resume needs; the image the device's next daemon
         must serve (the destination, once a cutover is in sync)."""
         assert self.device is not None
-        state.write(state.migration_path(self.device.id), data)
-        cut_over = bool(data.get("cut_over"))
-        image = data["dest"] if cut_over else str(self.image.path)
+        state.write(state.migration_path(self.device.id), rec.to_dict())
+        image = rec.dest if rec.switched else str(self.image.path)
         self._save_device_state(image)
-        if cut_over:  # the source is not the disk any more: `serve SOURCE` must refuse it
-            state.mark_superseded(str(self.image.path), data["dest"], self._node())
-            if not migration.is_nbd_uri(data["dest"]):
-                state.unmark(data["dest"])  # (a migration back to an image it left)
+        if rec.switched:  # the source is not the disk any more: `serve SOURCE` must refuse it
+            state.mark_superseded(str(self.image.path), rec.dest, self._node())
+            if not migration.is_nbd_uri(rec.dest):
+                state.unmark(rec.dest)  # (a migration back to an image it left)
         else:
             state.unmark(str(self.image.path))
 
@@ -235,10 +234,10 @@ class Daemon:
         if self.device is None or self.migration is not None:
             return None
         try:
-            saved = state.read(state.migration_path(self.device.id))
+            saved = migration.read_record(self.device.id)
         except state.Damaged as e:
             return {"damaged": str(e)}
-        return saved if saved is not None and not saved.get("cut_over") else None
+        return saved.to_dict() if saved is not None and not saved.switched else None
 
     def _note_interrupted(self) -> None:
         saved = self._interrupted()

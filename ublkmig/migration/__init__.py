@@ -38,6 +38,7 @@ _NAMES = {
         "check_fallback_wait", "check_mode", "check_speed", "is_nbd_uri",
     ),
     "policy": ("Policy",),
+    "record": ("MigrationRecord", "read_record"),
     "destination": ("Destination", "describe_holder", "open_destination", "storage_overlap"),
     "steps": ("MigrationTarget", "errno_text"),
     "machine": ("Migration",),

@@ -66,7 +66,7 @@ class Migration(Steps):
         size: int,
         io_stats: Callable[[], dict[str, int]] | None = None,
         policy: Policy | None = None,
-        on_state: Callable[[dict[str, Any]], None] | None = None,
+        on_state: Callable[[record.MigrationRecord], None] | None = None,
     ) -> None:
         self.policy = policy or Policy()
         super().__init__(target, opts, device=device, source=source, size=size,
@@ -205,7 +205,7 @@ class Migration(Steps):
         if phase not in ENDED:
             self._persist()
 
-    def resume_state(self) -> dict[str, Any]:
+    def resume_state(self) -> record.MigrationRecord:
         """What ``--resume`` needs to go on after the daemon died (record.resume_state)."""
         return record.resume_state(
             self.opts, device=self.device, source=self.source, speed=self.speed,
