@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,11 +68,12 @@ class MigrationRecord:
         if isinstance(d.get("cut_over"), bool):  # (a flag before the cutover had two steps)
             d["cut_over"] = "done" if d["cut_over"] else None
         fields: dict[str, Any] = {}
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if f.name not in d:
                 raise state.Damaged(f"{where} is damaged: it has no {f.name!r}")
             v = d[f.name]
-            if not _typed(v, str(f.type)):
+            if not _typed(v, hints[f.name]):
                 raise state.Damaged(f"{where} is damaged: {f.name} is {v!r}")
             fields[f.name] = v
         rec = cls(**fields)
@@ -80,17 +82,16 @@ class MigrationRecord:
         return rec
 
 
-def _typed(v: Any, t: str) -> bool:
-    """v fits the annotation ``t`` (the record's field types only)."""
-    if t.endswith(" | None"):
-        return v is None or _typed(v, t.removesuffix(" | None"))
-    if t == "bool":
-        return isinstance(v, bool)
-    if t == "int":
-        return isinstance(v, int) and not isinstance(v, bool)
-    if t == "float":
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-    return isinstance(v, str)
+def _typed(v: Any, t: Any) -> bool:
+    """v, from JSON, fits the field type ``t`` (str, int, float, bool, or one of them | None)."""
+    args = typing.get_args(t)
+    if args:  # X | None
+        return v is None or _typed(v, next(a for a in args if a is not type(None)))
+    if isinstance(v, bool):  # (a bool is an int to Python, never to the record)
+        return t is bool
+    if t is float:
+        return isinstance(v, (int, float))
+    return isinstance(v, t)
 
 
 def read_record(dev_id: int) -> MigrationRecord | None:
