@@ -135,7 +135,7 @@ const char *ubm_last_error(void);
 struct ubm_target *ubm_dev_target(struct ubm_dev *dev);
 
 enum ubm_mig_mode {
-	UBM_MIG_MIRROR = 0,    /* every write goes to both sides */
+	UBM_MIG_MIRROR = 0,    /* writes go to both sides, but for those ahead of the copier */
 	UBM_MIG_DBT = 1,       /* writes go to the source; the chunks they touch go dirty */
 	UBM_MIG_SNAPSHOT = 2,  /* writes go to a delta (the source is frozen); the copier
 				* folds frozen deltas into the destination */
@@ -190,7 +190,8 @@ struct ubm_mig_stats {
 	uint64_t bytes_read;       /* read from the source by the copier */
 	uint64_t passes;
 	uint64_t mirrored_writes;  /* guest writes sent to both sides */
-	uint64_t tracked_writes;   /* guest writes to copied chunks sent to the source only */
+	uint64_t tracked_writes;   /* guest writes to copied chunks sent to the source only
+				    * (dbt: their chunks go dirty) */
 	uint64_t parked;           /* guest requests that waited for a chunk or a pause */
 	uint64_t dest_errors;      /* destination operations that failed */
 	uint64_t max_latency_ns;   /* longest guest request while migrating */
@@ -219,6 +220,11 @@ struct ubm_mig_stats {
 	uint64_t dest_waiting;     /* mirrored writes done on the source, waiting now for the
 				    * destination ... */
 	uint64_t dest_waiting_ns;  /* ... and how long, on average, they have waited so far */
+	uint64_t ahead_writes;     /* guest writes to chunks not copied yet, sent to the source
+				    * alone (the copier copies those chunks after them) */
+	uint64_t chunk_wait_ns;    /* guest requests parked on a chunk being copied (or copied
+				    * on write), in all */
+	uint64_t pause_wait_ns;    /* guest requests parked by a pause of guest I/O, in all */
 };
 
 /* Open the destination, check it, and start routing guest I/O through the

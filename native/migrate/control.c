@@ -478,6 +478,9 @@ UBM_EXPORT int ubm_mig_get_stats(struct ubm_target *t, struct ubm_mig_stats *out
 	out->bytes_matched = A_LOAD(&m->bytes_matched);
 	out->yield_ns = A_LOAD(&m->yield_ns);
 	out->cutover_pause_ns = A_LOAD(&m->cutover_pause_ns);
+	out->ahead_writes = A_LOAD(&m->ahead_writes);
+	out->chunk_wait_ns = A_LOAD(&m->chunk_wait_ns);
+	out->pause_wait_ns = A_LOAD(&m->pause_wait_ns);
 	{
 		/* (two loads, not one snapshot: a mean that is off by a write at most) */
 		uint64_t n = A_LOAD(&m->dest_waiting), since = A_LOAD(&m->dest_waiting_since);

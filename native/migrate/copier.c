@@ -135,13 +135,6 @@ static int copy_result(struct ubm_migration *m, unsigned i, unsigned be_slot, in
 	if (res < 0)
 		return copy_failed(m, i, res);
 	if (cs->state == CS_READING) {
-		/* while the guest is busy, the next source read waits as long as
-		 * this one took (from the lock): the guest has the source at
-		 * least half the time */
-		uint64_t now = ubm_now_ns(), resume = now + (now - cs->t_start);
-
-		if (resume > m->busy_resume_ns)
-			m->busy_resume_ns = resume;
 		A_ADD(&m->bytes_read, io->req.len);
 		cs->zero = all_zero(cs->buf, io->req.len);
 		if (cs->zero && cs->fresh) {
@@ -236,20 +229,15 @@ struct pass {
 };
 
 /*
- * Lock the next wanted chunks into free slots.  The copier yields the source
- * to the guest: while guest requests are in flight it reads at most
- * busy_depth chunks at a time and rests after each read as long as it took
- * (copy_result); writes to the destination stay pipelined.  Returns whether
- * it held back for the guest.
+ * Lock the next wanted chunks into free slots, as many as the pacer lets the
+ * copier have busy (all of them while the guest is idle; while it is busy,
+ * a burst of busy_depth chunks, then a rest: pacer.c).  Returns whether it
+ * held back for the guest.
  */
 static bool take_chunks(struct ubm_migration *m, struct pass *p)
 {
-	unsigned limit = A_LOAD(&m->inflight) ? m->busy_depth : m->copy_depth;
-	bool resting = limit < m->copy_depth && ubm_now_ns() < m->busy_resume_ns;
-	unsigned reading = 0;
+	unsigned busy = slots_busy(m), limit = mig_pace(m, busy, ubm_now_ns());
 
-	for (unsigned i = 0; i < m->copy_depth; i++)
-		reading += m->slots[i].state == CS_LOCKING || m->slots[i].state == CS_READING;
 	for (unsigned i = 0; i < m->copy_depth; i++) {
 		struct copy_slot *cs = &m->slots[i];
 
@@ -261,12 +249,12 @@ static bool take_chunks(struct ubm_migration *m, struct pass *p)
 			p->next++;
 		if (p->next >= m->nr_chunks)
 			return false;
-		if (reading >= limit || resting)
+		if (busy >= limit)
 			return true;
 		cs->chunk = p->next++;
 		cs->state = CS_LOCKING;
 		cs->t_start = ubm_now_ns();
-		reading++;
+		busy++;
 		if (p->kind == UBM_PASS_DIRTY)
 			m->hot[cs->chunk]++;
 		__atomic_fetch_or(&m->chunk[cs->chunk], CH_LOCKED, __ATOMIC_SEQ_CST);
@@ -334,6 +322,7 @@ UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *
 	/* (an abort stays: every later pass of this migration stops at once) */
 	if (pass == UBM_PASS_DIRTY)
 		count_hot(m);
+	m->pacer.phase = PACE_FREE;  /* (the time between passes is no burst) */
 	for (;;) {
 		unsigned busy, locking;
 		bool stop, held;
@@ -355,8 +344,11 @@ UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *
 		if (busy == 0 && (stop || p.next >= m->nr_chunks))
 			break;
 		if (busy == 0 || locking == busy) {
-			/* nothing on the ring: waiting for guest writes or the speed limit */
-			usleep(locking ? 20 : 1000);
+			/* nothing on the ring: waiting for guest writes, a rest or the
+			 * speed limit */
+			uint64_t rest = mig_pace_rest_left(m, ubm_now_ns()) / 1000;
+
+			usleep(locking ? 20 : rest && rest < 1000 ? (useconds_t)rest : 1000);
 			continue;
 		}
 		io_uring_submit_and_wait(&m->copier.ring, 1);

@@ -14,11 +14,13 @@
  * A guest write takes a reference on every chunk it touches, unless one is
  * locked (then it parks until the copier unlocks).  The copier locks a chunk
  * and waits until its count drops to zero before it reads the source: a
- * write that arrived before the lock is on the source by then.  In mirror
- * mode every write goes to both sides (route.c says why, also where a chunk
- * is not copied yet or dirty); in dbt mode a write goes to the source only,
- * and if it touched a copied chunk, marks it dirty when it completes (and the
- * copier clears the bit before it reads), so the next pass copies it again.
+ * write that arrived before the lock is on the source by then.  A write that
+ * touches only chunks not copied yet goes to the source alone, in every mode
+ * but snapshot: the copier copies them after it.  Any other write, in mirror
+ * mode, goes to both sides (route.c says why, also where one of its chunks is
+ * not copied yet or dirty); in dbt mode it goes to the source only and marks
+ * its chunks dirty when it completes (and the copier clears the bit before it
+ * reads), so the next pass copies them again.
  * Discards and write-zeroes follow the same rules.
  *
  * Snapshot mode keeps the source frozen: guest writes go to the active
@@ -60,6 +62,8 @@ struct mig_io {
 	uint32_t epoch;          /* the migration's epoch when routed (ubm_mig_reconnect) */
 	uint64_t t_start;        /* when the request arrived (ns; 0: not routed yet) */
 	uint64_t t_source_done;  /* mirrored: when the source's part ended (ns) */
+	uint64_t t_parked;       /* when it last parked (ns; 0: not parked) ... */
+	uint8_t park_why;        /* ... and why: PARK_CHUNK or PARK_PAUSE */
 	uint64_t map_mark;       /* snapshot, a FLUSH or FUA write: the layer map's records
 				  * that must be durable before it is acknowledged */
 };
@@ -69,6 +73,7 @@ struct mig_io {
 #define MIG_IO_DEST_FAILED 8  /* its destination part failed, and that is recorded */
 #define MIG_IO_DEST_DONE 16   /* mirrored: its destination part ended */
 #define MIG_IO_WAITING 32     /* mirrored: source done, waiting for the destination (counted) */
+enum { PARK_CHUNK = 0, PARK_PAUSE = 1 };  /* a locked chunk or a copy on write; a pause */
 #define FOLD_BATCH 64      /* snapshot fold-back: chunks copied per fdatasync of the source */
 #define HOT_PASSES 2       /* dirtied again in this many dirty passes: defer to the final one */
 #define MAX_COPY_DEPTH 16
@@ -111,6 +116,17 @@ uint64_t ubm_layer_map_mark(struct ubm_layer_map *lm);
 int ubm_layer_map_commit(struct ubm_layer_map *lm, uint64_t upto, const int *fds, unsigned nfds);
 void ubm_layer_map_close(struct ubm_layer_map *lm);
 
+/* pacer.c: the copier's bursts and rests while the guest is busy */
+enum { PACE_FREE = 0, PACE_BURST, PACE_REST };
+struct mig_pacer {
+	int phase;                 /* PACE_* */
+	uint64_t t0, done0;        /* the phase's start (ns), and guest_done then */
+	uint64_t rest_until;       /* PACE_REST: its end (ns) */
+	double burst_ns, burst_done, rest_ns, rest_done;  /* decayed sums of the phases */
+	double rest_ratio;         /* the next rest: this times the burst's length */
+	double guest_share;        /* the guest's rate in bursts / in rests, last measured */
+};
+
 struct ubm_migration {
 	struct ubm_router router;  /* what the core calls (route.c): t->router while it runs */
 	struct ubm_target *t;
@@ -148,22 +164,25 @@ struct ubm_migration {
 	uint64_t check_below;      /* resuming: first chunks maybe on the destination already */
 	uint64_t speed;
 	uint64_t inflight;         /* guest requests routed by the migration */
+	uint64_t guest_done;       /* ... completed (the pacer's measure of the guest) */
 	uint64_t unmirrored;       /* ... of which writes to copied chunks on the source only */
 	uint64_t dirty_count, hot_count, chunks_copied, cursor;
 	uint64_t bytes_copied, bytes_skipped, bytes_read, bytes_matched, passes;
 	uint64_t mirrored_writes, tracked_writes, parked, dest_errors;
 	uint64_t max_latency_ns, cutover_latency_ns, cutover_ns;
 	uint64_t mirror_waits, mirror_wait_ns;
+	uint64_t ahead_writes;     /* guest writes to chunks not copied yet: the source alone */
+	uint64_t chunk_wait_ns, pause_wait_ns;  /* guest requests parked on a chunk, a pause */
 	uint64_t dest_waiting;     /* mirrored writes done on the source, not yet on the dest */
 	uint64_t dest_waiting_since; /* ... the sum of the times their source parts ended */
-	uint64_t yield_ns;         /* the copier held back reads for guest I/O (busy_depth) */
+	uint64_t yield_ns;         /* the copier held back for guest I/O (pacer.c) */
 	uint64_t pause_start_ns, last_pause_ns;
 	/* the copier */
 	struct ubm_queue copier;   /* the copier's queue (its ring, its ios by slot) */
 	struct copy_slot slots[MAX_COPY_DEPTH];
 	unsigned copy_depth;
-	unsigned busy_depth;       /* source reads while the guest has requests in flight */
-	uint64_t busy_resume_ns;   /* ... and none starts before this (the copier thread's) */
+	unsigned busy_depth;       /* chunks in a burst while the guest has requests in flight */
+	struct mig_pacer pacer;    /* ... and the rests between bursts (the copier thread's) */
 };
 #define A_LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
 #define A_STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
@@ -228,6 +247,11 @@ int mig_fold_back(struct ubm_migration *m);
 
 /* cutover.c */
 int mig_flush_dest(struct ubm_migration *m);
+
+/* pacer.c: how many copy slots the copier may have busy at now (ns; busy of
+ * them are); how long the rest it is in lasts still (ns, 0: none) */
+unsigned mig_pace(struct ubm_migration *m, unsigned busy, uint64_t now);
+uint64_t mig_pace_rest_left(const struct ubm_migration *m, uint64_t now);
 
 /* copier.c */
 void mig_copier_backend_done(struct ubm_queue *q, unsigned tag, unsigned slot, int res);

@@ -11,10 +11,13 @@
  * - a read, or an empty write: the source (snapshot: each chunk's newest layer);
  * - a FLUSH: every backend holding guest data (source and destination;
  *   snapshot: every delta);
- * - a write, mirror mode: source and destination, every write, wherever it
- *   lands (why: at route(), below);
- * - a write, dbt: the source; if it touched a copied chunk, its chunks go
- *   dirty when it is done;
+ * - a write that touches only chunks the copier has not copied yet (mirror
+ *   and dbt alike): the source alone; the copier copies those chunks after it
+ *   (ordering 2), so sending it to the destination too would be work done
+ *   twice (VMware's rule for writes above the cursor);
+ * - any other write, mirror mode: source and destination (why also to chunks
+ *   not copied or dirty: at route(), below);
+ * - any other write, dbt: the source; its chunks go dirty when it is done;
  * - a write, snapshot: the active delta, after its chunks were copied into it
  *   (copy on write, snapshot.c).
  * Whose errors the guest sees: the source's (or the delta's), never the
@@ -51,6 +54,19 @@
  *    alone, and counts in dest_waiting while it does (part_done()): a
  *    destination that stops answering shows in auto mode's measure before
  *    any write completes.
+ * 9. A write looks at its chunks' COPIED bits only after it holds their
+ *    references: from then until it is done no copy of them can begin (the
+ *    copier waits for the count) nor end (none was under way: the chunk was
+ *    not locked), so a chunk not copied then is copied after the write, from
+ *    a source that holds it.  Looked at before the references, a copy could
+ *    end in between and the write would reach neither the copier nor the
+ *    destination.
+ *
+ * Where a guest request's time goes while it waits on the migration (the
+ * bench's breakdown): parked on a locked chunk or a copy on write
+ * (chunk_wait_ns), parked by a pause (pause_wait_ns, route()), and, mirrored,
+ * waiting for the destination after the source was done (mirror_wait_ns,
+ * io_done()).
  */
 #include <fcntl.h>
 #include <stddef.h>
@@ -141,11 +157,16 @@ static int route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 	const struct ubm_req *req = &io->req;
 	uint32_t mode = A_LOAD(&m->mode);
 	uint64_t c0 = 0, c1 = 0;
-	bool mirror;
+	bool copied;
 	int ret;
 
 	if (!mi->t_start)
 		mi->t_start = ubm_now_ns();
+	if (mi->t_parked) {  /* routed again after it waited: where the time went */
+		A_ADD(mi->park_why == PARK_PAUSE ? &m->pause_wait_ns : &m->chunk_wait_ns,
+		      ubm_now_ns() - mi->t_parked);
+		mi->t_parked = 0;
+	}
 	mi->epoch = A_LOAD(&m->epoch);
 	mi->flags = 0;
 	io->slots = 0;
@@ -153,7 +174,7 @@ static int route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 	 * the flag first, then waits for the count to drain */
 	A_ADD(&m->inflight, 1);
 	if (ubm_unlikely(A_LOAD(&m->paused)))
-		goto park;
+		goto park_pause;
 	if (A_LOAD(&m->cut_over)) {
 		to_slot(io, SLOT_DEST, req->offset, req->len);
 		return 0;
@@ -165,7 +186,7 @@ static int route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 	if (mode == UBM_MIG_SNAPSHOT) {
 		if ((is_write(req->op) || req->op == UBLK_IO_OP_FLUSH) &&
 		    ubm_unlikely(A_LOAD(&m->delta_failed) == DELTA_FAILED))
-			goto park;  /* until the deltas are folded back into the source */
+			goto park_pause;  /* until the deltas are folded back into the source */
 		if (is_write(req->op) && req->len) {
 			if (!mig_chunks_get(m, c0, c1))
 				goto park;
@@ -192,16 +213,24 @@ static int route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 	if (!mig_chunks_get(m, c0, c1))
 		goto park;
 	mi->flags = MIG_IO_REFS;
-	mirror = mode == UBM_MIG_MIRROR;
-	/* Mirror mode mirrors every write, also where a chunk is not copied
-	 * yet or is dirty (a destination error, or a connection lost, left it
-	 * behind): the copier copies such a chunk after this write is done (it
-	 * holds a reference), so the destination ends with the source's data.
-	 * Sending a write that touches a dirty chunk to the source only would
-	 * dirty its clean chunks too: under a busy guest, dirt would spread
-	 * from chunk to chunk faster than the copier cleans it. */
 	to_slot(io, SLOT_SOURCE, req->offset, req->len);
-	if (mirror) {
+	/* ahead of the copier: it copies these chunks after this write is done
+	 * (the references are held: ordering 9), so the source alone */
+	copied = false;
+	for (uint64_t c = c0; c <= c1 && !copied; c++)
+		copied = A_LOAD(&m->chunk[c]) & CH_COPIED;
+	if (!copied) {
+		A_ADD(&m->ahead_writes, 1);
+		return 0;
+	}
+	/* Mirror mode mirrors every other write, also where one of its chunks
+	 * is not copied yet or is dirty (a destination error, or a connection
+	 * lost, left it behind): the copier copies such a chunk after this
+	 * write is done (it holds a reference), so the destination ends with
+	 * the source's data.  Sending a write that touches a dirty chunk to the
+	 * source only would dirty its clean chunks too: under a busy guest, dirt
+	 * would spread from chunk to chunk faster than the copier cleans it. */
+	if (mode == UBM_MIG_MIRROR) {
 		mi->flags |= MIG_IO_MIRRORED;
 		/* before it is sent: the copier (waiting for this write's
 		 * reference) must not take the destination's chunk for zeroes */
@@ -210,15 +239,17 @@ static int route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 		to_slot(io, SLOT_DEST, req->offset, req->len);
 		return 0;
 	}
-	for (uint64_t c = c0; c <= c1; c++) {
-		if (A_LOAD(&m->chunk[c]) & CH_COPIED) {  /* dbt: a copied chunk goes dirty */
-			mi->flags |= MIG_IO_TRACKED;
-			A_ADD(&m->unmirrored, 1);
-			break;
-		}
-	}
+	/* dbt: its chunks go dirty when it is done (the copied one must) */
+	mi->flags |= MIG_IO_TRACKED;
+	A_ADD(&m->unmirrored, 1);
 	return 0;
+park_pause:
+	mi->park_why = PARK_PAUSE;
+	goto parked;
 park:
+	mi->park_why = PARK_CHUNK;
+parked:
+	mi->t_parked = ubm_now_ns();
 	A_SUB(&m->inflight, 1);
 	A_ADD(&m->parked, 1);
 	return 1;
@@ -345,6 +376,8 @@ static int io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 		mig_chunks_put(m, c0, c1);
 	}
 	if (retry) {
+		mi->park_why = PARK_PAUSE;  /* until the fold-back */
+		mi->t_parked = now;
 		A_SUB(&m->inflight, 1);
 		A_ADD(&m->parked, 1);
 		return 1;  /* t_start stays: the latency counts from the first try */
@@ -354,6 +387,7 @@ static int io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 	if (cut && now + 1000000000ull > cut && now < cut + 1000000000ull)
 		mig_atomic_max(&m->cutover_latency_ns, lat);
 	mi->t_start = 0;
+	A_ADD(&m->guest_done, 1);
 	A_SUB(&m->inflight, 1);
 	return 0;
 }

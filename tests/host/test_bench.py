@@ -73,6 +73,8 @@ def test_windows_and_series() -> None:
     w = scenarios.windows(samples, {"a": (0.0, 0.5), "b": (0.5, 1.0), "none": (2.0, 3.0)})
     assert w["a"]["iops"] == pytest.approx(1000) and w["b"]["iops"] == pytest.approx(1000)
     assert w["none"] == {"iops": 0.0}
+    # the request time: every I/O's latency in the window added up (1..500 us in [0, 0.5))
+    assert w["a"]["request_seconds"] == pytest.approx(sum(range(1, 501)) / 1e6)
     # writes in [0.5, 1): latencies 502, 504, ..., 1000 us
     assert w["b"]["lat_max_ms"] == pytest.approx(1.0)
     assert w["b"]["lat_p50_ms"] == pytest.approx(0.752)
@@ -117,8 +119,10 @@ def _load_rep(seconds: float, before: float, during: float, pause: float | None)
     win = {"iops": 0.0, "lat_p50_ms": 1.0, "lat_p99_ms": 2.0, "lat_p99.9_ms": 3.0,
            "lat_max_ms": 4.0}  # fmt: skip
     return {"job": "randwrite-4k-qd32", "mode": "dbt", "fio": ["fio"], "seconds": seconds,
-            "windows": {"before": {**win, "iops": before}, "during": {**win, "iops": during},
+            "windows": {"before": {**win, "iops": before},
+                        "during": {**win, "iops": during, "request_seconds": 2.0},
                         "after": {**win, "iops": before}},
+            "guest_waits": {"chunk": 0.2, "destination": 0.8 * seconds / 3, "pause": 0.0},
             "bytes_copied": 10, "passes": 3, "cutover_stall_ms": None, "final_pause_ms": pause,
             "converged": True, "events": [(0.0, "start")], "series": [(0.0, 1.0, 2.0)]}  # fmt: skip
 
@@ -135,7 +139,9 @@ def test_load_repetitions_combine_into_medians_with_spread(tmp_path: Path) -> No
     md = report.write(r, tmp_path)
     assert "| randwrite-4k-qd32 | dbt | 3.00 (2.00–4.00) | 100 / 60 / 100 | 0.60 (0.50–0.80) |" \
         in md  # fmt: skip
-    assert "| 20.0 ms | - |" in md  # no RSS in these repetitions
+    # where the guest waited, as shares of its request time (medians: 0.2, 0.8, 0 of 2 s);
+    # no RSS in these repetitions
+    assert "| 20.0 ms | 10% / 40% / 0% | - |" in md
     assert (tmp_path / run["plot"]).stat().st_size > 1000  # the PNG
     # the slow destination's section: the same table, and the fallbacks
     auto = {**run, "mode": "auto", "fallbacks": 2}

@@ -236,10 +236,14 @@ def test_completes_with_guest_io(tmp: Path, mode: Mode, capsys: pytest.CaptureFi
         assert e["device"] == "/dev/ublkb-sim" and e["mode"] == mode.value
         for key in ("pass", "cursor", "chunks_copied", "chunks_total", "dirty", "bytes_copied"):
             assert key in e, (key, e)
+    # the guest wrote ahead of the copier (the source alone) and behind it
+    assert (status["ahead_writes"] > 0) is (mode is not Mode.SNAPSHOT), status
+    assert set(status["guest_waits"]) == {"chunk", "destination", "pause"}
     if mode is Mode.MIRROR:
         assert status["final_pause_ms"] is None, "mirror cuts over without a pause"
         assert "pause" not in r.target.calls
         assert status["mirrored_writes"] > 0
+        assert status["guest_waits"]["pause"] == 0, status
     else:
         assert status["final_pause_ms"] is not None and status["final_pause_ms"] >= 0
         assert r.target.calls.count("pause") == 1 and r.target.calls.count("resume") == 1

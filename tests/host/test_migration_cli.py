@@ -153,7 +153,8 @@ def test_status_text() -> None:
         "rate": 100 << 20, "eta_seconds": 0.4, "elapsed": 12.5, "speed": None,
         "verify_mismatches": None, "max_latency_ms": 3.25, "cutover_stall_ms": None,
         "final_pause_ms": None, "error": None, "io": {"reads": 9, "writes": 8},
-        "busy_depth": 1, "yielded_seconds": 2.5,
+        "busy_depth": 1, "yielded_seconds": 2.5, "ahead_writes": 5,
+        "guest_waits": {"chunk": 0.0042, "destination": 0.0, "pause": 1.5},
     }  # fmt: skip
     lines = _status_lines({**base, "migration": mig})
     assert lines == [
@@ -167,7 +168,10 @@ def test_status_text() -> None:
         "delta          generation 3, 9 chunks",
         "rate           100 MiB/s (limit unlimited; yielded to guest I/O for 2.5 s), ETA "
         "400 ms, elapsed 12.5 s",
-        "guest writes   0 mirrored, 77 tracked, 2 parked; longest I/O 3.2 ms",
+        "guest writes   0 mirrored, 77 tracked, 5 ahead of the copier, 2 parked; longest I/O "
+        "3.2 ms",
+        "guest waited   4.2 ms on chunks being copied, 0 ms for the destination, 1.5 s paused "
+        "(all requests together)",
         "guest I/O      reads 9, writes 8",
     ]
     lost = {**mig, "phase": "reconnecting", "dest_down": 2, "reconnects": 1}

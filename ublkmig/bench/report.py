@@ -110,11 +110,15 @@ def load_md(d: dict[str, Any], title: str) -> list[str]:
            "repetitions; the plot shows the first. RSS: the daemon's peak resident memory "
            "(VmHWM) at the end of the load, MiB. Pause: the final pass's (dbt, snapshot) or "
            "the cutover's hold of guest I/O (mirror, auto); stall: the slowest request within "
-           "a second of the switch.", "",
+           "a second of the switch. Waited: where the guest's requests waited on the "
+           "migration, as shares of their time in flight during it (the sum of their "
+           "latencies): parked on a chunk being copied / waiting for the destination after "
+           "the source was done / parked by a pause; the rest is the time the source itself "
+           "took, slowed by the copier's work beside it.", "",
            "| load | mode | seconds (min–max) | IOPS before / during / after "
            "| during/before (min–max) | p50 / p99 / p99.9 / max during | pause (stall) "
-           "| RSS | plot |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+           "| waited: chunk / dest / pause | RSS | plot |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in d["runs"]:
         b, w, a = r["windows"]["before"], r["windows"]["during"], r["windows"]["after"]
         pause = r["final_pause_ms"] if r["final_pause_ms"] is not None else \
@@ -130,9 +134,17 @@ def load_md(d: dict[str, Any], title: str) -> list[str]:
             ratio += " (did not converge: cancelled)"
         out.append(f"| {r['job']} | {r['mode']} | {r['seconds']:.2f} ({sp['min']:.2f}–"
                    f"{sp['max']:.2f}) | {b['iops']:.0f} / {w['iops']:.0f} / {a['iops']:.0f} "
-                   f"| {ratio} | {lat} | {stall} "
+                   f"| {ratio} | {lat} | {stall} | {_waited(r)} "
                    f"| {_mib(r.get('daemon_peak_rss'))} | ![]({r.get('plot', '')}) |")  # fmt: skip
     return out
+
+
+def _waited(r: dict[str, Any]) -> str:
+    """The guest's waits on the migration as shares of its request time during it."""
+    waits, total = r.get("guest_waits"), r["windows"]["during"].get("request_seconds")
+    if not waits or not total:
+        return "-"
+    return " / ".join(f"{100 * waits[k] / total:.0f}%" for k in ("chunk", "destination", "pause"))
 
 
 def markdown(r: dict[str, Any]) -> str:

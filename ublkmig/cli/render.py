@@ -92,8 +92,15 @@ def _status_lines(st: dict[str, Any]) -> list[str]:
         )
         lines.append(
             f"guest writes   {mig['mirrored_writes']} mirrored, {mig['tracked_writes']} tracked, "
-            f"{mig['parked']} parked; longest I/O {_ms(mig.get('max_latency_ms'))}"
+            f"{mig.get('ahead_writes', 0)} ahead of the copier, {mig['parked']} parked; "
+            f"longest I/O {_ms(mig.get('max_latency_ms'))}"
         )
+        if waits := mig.get("guest_waits"):
+            lines.append(
+                f"guest waited   {format_duration(waits['chunk'])} on chunks being copied, "
+                f"{format_duration(waits['destination'])} for the destination, "
+                f"{format_duration(waits['pause'])} paused (all requests together)"
+            )
         if mig.get("cutover_pause_ms") is not None or mig.get("final_pause_ms") is not None:
             lines.append(
                 f"switch         cutover pause {_ms(mig.get('cutover_pause_ms'))}, slowest "

@@ -119,6 +119,7 @@ def report(
         "delta_chunks": s.delta_chunks,
         "mirrored_writes": s.mirrored_writes,
         "tracked_writes": s.tracked_writes,
+        "ahead_writes": s.ahead_writes,
         "parked": s.parked,
         "dest_errors": s.dest_errors,
         "dest_down": s.dest_down,
@@ -132,6 +133,13 @@ def report(
         "bytes_matched": s.bytes_matched,
         "busy_depth": o.busy_depth,
         "yielded_seconds": round(s.yield_ns / 1e9, 3),
+        # where the guest's requests waited on the migration, in all (seconds): parked on a
+        # chunk being copied, for the destination after the source was done, parked by a pause
+        "guest_waits": {
+            "chunk": round(s.chunk_wait_ns / 1e9, 4),
+            "destination": round(s.mirror_wait_ns / 1e9, 4),
+            "pause": round(s.pause_wait_ns / 1e9, 4),
+        },
         "resumed": o.resumed,
         "paused": paused,
         "rate": round(rate),

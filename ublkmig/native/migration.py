@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 class MigMode(enum.IntEnum):
     """enum ubm_mig_mode."""
 
-    MIRROR = 0  # every write goes to both sides
+    MIRROR = 0  # writes go to both sides, but for those ahead of the copier
     DBT = 1  # writes go to the source; the chunks they touch go dirty
     SNAPSHOT = 2  # writes go to a delta; the copier folds frozen deltas
 
@@ -79,6 +79,7 @@ MIG_STAT_TYPES: tuple[tuple[str, Any], ...] = (
     ("delta_failed", _U32), ("dest_down", _U32), ("mirror_waits", _U64),
     ("mirror_wait_ns", _U64), ("bytes_matched", _U64), ("yield_ns", _U64),
     ("cutover_pause_ns", _U64), ("dest_waiting", _U64), ("dest_waiting_ns", _U64),
+    ("ahead_writes", _U64), ("chunk_wait_ns", _U64), ("pause_wait_ns", _U64),
 )  # fmt: skip
 MIG_STAT_FIELDS = tuple(name for name, _ in MIG_STAT_TYPES)
 
@@ -146,6 +147,9 @@ class MigStats:
     cutover_pause_ns: int = 0  # the cutover's hold of guest I/O, up to the switch
     dest_waiting: int = 0  # mirrored writes done on the source, waiting for the destination now
     dest_waiting_ns: int = 0  # ... their mean wait so far
+    ahead_writes: int = 0  # writes to chunks not copied yet: the source alone
+    chunk_wait_ns: int = 0  # guest requests parked on a chunk being copied, in all
+    pause_wait_ns: int = 0  # guest requests parked by a pause, in all
 
     @classmethod
     def _from_c(cls, s: _MigStats) -> MigStats:

@@ -1,9 +1,10 @@
 """Migration under load, and the same load under QEMU's mirror (the peer).
 
-Each mode migrates the disk to a file on the same tmpfs while fio writes (unthrottled,
-rate-limited at 2000 IOPS, a 70/30 read/write mix): guest IOPS and write latency before,
-during and after (:mod:`.under_load`), the time to cutover, the cutover stall or final
-pause, the daemon's peak memory.  With ``peer=True`` (the ``qemu`` scenario) the same load
+Each mode (auto, the default, among them) migrates the disk to a file on the same tmpfs
+while fio writes (unthrottled, rate-limited at 2000 IOPS, a 70/30 read/write mix): guest
+IOPS and write latency before, during and after (:mod:`.under_load`), the time to cutover,
+the cutover stall or final pause, where the guest's requests waited on the migration, the
+daemon's peak memory.  With ``peer=True`` (the ``qemu`` scenario) the same load
 runs on qemu-storage-daemon's NBD export through the kernel's NBD client while
 blockdev-mirror (copy modes background and write-blocking) moves the disk.  Every run
 starts from the same pristine disk.
@@ -30,6 +31,9 @@ from ublkmig.bench.scenarios.common import (
 )
 from ublkmig.bench.scenarios.under_load import combine, load_jobs, load_result, load_run, loaded
 
+# auto (the default) first, then the modes it is made of
+LOAD_MODES = ("auto", *MODES)
+
 PEER_DIFFERENCES = (
     "What differs: ublkmig serves the disk through ublk (/dev/ublkbN, one queue, its own "
     "data plane in the daemon) and migrates inside that process; QEMU's set-up is "
@@ -53,7 +57,7 @@ def load(s: Settings, work: Path, peer: bool = False) -> dict[str, Any]:
     make_image(pristine, size)
     out: dict[str, Any] = {"size": size, "span": s.load_span, "runs": []}
     for job in load_jobs(s):
-        for mode in (("qemu background", "qemu write-blocking") if peer else MODES):
+        for mode in (("qemu background", "qemu write-blocking") if peer else LOAD_MODES):
             reps = []
             for _rep in range(s.reps):
                 shutil.copyfile(pristine, image)

@@ -57,7 +57,10 @@ def windows(samples: list[Sample], spans: dict[str, tuple[float, float]]
         if not n or b <= a:
             out[name] = {"iops": 0.0}
             continue
-        out[name] = {"iops": n / (b - a), **_percentiles(lats)}
+        # the guest's request time in the window (the sum of every I/O's latency, s): what
+        # the migration's waits (guest_waits) are a share of
+        busy = sum(lat for t, lat, _ in samples if a <= t < b) / 1e6
+        out[name] = {"iops": n / (b - a), "request_seconds": busy, **_percentiles(lats)}
     return out
 
 
@@ -162,6 +165,8 @@ def combine(reps: list[dict[str, Any]]) -> dict[str, Any]:
     for k in ("bytes_copied", "cutover_pause_ms", "cutover_stall_ms", "final_pause_ms",
               "yielded_seconds", "daemon_peak_rss"):
         run[k] = med([r.get(k) for r in reps])
+    waits = [r["guest_waits"] for r in reps if r.get("guest_waits")]
+    run["guest_waits"] = {k: med([w[k] for w in waits]) for k in waits[0]} if waits else None
     run["converged"] = all(r["converged"] for r in reps)
     return run
 
@@ -208,6 +213,7 @@ def load_result(job: FioJob, mode: str, f: dict[str, Any], log: PhaseLog,
         "converged": mig.get("phase") == "completed",
         "fallbacks": mig.get("fallbacks"),
         "yielded_seconds": mig.get("yielded_seconds"),
+        "guest_waits": mig.get("guest_waits"),
         "daemon_peak_rss": mig.get("daemon_peak_rss"),
         "events": log.events,
         "series": series(f["samples"], 0.25),
