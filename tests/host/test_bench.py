@@ -78,6 +78,9 @@ def test_windows_and_series() -> None:
     # writes in [0.5, 1): latencies 502, 504, ..., 1000 us
     assert w["b"]["lat_max_ms"] == pytest.approx(1.0)
     assert w["b"]["lat_p50_ms"] == pytest.approx(0.752)
+    # the daemon's CPU per I/O: 0.01 s over the 500 I/Os before, 0.05 s over the 250 during
+    cpu = scenarios.cpu_per_io(samples, [(0.0, 1.0), (0.5, 1.01), (0.75, 1.06)])
+    assert cpu == {"before": pytest.approx(20.0), "during": pytest.approx(200.0)}
     series = scenarios.series(samples, 0.25)
     assert [round(t, 2) for t, _, _ in series] == [0.0, 0.25, 0.5, 0.75]
     assert all(iops == pytest.approx(1000) for _, iops, _ in series)
@@ -123,6 +126,7 @@ def _load_rep(seconds: float, before: float, during: float, pause: float | None)
                         "during": {**win, "iops": during, "request_seconds": 2.0},
                         "after": {**win, "iops": before}},
             "guest_waits": {"chunk": 0.2, "destination": 0.8 * seconds / 3, "pause": 0.0},
+            "cpu_us_per_io": {"before": 30.0, "during": 10.0 * seconds},
             "bytes_copied": 10, "passes": 3, "cutover_stall_ms": None, "final_pause_ms": pause,
             "converged": True, "events": [(0.0, "start")], "series": [(0.0, 1.0, 2.0)]}  # fmt: skip
 
@@ -141,7 +145,7 @@ def test_load_repetitions_combine_into_medians_with_spread(tmp_path: Path) -> No
         in md  # fmt: skip
     # where the guest waited, as shares of its request time (medians: 0.2, 0.8, 0 of 2 s);
     # no RSS in these repetitions
-    assert "| 20.0 ms | 10% / 40% / 0% | - |" in md
+    assert "| 20.0 ms | 10% / 40% / 0% | 30 / 30 | - |" in md
     assert (tmp_path / run["plot"]).stat().st_size > 1000  # the PNG
     # the slow destination's section: the same table, and the fallbacks
     auto = {**run, "mode": "auto", "fallbacks": 2}

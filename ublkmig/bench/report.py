@@ -114,11 +114,13 @@ def load_md(d: dict[str, Any], title: str) -> list[str]:
            "migration, as shares of their time in flight during it (the sum of their "
            "latencies): parked on a chunk being copied / waiting for the destination after "
            "the source was done / parked by a pause; the rest is the time the source itself "
-           "took, slowed by the copier's work beside it.", "",
+           "took, slowed by the copier's work beside it. CPU/IO: the daemon's CPU time "
+           "(every thread: queue, copier, io_uring workers) per guest I/O before / during "
+           "the migration, µs.", "",
            "| load | mode | seconds (min–max) | IOPS before / during / after "
            "| during/before (min–max) | p50 / p99 / p99.9 / max during | pause (stall) "
-           "| waited: chunk / dest / pause | RSS | plot |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+           "| waited: chunk / dest / pause | CPU/IO | RSS | plot |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in d["runs"]:
         b, w, a = r["windows"]["before"], r["windows"]["during"], r["windows"]["after"]
         pause = r["final_pause_ms"] if r["final_pause_ms"] is not None else \
@@ -134,9 +136,14 @@ def load_md(d: dict[str, Any], title: str) -> list[str]:
             ratio += " (did not converge: cancelled)"
         out.append(f"| {r['job']} | {r['mode']} | {r['seconds']:.2f} ({sp['min']:.2f}–"
                    f"{sp['max']:.2f}) | {b['iops']:.0f} / {w['iops']:.0f} / {a['iops']:.0f} "
-                   f"| {ratio} | {lat} | {stall} | {_waited(r)} "
+                   f"| {ratio} | {lat} | {stall} | {_waited(r)} | {_cpu(r)} "
                    f"| {_mib(r.get('daemon_peak_rss'))} | ![]({r.get('plot', '')}) |")  # fmt: skip
     return out
+
+
+def _cpu(r: dict[str, Any]) -> str:
+    cpu = r.get("cpu_us_per_io")
+    return "-" if not cpu else " / ".join(_f(cpu.get(k), ".0f") for k in ("before", "during"))
 
 
 def _waited(r: dict[str, Any]) -> str:

@@ -55,6 +55,7 @@ from ublkmig.bench.scenarios.slow import SLOW_DESTS, SLOW_MODES, SLOW_WRITE_MS, 
 from ublkmig.bench.scenarios.under_load import (
     Sample,
     combine,
+    cpu_per_io,
     load_jobs,
     load_result,
     load_run,
@@ -68,7 +69,8 @@ __all__ = [
     "CHUNK", "CHUNK_BYTES", "MODES", "MiB", "IntegrityError", "PhaseLog", "Settings",
     "check_same", "follow", "make_image", "migrate_request", "run_ok", "say", "sha256",
     "start_migration", "summary",
-    "Sample", "combine", "load_jobs", "load_result", "load_run", "loaded", "series", "windows",
+    "Sample", "combine", "cpu_per_io", "load_jobs", "load_result", "load_run", "loaded",
+    "series", "windows",
     "datapath", "datapath_jobs", "dd_seconds", "idle", "PEER_DIFFERENCES", "load",
     "SLOW_DESTS", "SLOW_MODES", "SLOW_WRITE_MS", "slow", "yielding",
 ]  # fmt: skip

@@ -165,8 +165,9 @@ def combine(reps: list[dict[str, Any]]) -> dict[str, Any]:
     for k in ("bytes_copied", "cutover_pause_ms", "cutover_stall_ms", "final_pause_ms",
               "yielded_seconds", "daemon_peak_rss"):
         run[k] = med([r.get(k) for r in reps])
-    waits = [r["guest_waits"] for r in reps if r.get("guest_waits")]
-    run["guest_waits"] = {k: med([w[k] for w in waits]) for k in waits[0]} if waits else None
+    for key in ("guest_waits", "cpu_us_per_io"):
+        parts = [r[key] for r in reps if r.get(key)]
+        run[key] = {k: med([p.get(k) for p in parts]) for k in parts[0]} if parts else None
     run["converged"] = all(r["converged"] for r in reps)
     return run
 
@@ -181,17 +182,34 @@ def load_run(s: Settings, job: FioJob, mode: str, image: Path, dest: Path | str,
                          log=work / "serve.log") as t:  # fmt: skip
         with loaded(job, t.path, work) as f:
             log = PhaseLog(t0=f["t0"])
+            # the daemon's CPU time at the load's start, the migration's and its end
+            marks = [(time.time() - f["t0"], t.cpu_seconds())]
             time.sleep(s.load_window)
             log.note("start")
+            marks.append((time.time() - f["t0"], t.cpu_seconds()))
             start_migration(t.path, dest, mode, yields)
             mig = follow(t.path, log)
+            marks.append((time.time() - f["t0"], t.cpu_seconds()))
             time.sleep(s.load_window)
             log.note("end of load")
         mig["daemon_peak_rss"] = t.peak_rss()
+        mig["cpu_marks"] = marks
         if mig["phase"] != "completed":
             raise RuntimeError(f"{mode} under load {mig['phase']}: {mig['error']}")
         check_same(t.path, dest_file or Path(dest), os.path.getsize(image))
     return load_result(job, mode, f, log, mig)
+
+
+def cpu_per_io(samples: list[Sample], marks: list[tuple[float, float]]) -> dict[str, float]:
+    """The daemon's CPU time per guest I/O (µs) before the migration and during it (from
+    its start to its end, the phase completed: a second after the cutover), from its CPU
+    time at those ``marks`` (seconds since the load started, CPU seconds)."""
+    out = {}
+    for name, (a, ca), (b, cb) in (("before", marks[0], marks[1]), ("during", marks[1], marks[2])):
+        n = sum(1 for t, _, _ in samples if a <= t < b)
+        if n:
+            out[name] = (cb - ca) / n * 1e6
+    return out
 
 
 def load_result(job: FioJob, mode: str, f: dict[str, Any], log: PhaseLog,
@@ -214,6 +232,8 @@ def load_result(job: FioJob, mode: str, f: dict[str, Any], log: PhaseLog,
         "fallbacks": mig.get("fallbacks"),
         "yielded_seconds": mig.get("yielded_seconds"),
         "guest_waits": mig.get("guest_waits"),
+        "cpu_us_per_io": cpu_per_io(f["samples"], mig["cpu_marks"]) if "cpu_marks" in mig
+        else None,
         "daemon_peak_rss": mig.get("daemon_peak_rss"),
         "events": log.events,
         "series": series(f["samples"], 0.25),
