@@ -225,8 +225,6 @@ struct ubm_mig_stats {
 	uint64_t chunk_wait_ns;    /* guest requests parked on a chunk being copied (or copied
 				    * on write), in all */
 	uint64_t pause_wait_ns;    /* guest requests parked by a pause of guest I/O, in all */
-	uint64_t dirty_bytes;      /* what the dirty chunks hold to copy again (4 KiB blocks a
-				    * write touched since their last copy) */
 };
 
 /* Open the destination, check it, and start routing guest I/O through the

@@ -57,7 +57,6 @@ void mig_free(struct ubm_migration *m)
 	for (unsigned i = 0; i < MAX_COPY_DEPTH; i++) {
 		free(m->slots[i].buf);
 		free(m->slots[i].check_buf);
-		free(m->slots[i].blocks);
 	}
 	for (unsigned g = 0; g < UBM_MAX_DELTAS; g++) {
 		if (m->delta[g].ops)
@@ -84,7 +83,6 @@ void mig_free(struct ubm_migration *m)
 	free(m->copier.ios);
 	free(m->chunk);
 	free(m->dirty);
-	free(m->dirty_blocks);
 	free(m->dest_written);
 	free(m->unflushed);
 	free(m->hot);
@@ -200,10 +198,6 @@ UBM_EXPORT int ubm_mig_start(struct ubm_target *t, const struct ubm_mig_config *
 									    : m->copy_depth;
 	m->chunk = calloc(m->nr_chunks, sizeof(*m->chunk));
 	m->dirty = calloc((m->nr_chunks + 63) / 64, sizeof(*m->dirty));
-	m->blocks_shift = m->chunk_shift - DIRTY_BLOCK_SHIFT;
-	m->blocks_per_chunk = 1ull << m->blocks_shift;
-	m->dirty_blocks = calloc(((m->nr_chunks << m->blocks_shift) + 63) / 64,
-				 sizeof(*m->dirty_blocks));
 	m->dest_written = calloc((m->nr_chunks + 63) / 64, sizeof(*m->dest_written));
 	m->unflushed = calloc((m->nr_chunks + 63) / 64, sizeof(*m->unflushed));
 	m->hot = calloc(m->nr_chunks, 1);
@@ -221,12 +215,11 @@ UBM_EXPORT int ubm_mig_start(struct ubm_target *t, const struct ubm_mig_config *
 	} else if (asprintf(&m->delta_path, "%s.ublkmig-delta", t->source_path) < 0) {
 		m->delta_path = NULL;
 	}
-	ret = (!m->chunk || !m->dirty || !m->dirty_blocks || !m->dest_written || !m->unflushed || !m->hot ||
+	ret = (!m->chunk || !m->dirty || !m->dest_written || !m->unflushed || !m->hot ||
 	       !m->newest || !m->copier.ios || !m->ios || !m->delta_path)
 		? ubm_fail(ENOMEM, "out of memory") : 0;
 	for (unsigned i = 0; ret == 0 && i < m->copy_depth; i++) {
-		m->slots[i].blocks = calloc(BLOCK_WORDS(m), sizeof(uint64_t));
-		if (!m->slots[i].blocks || posix_memalign(&m->slots[i].buf, 4096, m->chunk_size) ||
+		if (posix_memalign(&m->slots[i].buf, 4096, m->chunk_size) ||
 		    (m->check_below && posix_memalign(&m->slots[i].check_buf, 4096, m->chunk_size)))
 			ret = ubm_fail(ENOMEM, "out of memory for copy buffers");
 	}
@@ -459,7 +452,6 @@ UBM_EXPORT int ubm_mig_get_stats(struct ubm_target *t, struct ubm_mig_stats *out
 	out->chunks_copied = A_LOAD(&m->chunks_copied);
 	out->cursor = A_LOAD(&m->cursor);
 	out->dirty_chunks = A_LOAD(&m->dirty_count);
-	out->dirty_bytes = A_LOAD(&m->dirty_block_count) << DIRTY_BLOCK_SHIFT;
 	out->hot_chunks = A_LOAD(&m->hot_count);
 	out->bytes_copied = A_LOAD(&m->bytes_copied);
 	out->bytes_skipped = A_LOAD(&m->bytes_skipped);

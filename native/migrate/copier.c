@@ -72,7 +72,7 @@ static int copy_op(struct ubm_migration *m, unsigned i, unsigned be_slot, uint8_
 	int ret;
 
 	io->req = (struct ubm_req){
-		.op = op, .offset = cs->off, .len = cs->len,
+		.op = op, .offset = cs->chunk << m->chunk_shift, .len = chunk_len(m, cs->chunk),
 		.buf = state == CS_CHECKING ? cs->check_buf : cs->buf, .buf_index = -1,
 	};
 	cs->state = state;
@@ -80,52 +80,6 @@ static int copy_op(struct ubm_migration *m, unsigned i, unsigned be_slot, uint8_
 		bit_set(m->dest_written, cs->chunk);  /* even if the write fails half-way */
 	ret = be->ops->queue_io(be, &m->copier, i, be_slot, &io->req);
 	return ret < 0 ? copy_failed(m, i, ret) : 0;
-}
-
-/* The next run of slot i's dirty blocks: read it; none left: the chunk is copied. */
-static int copy_next_run(struct ubm_migration *m, unsigned i)
-{
-	struct copy_slot *cs = &m->slots[i];
-	uint64_t n = m->blocks_per_chunk, b0 = cs->run_next, b1, gap = 0;
-	uint64_t chunk_off = cs->chunk << m->chunk_shift;
-
-#define BLOCK_SET(b) (cs->blocks[(b) / 64] & (1ull << ((b) % 64)))
-	while (b0 < n && !BLOCK_SET(b0))
-		b0++;
-	if (b0 >= n || (b0 << DIRTY_BLOCK_SHIFT) >= chunk_len(m, cs->chunk)) {
-		unlock_chunk(m, cs->chunk, true);
-		cs->state = CS_FREE;
-		return 0;
-	}
-	/* the run, and gaps of up to RUN_GAP clean blocks between dirty ones */
-	b1 = b0;
-	for (uint64_t b = b0 + 1; b < n && gap <= RUN_GAP; b++) {
-		if (BLOCK_SET(b)) {
-			b1 = b;
-			gap = 0;
-		} else {
-			gap++;
-		}
-	}
-#undef BLOCK_SET
-	cs->run_next = b1 + 1;
-	cs->off = chunk_off + (b0 << DIRTY_BLOCK_SHIFT);
-	cs->len = (uint32_t)((b1 - b0 + 1) << DIRTY_BLOCK_SHIFT);
-	if (cs->off + cs->len > chunk_off + chunk_len(m, cs->chunk))
-		cs->len = (uint32_t)(chunk_off + chunk_len(m, cs->chunk) - cs->off);
-	return copy_op(m, i, cs->from, UBLK_IO_OP_READ, CS_READING);
-}
-
-/* Whether a copied chunk with these dirty blocks is copied again in runs (a
- * few blocks dirty) rather than whole (most of it, or none known: a chunk
- * marked dirty as a whole has every block set). */
-static bool by_runs(const struct ubm_migration *m, const uint64_t *blocks)
-{
-	uint64_t n = 0;
-
-	for (uint64_t w = 0; w < BLOCK_WORDS(m); w++)
-		n += (uint64_t)__builtin_popcountll(blocks[w]);
-	return n && n < m->blocks_per_chunk / 2;
 }
 
 /* The chunk in slot i is locked and idle on the guest side: start copying. */
@@ -136,23 +90,13 @@ static int copy_begin(struct ubm_migration *m, unsigned i)
 	uint32_t len = chunk_len(m, cs->chunk);
 
 	/* clear before reading: a write that lands after this re-dirties it */
-	mig_clear_dirty(m, cs->chunk, cs->blocks);
+	mig_clear_dirty(m, cs->chunk);
 	cs->first_copy = !(A_LOAD(&m->chunk[cs->chunk]) & CH_COPIED);
-	cs->off = off;
-	cs->len = len;
-	cs->from = m->gen ? layer_slot(m, cs->chunk) : SLOT_SOURCE;
-	cs->runs = !cs->first_copy && by_runs(m, cs->blocks);
-	if (cs->runs) {
-		/* the destination holds the rest of it (COPIED): only what the
-		 * guest wrote since, read now that its writes have drained */
-		cs->fresh = cs->check = cs->zero = false;
-		cs->run_next = 0;
-		return copy_next_run(m, i);
-	}
 	/* a mirrored write may have reached the destination's chunk before the
 	 * copier (it is locked now: no other can come) */
 	cs->fresh = m->dest_zeroed && cs->first_copy && !bit_test(m->dest_written, cs->chunk);
 	cs->check = cs->first_copy && cs->chunk < m->check_below;
+	cs->from = m->gen ? layer_slot(m, cs->chunk) : SLOT_SOURCE;
 	if (ubm_file_is_hole(m->t->be[cs->from]->fd, off, len)) {
 		/* a hole in the source */
 		if (cs->fresh) {
@@ -216,8 +160,6 @@ static int copy_result(struct ubm_migration *m, unsigned i, unsigned be_slot, in
 	}
 	A_ADD(&m->bytes_copied, io->req.len);
 	bit_set(m->unflushed, cs->chunk);
-	if (cs->runs)
-		return copy_next_run(m, i);
 	unlock_chunk(m, cs->chunk, true);
 	cs->state = CS_FREE;
 	return 0;
@@ -350,17 +292,13 @@ static unsigned start_locked(struct ubm_migration *m, bool stop, int *ret)
 	return locking;
 }
 
-/* A dirty pass begins: chunks mostly dirty again since the last one are
- * getting hot (deferred to the final pass); those with a few dirty blocks
- * are copied now. */
+/* A dirty pass begins: chunks dirty again since the last one are getting hot. */
 static void count_hot(struct ubm_migration *m)
 {
 	uint64_t hot = 0;
 
 	for (uint64_t c = 0; c < m->nr_chunks; c++) {
 		if (!is_dirty(m, c))
-			m->hot[c] = 0;
-		else if (m->hot[c] >= HOT_PASSES && mig_dirty_blocks_of(m, c) < m->blocks_per_chunk / 2)
 			m->hot[c] = 0;
 		else if (m->hot[c] >= HOT_PASSES)
 			hot++;

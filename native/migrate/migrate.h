@@ -20,8 +20,7 @@
  * mode, goes to both sides (route.c says why, also where one of its chunks is
  * not copied yet or dirty); in dbt mode it goes to the source only and marks
  * its chunks dirty when it completes (and the copier clears the bit before it
- * reads), so the next pass copies them again: only the 4 KiB blocks it wrote
- * (the fine dirty map, chunks.c), unless most of the chunk is dirty.
+ * reads), so the next pass copies them again.
  * Discards and write-zeroes follow the same rules.
  *
  * Snapshot mode keeps the source frozen: guest writes go to the active
@@ -76,16 +75,8 @@ struct mig_io {
 #define MIG_IO_WAITING 32     /* mirrored: source done, waiting for the destination (counted) */
 enum { PARK_CHUNK = 0, PARK_PAUSE = 1 };  /* a locked chunk or a copy on write; a pause */
 #define FOLD_BATCH 64      /* snapshot fold-back: chunks copied per fdatasync of the source */
-#define HOT_PASSES 2       /* dirtied again in this many dirty passes, and mostly: defer to
-			    * the final one (a few blocks cost little to copy each pass,
-			    * and deferred they would only pile up) */
+#define HOT_PASSES 2       /* dirtied again in this many dirty passes: defer to the final one */
 #define MAX_COPY_DEPTH 16
-/* The fine dirty map's block: a guest write dirties the 4 KiB blocks it
- * touches, and a copied chunk is copied again only there (in runs, gaps of up
- * to RUN_GAP blocks taken along) unless most of it is dirty. */
-#define DIRTY_BLOCK_SHIFT 12
-#define RUN_GAP 16
-#define BLOCK_WORDS(m) ((m)->blocks_per_chunk >= 64 ? (m)->blocks_per_chunk / 64 : 1)
 /* a destination that can lose its connections (NBD) is flushed this often
  * while the copier runs: what a lost connection may have lost since is what
  * is copied again (ubm_mig_reconnect) */
@@ -99,12 +90,7 @@ struct copy_slot {
 	bool fresh;        /* ... and nothing wrote it on the destination: on a zeroed
 			    * destination it reads as zeroes */
 	bool check;        /* resuming: compare with the destination's before writing */
-	bool zero;         /* the source chunk (or run) reads as zeroes */
-	bool runs;         /* copying the dirty blocks' runs, not the whole chunk */
-	uint64_t off;      /* what the current step reads and writes */
-	uint32_t len;
-	uint64_t run_next; /* runs: the first block of the chunk not looked at yet */
-	uint64_t *blocks;  /* the chunk's dirty blocks, taken from the fine map (BLOCK_WORDS) */
+	bool zero;         /* the source chunk reads as zeroes */
 	uint64_t t_start;  /* when the copy began (ns) */
 	void *buf;
 	void *check_buf;   /* the destination's chunk, when checking */
@@ -149,12 +135,7 @@ struct ubm_migration {
 	uint64_t size, chunk_size, nr_chunks;
 	unsigned chunk_shift;
 	uint32_t *chunk;           /* state words */
-	uint64_t *dirty;           /* bitmap: chunks to copy again ... */
-	uint64_t *dirty_blocks;    /* ... and where in them: the fine map, a bit per 4 KiB,
-				    * set before the chunk's bit */
-	uint64_t blocks_per_chunk;
-	unsigned blocks_shift;     /* chunk_shift - DIRTY_BLOCK_SHIFT */
-	uint64_t dirty_block_count;
+	uint64_t *dirty;           /* bitmap */
 	uint64_t *dest_written;    /* bitmap: chunks a guest write was sent to on the destination
 				    * (a zero chunk there is not known to read as zeroes) */
 	uint64_t *unflushed;       /* bitmap: chunks written on the destination since its last
@@ -244,14 +225,8 @@ void mig_atomic_max(uint64_t *p, uint64_t v);
 void mig_set_error(struct ubm_migration *m, int err);
 void mig_dest_failed(struct ubm_migration *m, uint32_t epoch, int err);
 void mig_fail_deltas(struct ubm_migration *m, int err);
-/* chunk c goes dirty, all of it; or the blocks a write touched, and their chunks */
 void mig_mark_dirty(struct ubm_migration *m, uint64_t c);
-void mig_mark_dirty_range(struct ubm_migration *m, uint64_t offset, uint64_t len);
-/* chunk c is clean: whether it was dirty; its dirty blocks taken into blocks
- * (BLOCK_WORDS words, bit i the chunk's block i) */
-bool mig_clear_dirty(struct ubm_migration *m, uint64_t c, uint64_t *blocks);
-/* how many of chunk c's blocks are dirty */
-uint64_t mig_dirty_blocks_of(struct ubm_migration *m, uint64_t c);
+bool mig_clear_dirty(struct ubm_migration *m, uint64_t c);
 bool mig_chunks_get(struct ubm_migration *m, uint64_t c0, uint64_t c1);
 void mig_chunks_put(struct ubm_migration *m, uint64_t c0, uint64_t c1);
 

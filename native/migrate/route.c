@@ -17,8 +17,7 @@
  *   twice (VMware's rule for writes above the cursor);
  * - any other write, mirror mode: source and destination (why also to chunks
  *   not copied or dirty: at route(), below);
- * - any other write, dbt: the source; the blocks it wrote (chunks.c: the
- *   fine dirty map) and their chunks go dirty when it is done;
+ * - any other write, dbt: the source; its chunks go dirty when it is done;
  * - a write, snapshot: the active delta, after its chunks were copied into it
  *   (copy on write, snapshot.c).
  * Whose errors the guest sees: the source's (or the delta's), never the
@@ -240,7 +239,7 @@ static int route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 		to_slot(io, SLOT_DEST, req->offset, req->len);
 		return 0;
 	}
-	/* dbt: its blocks and chunks go dirty when it is done (the copied one must) */
+	/* dbt: its chunks go dirty when it is done (the copied one must) */
 	mi->flags |= MIG_IO_TRACKED;
 	A_ADD(&m->unmirrored, 1);
 	return 0;
@@ -314,8 +313,8 @@ static bool part_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag
 		return false;
 	mi->flags |= MIG_IO_DEST_FAILED;
 	/* the source has it (or will), the destination may not */
-	if (data)
-		mig_mark_dirty_range(m, req->offset, req->len);
+	for (uint64_t c = c0; data && c <= c1; c++)
+		mig_mark_dirty(m, c);
 	mig_dest_failed(m, mi->epoch, res);
 	return false;
 }
@@ -367,8 +366,10 @@ static int io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 			/* (a destination failure is recorded already: part_done) */
 		} else if (mi->flags & MIG_IO_TRACKED) {
 			A_ADD(&m->tracked_writes, 1);
-			if (io->result >= 0)  /* the blocks it wrote, and their chunks */
-				mig_mark_dirty_range(m, req->offset, req->len);
+			if (io->result >= 0) {
+				for (uint64_t c = c0; c <= c1; c++)
+					mig_mark_dirty(m, c);
+			}
 			A_SUB(&m->unmirrored, 1);
 		}
 		/* dirty before unreferenced: a copier waiting for the count sees the bit */

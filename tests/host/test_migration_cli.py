@@ -148,8 +148,7 @@ def test_status_text() -> None:
         "phase": "folding", "pass": 3, "pass_kind": "all", "cursor": 512 << 20,
         "chunk_size": 1 << 20, "size": 1 << 30, "chunks": 1024, "chunks_copied": 1000,
         "bytes_copied": 900 << 20, "bytes_skipped": 100 << 20, "bytes_to_copy": 40 << 20,
-        "dirty_chunks": 16, "dirty_bytes": 3 << 20, "hot_chunks": 0, "generation": 3,
-        "delta_chunks": 9,
+        "dirty_chunks": 16, "hot_chunks": 0, "generation": 3, "delta_chunks": 9,
         "mirrored_writes": 0, "tracked_writes": 77, "parked": 2, "paused": False,
         "rate": 100 << 20, "eta_seconds": 0.4, "elapsed": 12.5, "speed": None,
         "verify_mismatches": None, "max_latency_ms": 3.25, "cutover_stall_ms": None,
@@ -165,7 +164,7 @@ def test_status_text() -> None:
         "ETA 400 ms",
         "copied         900 MiB written, 100 MiB skipped (holes, zeroes), 40 MiB to copy; "
         "cursor 512 MiB",
-        "chunks         1000 of 1024 copied (1 MiB each), 16 dirty (3 MiB of it), 0 hot",
+        "chunks         1000 of 1024 copied (1 MiB each), 16 dirty, 0 hot",
         "delta          generation 3, 9 chunks",
         "rate           100 MiB/s (limit unlimited; yielded to guest I/O for 2.5 s), ETA "
         "400 ms, elapsed 12.5 s",

@@ -17,14 +17,12 @@ import pytest
 
 from ublkmig import native
 from ublkmig.migration import Migration, MigrationOptions, Mode, Phase, Policy
-from ublkmig.migration.policy import final_budget
 from ublkmig.native import MigStats, Pass
 
 CHUNKS = 1000
 CHUNK = 1 << 20
-# (dbt's final-pass budget fixed at 16 dirty chunks' bytes: the scripts count chunks)
 FAST = Policy(sample_interval=0.01, cutover_window=0.01, in_sync_dirty_interval=0.01,
-              in_sync_fold_interval=0.01, final_pause=0.0, final_min_bytes=16 * CHUNK)  # fmt: skip
+              in_sync_fold_interval=0.01)  # fmt: skip
 
 
 class ScriptedTarget:
@@ -93,10 +91,8 @@ class ScriptedTarget:
             error=self.error,
             **{field: n},
         )
-        if field == "dirty_chunks":  # (each dirty chunk wholly)
-            self._set(dirty_bytes=n * CHUNK)
         if kind is Pass.FINAL:
-            self._set(dirty_chunks=0, delta_chunks=0, dirty_bytes=0)
+            self._set(dirty_chunks=0, delta_chunks=0)
         if self.error:
             raise native.NativeError("copy_pass", -self.error, "copy failed")
         return n
@@ -208,13 +204,6 @@ def test_dbt_converges() -> None:
                          "finish"]  # fmt: skip
     assert t.speeds == [0, 1 << 20], "the final pass (guest paused) runs at full speed"
     assert mig.status()["final_pause_ms"] == 2.0
-
-
-def test_dbt_final_budget_is_the_pause_at_the_copiers_rate() -> None:
-    p = Policy()
-    assert final_budget(p, 0.0) == p.final_min_bytes == 256 << 10  # no rate yet
-    assert final_budget(p, 100e6) == 5_000_000  # 50 ms at 100 MB/s
-    assert final_budget(replace(p, final_pause=0.2), 100e6) == 20_000_000
 
 
 def test_dbt_stops_when_not_shrinking() -> None:
@@ -383,16 +372,14 @@ def test_status_fields() -> None:
     async def during(mig: Migration) -> None:
         while not mig.status()["passing"]:
             await anyio.sleep(0.005)
-        t._set(chunks_copied=250, cursor=300, dirty_chunks=50, dirty_bytes=50 * CHUNK - 4096,
-               bytes_copied=250 * CHUNK)  # fmt: skip
+        t._set(chunks_copied=250, cursor=300, dirty_chunks=50, bytes_copied=250 * CHUNK)
         seen.update(mig.status())
         mig.cancel()
 
     run(t, Mode.DBT, during, speed=7 << 20)
     assert seen["phase"] == "copying" and seen["pass"] == 1 and seen["pass_kind"] == "all"
     assert seen["cursor"] == 300 * CHUNK and seen["chunk_size"] == CHUNK
-    # the chunks not copied yet, and the dirty blocks of the others
-    assert seen["bytes_to_copy"] == (750 + 50) * CHUNK - 4096
+    assert seen["bytes_to_copy"] == (750 + 50) * CHUNK
     assert seen["speed"] == 7 << 20 and seen["mode"] == "dbt"
     assert seen["source"] == "/src" and seen["dest"] == "/dest"
     assert seen["cutover_after"] is None  # not cut over yet

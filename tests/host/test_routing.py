@@ -44,14 +44,13 @@ def chunk_of(path: Path, c: int) -> bytes:
         return f.read(CHUNK)
 
 
-def start(tmp: Path, mode: MigMode, size: int = SIZE, chunk: int = CHUNK
-          ) -> tuple[Sim, native.Target, Path, Path]:  # fmt: skip
+def start(tmp: Path, mode: MigMode) -> tuple[Sim, native.Target, Path, Path]:
     src, dest = tmp / "src.img", tmp / "dest.img"
-    src.write_bytes(random.Random(7).randbytes(size))
-    sparse_image(dest, size)
+    src.write_bytes(random.Random(7).randbytes(SIZE))
+    sparse_image(dest, SIZE)
     sim = Sim(src)
     t = sim.target()
-    t.mig_start(MigrationConfig(dest=dest, mode=mode, chunk_size=chunk))
+    t.mig_start(MigrationConfig(dest=dest, mode=mode, chunk_size=CHUNK))
     return sim, t, src, dest
 
 
@@ -96,39 +95,6 @@ def test_dbt_a_write_to_a_copied_chunk_dirties_it(tmp: Path) -> None:
         s = t.stats()
         assert (s.ahead_writes, s.tracked_writes, s.dirty_chunks) == (0, 1, 2), s
         assert chunk_of(dest, 6)[:4096] != b"\x3c" * 4096, "dbt: the source alone"
-        t.pause()
-        t.copy_pass(Pass.FINAL)
-        t.cutover()
-        t.resume()
-        t.finish()
-    assert dest.read_bytes() == src.read_bytes()
-
-
-def test_dbt_copies_again_only_the_blocks_written(tmp: Path) -> None:
-    """The fine dirty map: a copied chunk is copied again in runs of the 4 KiB blocks the
-    guest wrote (gaps of up to 64 KiB taken along), not whole; a chunk mostly written is
-    copied whole."""
-    mib = 1 << 20
-    sim, t, src, dest = start(tmp, MigMode.DBT, size=4 * mib, chunk=mib)
-    with sim:
-        t.copy_pass(Pass.ALL)
-        copied = t.stats().bytes_copied
-        # chunk 1: three runs far apart (one of two blocks with a 32 KiB gap: taken along)
-        for off, n in ((0, 4096), (512 << 10, 4096), (mib - 8192, 8192)):
-            assert sim.write(mib + off, b"\x77" * n) == n
-        assert sim.write(mib + (520 << 10), b"\x78" * 4096) == 4096
-        # chunk 2: most of it
-        for k in range(3):  # (the simulator's requests are 256 KiB at most)
-            assert sim.write(2 * mib + k * (256 << 10), b"\x79" * (256 << 10)) == 256 << 10
-        s = t.stats()
-        assert s.dirty_chunks == 2, s
-        assert s.dirty_bytes == 4096 + 4096 + 8192 + 4096 + (768 << 10), s
-        assert chunk_of(dest, 16)[:4096] != b"\x77" * 4096, "not copied yet"
-        t.copy_pass(Pass.DIRTY)
-        s = t.stats()
-        assert s.dirty_chunks == 0 and s.dirty_bytes == 0, s
-        # the runs: 4 KiB, 512..524 KiB (with the gap), 8 KiB; and chunk 2 whole
-        assert s.bytes_copied - copied == 4096 + (12 << 10) + 8192 + mib, s
         t.pause()
         t.copy_pass(Pass.FINAL)
         t.cutover()

@@ -70,9 +70,8 @@ def _status_lines(st: dict[str, Any]) -> list[str]:
             + (f"; resumed: {format_size(mig['bytes_matched'])} already there"
                if mig.get("resumed") else ""),
             f"chunks         {mig['chunks_copied']} of {mig['chunks']} copied "
-            f"({format_size(mig['chunk_size'])} each), {mig['dirty_chunks']} dirty"
-            + (f" ({format_size(mig['dirty_bytes'])} of it)" if mig.get("dirty_bytes") else "")
-            + f", {mig['hot_chunks']} hot",
+            f"({format_size(mig['chunk_size'])} each), {mig['dirty_chunks']} dirty, "
+            f"{mig['hot_chunks']} hot",
         ]
         if mig["mode"] == "snapshot":
             lines.append(

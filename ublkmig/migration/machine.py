@@ -44,7 +44,7 @@ from ublkmig.errors import UserError
 from ublkmig.migration import record
 from ublkmig.migration.options import MigrationOptions, Mode, check_speed
 from ublkmig.migration.phase import ENDED, SYNCING, Phase
-from ublkmig.migration.policy import Auto, Policy, Stall, Switch, final_budget, in_sync
+from ublkmig.migration.policy import Auto, Policy, Stall, Switch, in_sync
 from ublkmig.migration.status import ms, report
 from ublkmig.migration.steps import MigrationTarget, Steps, _Cancelled, _Failed
 from ublkmig.native import MigStats, Pass
@@ -396,24 +396,22 @@ class Migration(Steps):
             )  # fmt: skip
 
     async def _converge_dbt(self) -> None:
-        """Dirty passes until the dirty bytes copy within the final pause's budget (or they
-        stop shrinking, or the limit)."""
+        """Dirty passes until few chunks are dirty (or it stops shrinking, or the limit)."""
 
         async def dirty_pass() -> bool:
             await self._pass(Pass.DIRTY)
             return True
 
         await self._converge(
-            "dirty_bytes", lambda s: s.dirty_bytes, self.policy.max_dirty_passes,
-            Phase.DIRTY_PASSES, dirty_pass,
-            lambda: final_budget(self.policy, self.progress.rate()),
+            "dirty", lambda s: s.dirty_chunks, self.policy.max_dirty_passes, Phase.DIRTY_PASSES,
+            dirty_pass,
         )  # fmt: skip
 
     async def _converge_snapshot(self) -> None:
         """New deltas folded until the active one is small (or as for DBT)."""
         await self._converge(
             "delta", lambda s: s.delta_chunks, self.policy.max_generations, Phase.FOLDING,
-            self._fold, lambda: self.policy.dirty_threshold,
+            self._fold,
         )  # fmt: skip
 
     async def _converge(
@@ -423,15 +421,14 @@ class Migration(Steps):
         limit: int,
         phase: Phase,
         step: Callable[[], Awaitable[bool]],
-        threshold: Callable[[], int],
     ) -> None:
-        """Repeat ``step`` while ``remaining`` is above ``threshold()``, until it stops
-        shrinking for ``stall_passes`` steps, ``limit`` steps, or ``step`` says no."""
+        """Repeat ``step`` while ``remaining`` chunks are above the threshold, until it
+        stops shrinking for ``stall_passes`` steps, ``limit`` steps, or ``step`` says no."""
         p = self.policy
         stall = Stall(p.stall_passes)
         for n in range(limit):
             left = remaining(self._checked_stats())
-            if left <= threshold():
+            if left <= p.dirty_threshold:
                 return
             if stall.stalled(left):
                 self.log.info("migration.not_converging", device=self.device, **{what: left})

@@ -15,11 +15,7 @@ from ublkmig.native import MigMode, MigStats
 class Policy:
     """The knobs of the state machine (tests shorten the timings)."""
 
-    dirty_threshold: int = 16  # chunks: few enough to copy during the final pause (snapshot's
-    # active delta; auto: few enough dirty to mirror again)
-    final_pause: float = 0.05  # dbt: the final pass once its dirty bytes copy in this long at
-    # the copier's recent rate
-    final_min_bytes: int = 256 << 10  # ... or once as few as this are dirty
+    dirty_threshold: int = 16  # chunks: few enough to copy during the final pause
     max_dirty_passes: int = 10  # dbt: dirty passes before giving up on converging
     stall_passes: int = 2  # dbt: stop when the dirty count did not shrink this many passes
     max_generations: int = 6  # snapshot: deltas folded before the final pause
@@ -38,13 +34,6 @@ class Policy:
     reconnect_delay: float = 0.2  # first wait before dialling a lost destination again
     reconnect_max_delay: float = 5.0  # the wait doubles up to this
     reconnect_budget: float = 60.0  # give up (fail) when it is not back within this
-
-
-def final_budget(policy: Policy, rate: float) -> int:
-    """DBT: dirty bytes few enough for the final pass, which runs with the guest paused: what
-    the copier copies in ``final_pause`` seconds at ``rate`` (its recent bytes per second,
-    paced for the guest, so the pause is shorter still), at least ``final_min_bytes``."""
-    return max(policy.final_min_bytes, int(rate * policy.final_pause))
 
 
 def in_sync(s: MigStats) -> bool:

@@ -46,12 +46,11 @@ class Progress:
         return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
 
     def bytes_to_copy(self) -> int:
-        """Estimate: the chunks not copied yet, and what the dirty ones hold to copy again
-        (the 4 KiB blocks written since; in snapshot mode every chunk the guest wrote since it
-        was copied, whole, active delta included)."""
+        """Estimate: chunks not copied yet plus dirty ones (in snapshot mode every chunk the
+        guest wrote since it was copied, active delta included), times the chunk size."""
         s = self.last
-        left = max(0, s.nr_chunks - s.chunks_copied) * s.chunk_size + s.dirty_bytes
-        return min(left, max(s.size, self.size))
+        chunks = min(s.nr_chunks, max(0, s.nr_chunks - s.chunks_copied) + s.dirty_chunks)
+        return min(chunks * s.chunk_size, max(s.size, self.size))
 
     def cursor(self) -> int:
         """The copier's cursor in bytes."""
@@ -115,7 +114,6 @@ def report(
         "bytes_skipped": s.bytes_skipped,
         "bytes_to_copy": to_copy,
         "dirty_chunks": s.dirty_chunks,
-        "dirty_bytes": s.dirty_bytes,
         "hot_chunks": s.hot_chunks,
         "generation": s.generation,
         "delta_chunks": s.delta_chunks,

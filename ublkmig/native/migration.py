@@ -80,7 +80,6 @@ MIG_STAT_TYPES: tuple[tuple[str, Any], ...] = (
     ("mirror_wait_ns", _U64), ("bytes_matched", _U64), ("yield_ns", _U64),
     ("cutover_pause_ns", _U64), ("dest_waiting", _U64), ("dest_waiting_ns", _U64),
     ("ahead_writes", _U64), ("chunk_wait_ns", _U64), ("pause_wait_ns", _U64),
-    ("dirty_bytes", _U64),
 )  # fmt: skip
 MIG_STAT_FIELDS = tuple(name for name, _ in MIG_STAT_TYPES)
 
@@ -151,7 +150,6 @@ class MigStats:
     ahead_writes: int = 0  # writes to chunks not copied yet: the source alone
     chunk_wait_ns: int = 0  # guest requests parked on a chunk being copied, in all
     pause_wait_ns: int = 0  # guest requests parked by a pause, in all
-    dirty_bytes: int = 0  # what the dirty chunks hold to copy again (4 KiB blocks)
 
     @classmethod
     def _from_c(cls, s: _MigStats) -> MigStats:
