@@ -517,8 +517,8 @@ def test_start_refused(tmp: Path) -> None:
 def test_copier_yields_to_guest_io(
     tmp: Path, busy_depth: int, guest_io: bool, yields: bool
 ) -> None:
-    """While guest requests are in flight the copier reads busy_depth chunks at a time, not
-    its full depth, rests after each read, and counts the time it held back; with
+    """While guest requests are in flight the copier copies busy_depth chunks at a time, not
+    its full depth, rests between bursts (pacer.c), and counts the time it held back; with
     busy_depth 0 it never does, and nor does it without guest I/O."""
     r = Run(tmp, Mode.MIRROR, seed=22, speed=None, guest_io=guest_io, busy_depth=busy_depth)
     assert r.run() is Phase.COMPLETED

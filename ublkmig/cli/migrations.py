@@ -84,8 +84,9 @@ MODES = tuple(str(m) for m in Mode)
     "--no-yield",
     is_flag=True,
     help="Copy at full speed even while the guest has I/O in flight; by default the copier "
-    "then yields the source to the guest: it reads 1 chunk at a time (not 4) and rests after "
-    "each read as long as the read took.",
+    "then yields to the guest: it copies a chunk at a time (not 4) and rests between chunks "
+    "as long as it takes for the guest to keep 3/4 of its rate (measured while it rests), "
+    "at most 3 times as long as it copies.",
 )
 @click.option(
     "--no-cutover",
