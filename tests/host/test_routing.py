@@ -54,6 +54,15 @@ def start(tmp: Path, mode: MigMode) -> tuple[Sim, native.Target, Path, Path]:
     return sim, t, src, dest
 
 
+def cut_over_paused(t: native.Target) -> None:
+    """DBT's end: pause, the final pass, the cutover, resume, finish."""
+    t.pause()
+    t.copy_pass(Pass.FINAL)
+    t.cutover()
+    t.resume()
+    t.finish()
+
+
 @pytest.mark.parametrize("mode", [MigMode.MIRROR, MigMode.DBT], ids=["mirror", "dbt"])
 def test_a_write_ahead_of_the_copier_goes_to_the_source_alone(tmp: Path, mode: MigMode) -> None:
     sim, t, src, dest = start(tmp, mode)
@@ -95,11 +104,7 @@ def test_dbt_a_write_to_a_copied_chunk_dirties_it(tmp: Path) -> None:
         s = t.stats()
         assert (s.ahead_writes, s.tracked_writes, s.dirty_chunks) == (0, 1, 2), s
         assert chunk_of(dest, 6)[:4096] != b"\x3c" * 4096, "dbt: the source alone"
-        t.pause()
-        t.copy_pass(Pass.FINAL)
-        t.cutover()
-        t.resume()
-        t.finish()
+        cut_over_paused(t)
     assert dest.read_bytes() == src.read_bytes()
 
 
@@ -118,9 +123,5 @@ def test_a_request_parked_by_a_pause_counts_its_wait(tmp: Path) -> None:
         s = t.stats()
         assert s.parked == 1 and s.pause_wait_ns >= 200_000_000, s
         assert s.chunk_wait_ns == 0, s
-        t.pause()
-        t.copy_pass(Pass.FINAL)
-        t.cutover()
-        t.resume()
-        t.finish()
+        cut_over_paused(t)
     assert dest.read_bytes() == src.read_bytes()
