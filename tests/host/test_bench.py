@@ -167,6 +167,23 @@ def test_load_repetitions_combine_into_medians_with_spread(tmp_path: Path) -> No
     assert (tmp_path / "yield-randwrite-4k-qd32-mirror-yielding.png").exists()
 
 
+def test_ab_rows_and_their_medians() -> None:
+    """ublkmig.bench.ab: a load run as a row (ratio, waits as shares of the request time, CPU),
+    and the medians per load, mode and build."""
+    from ublkmig.bench import ab
+
+    runs = [_load_rep(s, 100, d, p) for s, d, p in ((2.0, 50, 10.0), (4.0, 80, 30.0),
+                                                   (3.0, 60, 20.0))]  # fmt: skip
+    rows = [ab.row("new", r) for r in runs] + [ab.row("old", runs[0])]
+    assert rows[0]["ratio"] == pytest.approx(0.5) and rows[0]["pause_ms"] == 10.0
+    assert rows[0]["waited_chunk"] == pytest.approx(0.1)  # 0.2 s of 2 s of requests
+    assert rows[1]["cpu_us_during"] == 40.0
+    md = ab.table(rows)
+    assert "| randwrite-4k-qd32 | dbt | new | 3 | 0.60 | 3.0 | 2.0 / 2.0 | 20 | 10 / 40 / 0 " \
+        "| 30 / 30 |" in md  # fmt: skip
+    assert "| randwrite-4k-qd32 | dbt | old | 1 | 0.50 | 2.0 |" in md
+
+
 @pytest.mark.parametrize("mode", [*scenarios.MODES, "auto"])
 def test_migrate_request_is_one_the_daemon_takes(mode: str, tmp_path: Path) -> None:
     from ublkmig import daemon
