@@ -300,6 +300,9 @@ int ubm_target_set_file(struct ubm_target *t, unsigned slot, int fd);
 void ubm_target_conn_back(struct ubm_target *t);
 /* the target's part of the stats: the primary's lost connections */
 void ubm_target_stats(const struct ubm_target *t, struct ubm_stats *out);
+/* Requests the target's queues have completed so far, failed ones included (their
+ * counters, which other threads may read). */
+uint64_t ubm_target_completed(const struct ubm_target *t);
 
 /* core/queue.c */
 int ubm_queue_ring_init(struct ubm_queue *q, unsigned entries, int ublkc_fd, bool sparse_bufs,

@@ -105,6 +105,15 @@ void ubm_target_stats(const struct ubm_target *t, struct ubm_stats *out)
 	out->conn_down = be && be->ops->down ? be->ops->down(be) : 0;
 }
 
+uint64_t ubm_target_completed(const struct ubm_target *t)
+{
+	struct ubm_stats s = { 0 };
+
+	for (unsigned i = 0; i < t->nr_queues; i++)
+		ubm_stats_add(&s, &t->queues[i].stats);
+	return s.reads + s.writes + s.flushes + s.discards + s.write_zeroes + s.errors;
+}
+
 void ubm_target_conn_back(struct ubm_target *t)
 {
 	for (unsigned i = 0; i < t->nr_queues; i++) {

@@ -236,7 +236,8 @@ struct pass {
  */
 static bool take_chunks(struct ubm_migration *m, struct pass *p)
 {
-	unsigned busy = slots_busy(m), limit = mig_pace(m, busy, ubm_now_ns());
+	unsigned busy = slots_busy(m);
+	unsigned limit = mig_pace(m, busy, ubm_now_ns(), ubm_target_completed(m->t));
 
 	for (unsigned i = 0; i < m->copy_depth; i++) {
 		struct copy_slot *cs = &m->slots[i];

@@ -120,7 +120,7 @@ void ubm_layer_map_close(struct ubm_layer_map *lm);
 enum { PACE_FREE = 0, PACE_BURST, PACE_REST };
 struct mig_pacer {
 	int phase;                 /* PACE_* */
-	uint64_t t0, done0;        /* the phase's start (ns), and guest_done then */
+	uint64_t t0, done0;        /* the phase's start (ns), and the guest's completions then */
 	uint64_t rest_until;       /* PACE_REST: its end (ns) */
 	double burst_ns, burst_done, rest_ns, rest_done;  /* decayed sums of the phases */
 	double rest_ratio;         /* the next rest: this times the burst's length */
@@ -164,7 +164,6 @@ struct ubm_migration {
 	uint64_t check_below;      /* resuming: first chunks maybe on the destination already */
 	uint64_t speed;
 	uint64_t inflight;         /* guest requests routed by the migration */
-	uint64_t guest_done;       /* ... completed (the pacer's measure of the guest) */
 	uint64_t unmirrored;       /* ... of which writes to copied chunks on the source only */
 	uint64_t dirty_count, hot_count, chunks_copied, cursor;
 	uint64_t bytes_copied, bytes_skipped, bytes_read, bytes_matched, passes;
@@ -249,8 +248,9 @@ int mig_fold_back(struct ubm_migration *m);
 int mig_flush_dest(struct ubm_migration *m);
 
 /* pacer.c: how many copy slots the copier may have busy at now (ns; busy of
- * them are); how long the rest it is in lasts still (ns, 0: none) */
-unsigned mig_pace(struct ubm_migration *m, unsigned busy, uint64_t now);
+ * them are), the guest having completed `guest` requests so far
+ * (ubm_target_completed); how long the rest it is in lasts still (ns, 0: none) */
+unsigned mig_pace(struct ubm_migration *m, unsigned busy, uint64_t now, uint64_t guest);
 uint64_t mig_pace_rest_left(const struct ubm_migration *m, uint64_t now);
 
 /* copier.c */

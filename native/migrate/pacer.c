@@ -27,7 +27,10 @@
  *
  * The rates are sums over the recent phases (each cycle's weight DECAY times
  * the one before), by time, so short and long phases count for what they
- * last.  An idle guest (nothing in flight) lets the copier take every slot.
+ * last.  The guest's completions are the queues' own counters (the core's,
+ * ubm_target_completed), read by the copier: nothing is added to a guest
+ * request's path.  An idle guest (nothing in flight) lets the copier take
+ * every slot.
  * The copier thread alone calls these.
  */
 #include "migrate/migrate.h"
@@ -81,10 +84,9 @@ static void pace_enter(struct mig_pacer *p, int phase, uint64_t now, uint64_t gu
 	p->done0 = guest;
 }
 
-unsigned mig_pace(struct ubm_migration *m, unsigned busy, uint64_t now)
+unsigned mig_pace(struct ubm_migration *m, unsigned busy, uint64_t now, uint64_t guest)
 {
 	struct mig_pacer *p = &m->pacer;
-	uint64_t guest;
 
 	if (m->busy_depth >= m->copy_depth)
 		return m->copy_depth;  /* --no-yield */
@@ -92,7 +94,6 @@ unsigned mig_pace(struct ubm_migration *m, unsigned busy, uint64_t now)
 		p->phase = PACE_FREE;  /* an idle guest: every slot */
 		return m->copy_depth;
 	}
-	guest = A_LOAD(&m->guest_done);
 	switch (p->phase) {
 	case PACE_FREE:
 		/* the guest got busy: a burst begins (or the chunks in flight are one) */

@@ -387,7 +387,6 @@ static int io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 	if (cut && now + 1000000000ull > cut && now < cut + 1000000000ull)
 		mig_atomic_max(&m->cutover_latency_ns, lat);
 	mi->t_start = 0;
-	A_ADD(&m->guest_done, 1);
 	A_SUB(&m->inflight, 1);
 	return 0;
 }

@@ -38,7 +38,7 @@ static struct outcome simulate(double share, double burst_ms, double rate)
 	m->busy_depth = 1;
 	m->inflight = 32;
 	for (; now < end; now += dt) {
-		unsigned limit = mig_pace(m, busy, now);
+		unsigned limit = mig_pace(m, busy, now, (uint64_t)done);
 
 		CHECK(limit <= m->busy_depth || m->pacer.guest_share >= 0.9,
 		      "a full burst, but the guest noticed the copier (%.2f)", m->pacer.guest_share);
@@ -46,7 +46,6 @@ static struct outcome simulate(double share, double burst_ms, double rate)
 		if (!busy && limit)
 			busy = 1, burst_end = now + (uint64_t)(burst_ms * NS_PER_MS);
 		done += (busy ? share : 1.0) * rate * ((double)dt / NS_PER_MS);
-		m->guest_done = (uint64_t)done;
 		if (busy) {
 			busy_ns += dt;
 			if (now + dt >= burst_end)
@@ -68,10 +67,10 @@ int main(void)
 	memset(&m, 0, sizeof(m));
 	m.copy_depth = 4;
 	m.busy_depth = 1;
-	CHECK(mig_pace(&m, 0, 1) == 4, "an idle guest leaves the copier every slot");
+	CHECK(mig_pace(&m, 0, 1, 0) == 4, "an idle guest leaves the copier every slot");
 	m.inflight = 1;
 	m.busy_depth = 4;
-	CHECK(mig_pace(&m, 0, 1) == 4, "--no-yield: every slot");
+	CHECK(mig_pace(&m, 0, 1, 0) == 4, "--no-yield: every slot");
 
 	for (double share = 0; share <= 1.0; share += 0.1) {
 		for (double burst = 2; burst <= 20; burst *= 3) {
