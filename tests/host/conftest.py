@@ -1,4 +1,5 @@
-"""Host test fixtures: a private run dir for control sockets."""
+"""Host test fixtures: a private state dir, a private run dir for control sockets, a scratch
+folder on a disk filesystem."""
 
 from __future__ import annotations
 
@@ -31,3 +32,12 @@ def run_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     for p in d.iterdir():
         p.unlink()
     d.rmdir()
+
+
+@pytest.fixture
+def tmp() -> Iterator[Path]:
+    """A fresh folder on /var/tmp: a disk filesystem (holes, O_DIRECT, FALLOC_FL_ZERO_RANGE),
+    where the images of the data-plane tests go; removed afterwards."""
+    d = Path(tempfile.mkdtemp(prefix="ubm-test-", dir="/var/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)

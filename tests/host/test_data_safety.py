@@ -18,9 +18,7 @@ import errno
 import os
 import random
 import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,12 +33,6 @@ pytestmark = pytest.mark.skipif(not native.available(), reason="data plane not b
 SIZE = 4 << 20
 CHUNK = 64 << 10
 
-
-@pytest.fixture
-def tmp() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="ubm-safe-", dir="/var/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def random_source(path: Path, seed: int) -> bytes:

@@ -10,7 +10,6 @@ import json
 import os
 import random
 import shlex
-import shutil
 import subprocess
 import tempfile
 import time
@@ -182,12 +181,6 @@ class Run:
             first = next(i for i in range(SIZE) if data[i] != self.model[i])
             raise AssertionError(f"{path.name} differs from the model at byte {first}")
 
-
-@pytest.fixture
-def tmp() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="ubm-mig-", dir="/var/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def phase_events(capsys: pytest.CaptureFixture[str]) -> list[dict[str, str]]:

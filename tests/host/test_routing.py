@@ -13,10 +13,7 @@ Each test ends with the destination equal to the source, byte for byte.
 from __future__ import annotations
 
 import random
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,12 +27,6 @@ pytestmark = pytest.mark.skipif(not native.available(), reason="data plane not b
 SIZE = 1 << 20
 CHUNK = 64 << 10
 
-
-@pytest.fixture
-def tmp() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="ubm-route-", dir="/var/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def chunk_of(path: Path, c: int) -> bytes:
