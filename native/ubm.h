@@ -215,8 +215,9 @@ struct ubm_mig_stats {
 				    * so not written */
 	uint64_t yield_ns;         /* time the copier held back reads (busy_depth, rests)
 				    * because guest requests were in flight */
-	uint64_t cutover_pause_ns; /* the cutover's hold: from holding guest requests to the
-				    * switch (ubm_mig_cutover_hold .. _switch) */
+	uint64_t cutover_pause_ns; /* guest I/O paused around the switch (DBT's and snapshot's
+				    * final pause, from ubm_mig_cutover_prepare to _switch;
+				    * 0 in mirror mode, which holds nothing) */
 	uint64_t dest_waiting;     /* mirrored writes done on the source, waiting now for the
 				    * destination ... */
 	uint64_t dest_waiting_ns;  /* ... and how long, on average, they have waited so far */
@@ -242,18 +243,28 @@ int ubm_mig_new_delta(struct ubm_target *t);
 /* Hold new guest requests and wait until those in flight are done. */
 int ubm_mig_pause(struct ubm_target *t);
 int ubm_mig_resume(struct ubm_target *t);
-/* The cutover, in two steps: ubm_mig_cutover_hold() flushes the
- * destination, holds new guest requests, waits for those in flight and
- * checks that the destination holds every byte: -EAGAIN unless every chunk
- * is copied and clean (and, in DBT and snapshot mode, guest I/O is paused),
- * -EIO after a destination failure, -ENOTCONN with connections lost; on any
- * error nothing stays held.  Then the caller makes its record of the switch
- * durable and calls ubm_mig_cutover_switch(commit=1) to switch the target to
- * the destination and release the held requests there, or with commit=0
- * (the record could not be made) to release them to the source.
- * ubm_mig_cutover() is both with no record between. */
-int ubm_mig_cutover_hold(struct ubm_target *t);
-int ubm_mig_cutover_switch(struct ubm_target *t, uint32_t commit);
+/* The cutover, in two steps.  ubm_mig_cutover_prepare() checks that the
+ * destination holds every byte, flushes it and opens the cutover's window:
+ * -EAGAIN unless every chunk is copied and clean (and, in DBT and snapshot
+ * mode, guest I/O is paused), -EIO after a destination failure, -ENOTCONN
+ * with connections lost, -EBUSY with a window open; on any error no window
+ * stays open.  Guest I/O goes on in the window (a mirrored write whose
+ * destination part fails waits for its end); the mode cannot change.  The
+ * caller makes durable its record that the destination is the disk, then
+ * calls ubm_mig_cutover_switch(UBM_CUTOVER_COMMIT): every request goes to
+ * the destination from then on.  That fails (-EIO) if the destination
+ * failed in the window, which then stays open: the caller makes its record
+ * name the source again and cancels (UBM_CUTOVER_CANCEL, the source stays
+ * the disk), or, if it cannot, commits with UBM_CUTOVER_FORCE (the writes
+ * that failed are tried again on the destination, which its record names).
+ * ubm_mig_cutover() is prepare and commit with no record between. */
+enum ubm_cutover_step {
+	UBM_CUTOVER_CANCEL = 0,
+	UBM_CUTOVER_COMMIT = 1,
+	UBM_CUTOVER_FORCE = 2,
+};
+int ubm_mig_cutover_prepare(struct ubm_target *t);
+int ubm_mig_cutover_switch(struct ubm_target *t, uint32_t how);
 int ubm_mig_cutover(struct ubm_target *t);
 /* With guest I/O paused: compare every chunk of the destination with the
  * disk's current content (the source, or in snapshot mode the newest

@@ -5,8 +5,8 @@ Per device, two small JSON files in the run directory (``/run/ublkmig``, beside 
 sockets; tmpfs, so they live exactly as long as a ublk device can):
 
 - ``ublkb<N>.json``, the device: the image it serves.  Written once the device is ready, and
-  again when a migration cuts over (inside the cutover's hold, before the switch: from then
-  on the destination holds everything).  ``--recover`` refuses another image, and refuses
+  again when a migration cuts over (inside the cutover's window, before the switch: from
+  then on the destination holds everything).  ``--recover`` refuses another image, and refuses
   without this record (unless ``--force``): it cannot know which image is the disk.
 - ``ublkb<N>.migration.json``, a running migration: its destination and options, its phase,
   and ``reach``, the chunks below which the destination may hold copies.  Written at every

@@ -299,6 +299,9 @@ UBM_EXPORT int ubm_mig_set_mode(struct ubm_target *t, uint32_t mode)
 		return ret;
 	if (mode > UBM_MIG_DBT || A_LOAD(&m->mode) == UBM_MIG_SNAPSHOT)
 		return ubm_fail(EINVAL, "only mirror and dirty tracking switch modes");
+	/* the cutover's window relies on every write being mirrored (cutover.c) */
+	if (A_LOAD(&m->switching))
+		return ubm_fail(EBUSY, "a cutover is under way");
 	A_STORE(&m->mode, mode);
 	return 0;
 }
@@ -409,6 +412,8 @@ UBM_EXPORT int ubm_mig_reconnect(struct ubm_target *t)
 		return ret;
 	if (!t->dest.ops->reconnect)
 		return ubm_fail(EOPNOTSUPP, "the destination has no connections to restore");
+	if (A_LOAD(&m->switching))
+		return ubm_fail(EBUSY, "a cutover is under way");
 	ret = t->dest.ops->reconnect(&t->dest);
 	if (ret < 0)
 		return ret;

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * The cutover, and what it relies on: the destination flushed, the check that it
- * holds every byte, the hold of guest requests around the switch; verify.
+ * holds every byte, the window in which the record is made; verify.
  */
 #include <fcntl.h>
 #include <stddef.h>
@@ -61,23 +61,38 @@ int mig_flush_dest(struct ubm_migration *m)
 /*
  * The cutover, in two steps around the control plane's durable record:
  *
- *   hold    flush the destination (what the copier wrote must be durable
- *           there: the guest flushed it on the source), then hold new guest
- *           requests and let those in flight finish (mirrored writes end on
- *           both sides, each destination failure recorded), check again
- *           that the destination holds every byte;
- *   (the control plane makes the record saying the destination is the disk
- *   durable: nothing is in flight, so both sides are equal, and a daemon
- *   dying from here on leaves a successor the right image)
- *   switch  all I/O goes to the destination, then release the held requests
- *           (or, without commit, release them to the source).
+ *   prepare  check that the destination holds every byte, flush it (what the
+ *            copier wrote must be durable there: the guest flushed it on the
+ *            source), open the cutover's window (m->switching), check again;
+ *   (the control plane makes durable the record saying the destination is
+ *   the disk, while guest I/O goes on)
+ *   switch   commit: from here on every request goes to the destination; or
+ *            cancel: the window closes and the source stays the disk.
  *
- * Without the hold, a mirrored write whose destination part fails while its
- * source part is still in flight could be acknowledged after the switch,
- * missing from the disk the device then serves.  In DBT and snapshot mode
- * guest I/O is paused already (the final pass): the hold adds nothing.
+ * Mirror mode holds no guest request for this (DBT and snapshot mode have
+ * paused guest I/O already, for the final pass).  What makes that safe is the
+ * window: while it is open, both images hold every write the guest was told
+ * is done, so a daemon that dies with the record half made leaves its
+ * successor a right image whichever one the record names:
+ * - every write is mirrored: every chunk is copied and clean, and the mode
+ *   cannot change (ubm_mig_set_mode refuses) nor the connections be replaced
+ *   (ubm_mig_reconnect refuses);
+ * - a mirrored write whose destination part fails is not answered (io_done()
+ *   parks it) until the window closes, then routed again: to the destination
+ *   alone after a commit (it is the disk), to both after a cancel, which the
+ *   caller makes only once its record names the source again.
+ * The ordering: the window opens (seq_cst, and a fence) before the second
+ * check; a destination part that fails dirties its chunks (seq_cst) before
+ * its io_done() loads the flag (seq_cst).  Either the check sees the dirt
+ * (prepare refuses: the write is answered from the source, which stays the
+ * disk), or the write sees the window and waits.
+ *
+ * A mirrored write still in flight at the switch ends on both sides; if its
+ * destination part fails, it too is parked and tried again there.  A record
+ * made while guest I/O is held would cost the guest its length (40-60 ms of
+ * Python writing three files in the kernel VM); this costs it nothing.
  */
-UBM_EXPORT int ubm_mig_cutover_hold(struct ubm_target *t)
+UBM_EXPORT int ubm_mig_cutover_prepare(struct ubm_target *t)
 {
 	struct ubm_migration *m = mig_of(t);
 	int ret;
@@ -87,58 +102,65 @@ UBM_EXPORT int ubm_mig_cutover_hold(struct ubm_target *t)
 		return ret;
 	if (A_LOAD(&m->mode) != UBM_MIG_MIRROR && !A_LOAD(&m->paused))
 		return ubm_fail(EAGAIN, "not in sync: dirty tracking needs a pause to cut over");
+	if (A_LOAD(&m->switching))
+		return ubm_fail(EBUSY, "a cutover is under way already");
 	ret = not_in_sync(m);
 	if (ret < 0)
 		return ret;
-	/* before the hold, to keep it short */
 	ret = mig_flush_dest(m);
 	if (ret < 0)
 		return ubm_fail(-ret, "flushing the destination failed: %s", strerror(-ret));
-	m->hold_start_ns = ubm_now_ns();
-	if (!A_LOAD(&m->paused)) {
-		/* a pause of its own (ubm_mig_pause's flag; its length is the
-		 * cutover pause, not last_pause_ns) */
-		A_STORE(&m->held, 1);
-		__atomic_store_n(&m->paused, 1, __ATOMIC_SEQ_CST);
-		mig_wait_inflight(m);
-	}
-	/* nothing in flight now: what failed on the destination is recorded */
+	m->window_start_ns = ubm_now_ns();
+	__atomic_store_n(&m->switching, 1, __ATOMIC_SEQ_CST);
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
 	ret = not_in_sync(m);
 	if (ret < 0)
-		ubm_mig_cutover_switch(t, 0);
+		ubm_mig_cutover_switch(t, UBM_CUTOVER_CANCEL);
 	return ret;
 }
 
-UBM_EXPORT int ubm_mig_cutover_switch(struct ubm_target *t, uint32_t commit)
+UBM_EXPORT int ubm_mig_cutover_switch(struct ubm_target *t, uint32_t how)
 {
 	struct ubm_migration *m = mig_of(t);
 	int ret = mig_check(m, false);
+	uint64_t now;
 
 	if (ret)
 		return ret;
-	if (!m->hold_start_ns)
-		return ubm_fail(EINVAL, "the cutover is not held");
-	if (commit) {
-		A_STORE(&m->cutover_ns, ubm_now_ns());
+	if (how > UBM_CUTOVER_FORCE)
+		return ubm_fail(EINVAL, "no such cutover step: %u", how);
+	if (!A_LOAD(&m->switching))
+		return ubm_fail(EINVAL, "no cutover is under way");
+	/* a destination failure in the window: the window stays open (the writes
+	 * it failed wait) until the caller's record names the source again */
+	if (how == UBM_CUTOVER_COMMIT && (ret = not_in_sync(m)) < 0)
+		return ret;
+	now = ubm_now_ns();
+	if (how != UBM_CUTOVER_CANCEL) {
+		A_STORE(&m->cutover_ns, now);
 		__atomic_store_n(&m->cut_over, 1, __ATOMIC_SEQ_CST);
 		__atomic_store_n(&t->primary, SLOT_DEST, __ATOMIC_SEQ_CST);
 	}
-	A_STORE(&m->cutover_pause_ns, ubm_now_ns() - m->hold_start_ns);
-	m->hold_start_ns = 0;
-	if (A_LOAD(&m->held)) {
-		A_STORE(&m->held, 0);
-		__atomic_store_n(&m->paused, 0, __ATOMIC_SEQ_CST);
-		/* parked requests are routed again: to the destination after a commit */
-		ubm_target_ring_bells(t, ACT_RETRY_PARKED);
-	}
+	/* guest I/O paused around the switch: DBT's and snapshot's final pause */
+	A_STORE(&m->cutover_pause_ns, A_LOAD(&m->paused) ? now - m->window_start_ns : 0);
+	/* (after cut_over: a write that failed on the destination before the
+	 * switch keeps waiting, io_done() looks at both) */
+	__atomic_store_n(&m->switching, 0, __ATOMIC_SEQ_CST);
+	/* the writes the window parked are routed again: to the destination after a commit */
+	ubm_target_ring_bells(t, ACT_RETRY_PARKED);
 	return 0;
 }
 
 UBM_EXPORT int ubm_mig_cutover(struct ubm_target *t)
 {
-	int ret = ubm_mig_cutover_hold(t);
+	int ret = ubm_mig_cutover_prepare(t);
 
-	return ret < 0 ? ret : ubm_mig_cutover_switch(t, 1);
+	if (ret < 0)
+		return ret;
+	ret = ubm_mig_cutover_switch(t, UBM_CUTOVER_COMMIT);
+	if (ret < 0)
+		ubm_mig_cutover_switch(t, UBM_CUTOVER_CANCEL);
+	return ret;
 }
 
 UBM_EXPORT int ubm_mig_verify(struct ubm_target *t, uint64_t *mismatched)

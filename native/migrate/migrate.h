@@ -73,7 +73,8 @@ struct mig_io {
 #define MIG_IO_DEST_FAILED 8  /* its destination part failed, and that is recorded */
 #define MIG_IO_DEST_DONE 16   /* mirrored: its destination part ended */
 #define MIG_IO_WAITING 32     /* mirrored: source done, waiting for the destination (counted) */
-enum { PARK_CHUNK = 0, PARK_PAUSE = 1 };  /* a locked chunk or a copy on write; a pause */
+/* a locked chunk or a copy on write; a pause (or the cutover's window) */
+enum { PARK_CHUNK = 0, PARK_PAUSE = 1 };
 #define FOLD_BATCH 64      /* snapshot fold-back: chunks copied per fdatasync of the source */
 #define HOT_PASSES 2       /* dirtied again in this many dirty passes: defer to the final one */
 #define MAX_COPY_DEPTH 16
@@ -154,8 +155,8 @@ struct ubm_migration {
 	uint32_t paused;
 	uint32_t abort;
 	uint32_t cut_over;
-	uint32_t held;             /* the cutover's hold paused guest I/O (ubm_mig_cutover_hold) */
-	uint64_t hold_start_ns, cutover_pause_ns;
+	uint32_t switching;        /* the cutover's window is open (cutover.c) */
+	uint64_t window_start_ns, cutover_pause_ns;
 	uint64_t last_flush_ns;    /* the copier's last flush of the destination */
 	int32_t error;
 	uint32_t epoch;            /* ubm_mig_reconnect() count: failures routed before are old */

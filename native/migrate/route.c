@@ -7,7 +7,7 @@
  *
  * Where a request goes:
  * - after the cutover: the destination alone;
- * - paused (a final pass, a cutover's hold): parked until resumed;
+ * - paused (a final pass; DBT's and snapshot's cutover is made then): parked until resumed;
  * - a read, or an empty write: the source (snapshot: each chunk's newest layer);
  * - a FLUSH: every backend holding guest data (source and destination;
  *   snapshot: every delta);
@@ -61,6 +61,12 @@
  *    a source that holds it.  Looked at before the references, a copy could
  *    end in between and the write would reach neither the copier nor the
  *    destination.
+ * 10. The cutover's window (cutover.c): a failed destination part dirties
+ *    its chunks (seq_cst) before io_done() loads m->switching (seq_cst); the
+ *    window opens before the cutover checks for dirt.  One of the two sees
+ *    the other: the cutover refuses, or the write waits for the window's end
+ *    instead of being answered from the source alone while a record may say
+ *    the destination is the disk.
  *
  * Where a guest request's time goes while it waits on the migration (the
  * bench's breakdown): parked on a locked chunk or a copy on write
@@ -294,8 +300,9 @@ static bool part_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag
 		}
 	}
 	/* after the cutover the destination is the disk: its errors are the guest's
-	 * (and a delta's are: io_done() tries a snapshot write again) */
-	if (slot != SLOT_DEST || A_LOAD(&m->cut_over))
+	 * (and a delta's are: io_done() tries a snapshot write again); but a write
+	 * mirrored before the switch is tried there again instead (io_done()) */
+	if (slot != SLOT_DEST || (A_LOAD(&m->cut_over) && !(mi->flags & MIG_IO_MIRRORED)))
 		return true;
 	/* before it, a destination's error is the migration's business alone: the
 	 * guest's answer comes from the source */
@@ -312,6 +319,8 @@ static bool part_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag
 	if (mi->flags & MIG_IO_DEST_FAILED)
 		return false;
 	mi->flags |= MIG_IO_DEST_FAILED;
+	if (A_LOAD(&m->cut_over))
+		return false;  /* (tried again on the destination: io_done()) */
 	/* the source has it (or will), the destination may not */
 	for (uint64_t c = c0; data && c <= c1; c++)
 		mig_mark_dirty(m, c);
@@ -350,6 +359,13 @@ static int io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 
 	if (retry)
 		mig_fail_deltas(m, io->result);
+	/* a mirrored write whose destination part failed in the cutover's window,
+	 * or at all once it switched: the source has it, the image the record
+	 * names from then on may not.  It waits for the window's end and goes
+	 * again: to the destination alone after the switch (ordering 10) */
+	else if ((mi->flags & MIG_IO_DEST_FAILED) &&
+		 (__atomic_load_n(&m->switching, __ATOMIC_SEQ_CST) || A_LOAD(&m->cut_over)))
+		retry = true;
 
 	if (mi->flags & MIG_IO_REFS) {
 		uint64_t c0 = req->offset >> m->chunk_shift;
@@ -376,10 +392,14 @@ static int io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 		mig_chunks_put(m, c0, c1);
 	}
 	if (retry) {
-		mi->park_why = PARK_PAUSE;  /* until the fold-back */
+		mi->park_why = PARK_PAUSE;  /* until the fold-back, or the window's end */
 		mi->t_parked = now;
 		A_SUB(&m->inflight, 1);
 		A_ADD(&m->parked, 1);
+		/* switched already: nothing else will ring for it (the switch's
+		 * bell, if still to come, finds it parked: this thread answers it) */
+		if (A_LOAD(&m->cut_over))
+			ubm_queue_ring_bell(q, ACT_RETRY_PARKED);
 		return 1;  /* t_start stays: the latency counts from the first try */
 	}
 	mig_atomic_max(&m->max_latency_ns, lat);

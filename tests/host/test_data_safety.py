@@ -2,8 +2,10 @@
 destination that misbehaves at chosen moments (tests/support/faulty_nbd.py, or a file), each
 test ending with a byte-for-byte comparison of what the disk is afterwards.
 
-- a mirrored write whose destination part fails is recorded at once, and the cutover waits
-  for the writes in flight (its hold) before it checks and switches;
+- a mirrored write whose destination part fails is recorded at once; the cutover holds no
+  guest request, but such a write that fails in its window (while the record is made) is
+  not answered until the record says which image is the disk, and one that fails after the
+  switch is tried again on the destination;
 - a destination that lost writes it acknowledged but had not flushed (a restart) gets them
   copied again after the reconnect;
 - a chunk a mirrored write reached on a new destination is not skipped as zeroes later;
@@ -19,6 +21,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -79,47 +82,164 @@ def test_a_destination_failure_is_recorded_when_it_happens(tmp: Path) -> None:
         t.finish()
 
 
-@pytest.mark.parametrize("fail_delay", [0.0, 0.2], ids=["fails-before-hold", "fails-in-hold"])
-def test_the_cutover_holds_until_mirrored_writes_finish(tmp: Path, fail_delay: float) -> None:
-    """A cutover while a mirrored write is in flight (source slow) whose destination part
-    fails (before the cutover begins, or while it holds): the cutover is refused, the write
-    succeeds from the source, and the source, still the disk, has it."""
+def poll_until(sim: Sim, cond: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    """Run the simulator's ring (it has no thread) until ``cond()``."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        sim.poll()
+        time.sleep(0.001)
+
+
+def test_a_destination_failure_before_the_cutover_refuses_it(tmp: Path) -> None:
+    """A mirrored write in flight (source slow) whose destination part failed before the
+    cutover: the cutover is refused before any record, the write succeeds from the source,
+    and the source, still the disk, has it."""
     random_source(tmp / "src.img", 2)
     new = b"\x22" * 8192
     with FaultyNbd(SIZE) as srv, Sim(tmp / "src.img") as sim:
         t = in_sync_mirror(sim, srv.uri)
         sim.set_delay(0, 300_000_000)
-        srv.fail_writes, srv.fail_delay = 1, fail_delay
+        srv.fail_writes = 1
         sim.submit(Op.WRITE, 5 * CHUNK, data=new)
-        if not fail_delay:
-            assert srv.failed_write.wait(5)
+        assert srv.failed_write.wait(5)
+        poll_until(sim, lambda: t.stats().dest_errors == 1, "the failure")
+        records: list[str] = []
         with pytest.raises(NativeError) as e:
-            t.cutover()
-        assert e.value.errno == errno.EIO, e.value
+            t.cutover(lambda: records.append("record"))
+        assert e.value.errno == errno.EIO and records == [], (e.value, records)
         c = sim.wait()
         assert c is not None and c.result == len(new)
         s = t.stats()
         assert not s.cut_over and s.dest_errors == 1 and s.dirty_chunks == 1, s
         sim.set_delay(0, 0)
-        assert sim.read(5 * CHUNK, len(new)) == new
         t.finish()
         assert sim.read(5 * CHUNK, len(new)) == new
-        assert (tmp / "src.img").read_bytes()[5 * CHUNK : 5 * CHUNK + len(new)] == new
+    assert (tmp / "src.img").read_bytes()[5 * CHUNK : 5 * CHUNK + len(new)] == new
 
 
-def test_the_cutover_pause_is_measured(tmp: Path) -> None:
+def window_failure(t: native.Target, sim: Sim, srv: FaultyNbd, new: bytes) -> None:
+    """In the cutover's window: a mirrored write whose destination part fails, and which is
+    then not answered (parked) while the record may name the destination."""
+    sim.submit(Op.WRITE, 5 * CHUNK, data=new)
+    assert srv.failed_write.wait(5)
+    poll_until(sim, lambda: t.stats().parked == 1, "the write to wait")
+    s = t.stats()
+    assert s.dest_errors == 1 and sim.inflight == 1, s
+
+
+def test_a_destination_failure_in_the_cutovers_window_waits_for_its_end(tmp: Path) -> None:
+    """The destination fails a mirrored write while the cutover's record is being made: the
+    write is not answered while the record may name the destination; the switch is refused,
+    the record undone, and only then does the write succeed from the source, which stays the
+    disk and has it."""
+    random_source(tmp / "src.img", 5)
+    new = b"\x55" * 8192
+    with FaultyNbd(SIZE) as srv, Sim(tmp / "src.img") as sim:
+        t = in_sync_mirror(sim, srv.uri)
+        srv.fail_writes = 1
+        steps: list[str] = []
+
+        def record() -> None:
+            steps.append("record")
+            window_failure(t, sim, srv, new)
+
+        def unrecord() -> None:
+            steps.append("unrecord")
+            assert sim.inflight == 1, "answered before the record named the source again"
+
+        with pytest.raises(NativeError) as e:
+            t.cutover(record, unrecord)
+        assert e.value.errno == errno.EIO and steps == ["record", "unrecord"], (e.value, steps)
+        c = sim.wait()  # routed again once the window closed
+        assert c is not None and c.result == len(new)
+        assert not t.stats().cut_over
+        t.finish()
+        assert sim.read(5 * CHUNK, len(new)) == new
+    assert (tmp / "src.img").read_bytes()[5 * CHUNK : 5 * CHUNK + len(new)] == new
+
+
+def test_a_cutover_whose_record_cannot_be_undone_is_made(tmp: Path) -> None:
+    """As above, but the record cannot be made to name the source again: the cutover is
+    made (the record may name the destination), and the write that failed there is tried
+    again there and succeeds: the destination, now the disk, has it."""
+    src = random_source(tmp / "src.img", 6)
+    new = b"\x66" * 8192
+    with FaultyNbd(SIZE) as srv, Sim(tmp / "src.img") as sim:
+        t = in_sync_mirror(sim, srv.uri)
+        srv.fail_writes = 1
+
+        def unrecord() -> None:
+            raise OSError(errno.EROFS, "read-only state folder")
+
+        t.cutover(lambda: window_failure(t, sim, srv, new), unrecord)
+        c = sim.wait()
+        assert c is not None and c.result == len(new)
+        assert t.stats().cut_over
+        assert sim.read(5 * CHUNK, len(new)) == new
+        t.finish()
+    expect = src[: 5 * CHUNK] + new + src[5 * CHUNK + len(new) :]
+    assert bytes(srv.data) == expect
+
+
+def test_a_destination_failure_after_the_switch_is_tried_there_again(tmp: Path) -> None:
+    """A mirrored write in flight at the switch whose destination part fails after it: the
+    destination is the disk, so the write is tried there again, not answered from the
+    source; the destination ends with it."""
+    src = random_source(tmp / "src.img", 7)
+    new = b"\x77" * 8192
+    with FaultyNbd(SIZE) as srv, Sim(tmp / "src.img") as sim:
+        t = in_sync_mirror(sim, srv.uri)
+        srv.fail_writes, srv.fail_delay = 1, 0.3
+        sim.submit(Op.WRITE, 5 * CHUNK, data=new)
+        t.cutover()
+        assert srv.failed_write.wait(5)
+        c = sim.wait()
+        assert c is not None and c.result == len(new)
+        s = t.stats()
+        assert s.cut_over and s.parked == 1 and s.error == 0, s
+        t.finish()
+    expect = src[: 5 * CHUNK] + new + src[5 * CHUNK + len(new) :]
+    assert bytes(srv.data) == expect
+
+
+def test_the_mirror_cutover_holds_no_guest_request(tmp: Path) -> None:
+    """Mirror mode: guest writes go on (to both sides) while the record is made, the mode
+    cannot change then, and the cutover pauses nothing."""
     src = random_source(tmp / "src.img", 3)
     with Sim(tmp / "src.img") as sim:
         t = in_sync_mirror(sim, tmp / "dest.img")
-        sim.write(0, b"\x33" * 4096)  # mirrored
-        recorded: list[int] = []
-        t.cutover(lambda: recorded.append(t.stats().paused))
+
+        def record() -> None:
+            assert sim.write(0, b"\x33" * 4096) == 4096
+            with pytest.raises(NativeError) as e:
+                t.set_mode(MigMode.DBT)
+            assert e.value.errno == errno.EBUSY, e.value
+
+        t.cutover(record)
         s = t.stats()
-        assert recorded == [1], "the record is made with guest I/O held"
-        assert s.cut_over and not s.paused and 0 < s.cutover_pause_ns < 5_000_000_000, s
-        assert sim.read(0, 4096) == b"\x33" * 4096
+        assert s.cut_over and not s.paused and s.parked == 0 and s.cutover_pause_ns == 0, s
+        assert s.mirrored_writes == 1, s
         t.finish()
     assert (tmp / "dest.img").read_bytes() == b"\x33" * 4096 + src[4096:]
+
+
+def test_the_dbt_cutover_pause_is_measured(tmp: Path) -> None:
+    src = random_source(tmp / "src.img", 8)
+    with Sim(tmp / "src.img") as sim:
+        t = sim.target()
+        sparse_image(tmp / "dest.img", SIZE)
+        t.mig_start(MigrationConfig(dest=tmp / "dest.img", mode=MigMode.DBT, chunk_size=CHUNK))
+        t.copy_pass(Pass.ALL)
+        sim.write(0, b"\x88" * 4096)  # dirty
+        t.pause()
+        t.copy_pass(Pass.FINAL)
+        t.cutover(lambda: time.sleep(0.02))
+        s = t.stats()
+        assert s.cut_over and s.paused and 20_000_000 <= s.cutover_pause_ns < 5_000_000_000, s
+        t.resume()
+        t.finish()
+    assert (tmp / "dest.img").read_bytes() == b"\x88" * 4096 + src[4096:]
 
 
 def test_a_failed_cutover_record_leaves_the_source_the_disk(tmp: Path) -> None:

@@ -114,14 +114,18 @@ class ScriptedTarget:
         self.calls.append("resume")
         self._set(paused=0, last_pause_ns=2_000_000)
 
-    def cutover(self, record: Callable[[], None] | None = None) -> None:
+    def cutover(
+        self,
+        record: Callable[[], None] | None = None,
+        unrecord: Callable[[], None] | None = None,
+    ) -> None:
         self.calls.append("cutover")
         if self.fail_cutover:
             err = self.fail_cutover.pop(0)
             raise native.NativeError("cutover", err, "not in sync" if err == errno.EAGAIN else "x")
         if record is not None:
             record()
-        self._set(cut_over=1, cutover_latency_ns=300_000, cutover_pause_ns=150_000)
+        self._set(cut_over=1, cutover_latency_ns=300_000)
 
     def verify(self) -> int:
         self.calls.append("verify")
@@ -174,7 +178,7 @@ def test_mirror_one_pass_no_pause() -> None:
     assert mig.phase is Phase.COMPLETED
     assert passes(t) == ["all", "cutover", "finish"]
     assert mig.status()["cutover_stall_ms"] == 0.3 and mig.status()["final_pause_ms"] is None
-    assert mig.status()["cutover_pause_ms"] == 0.15
+    assert mig.status()["cutover_pause_ms"] == 0.0  # mirror mode holds nothing
 
 
 def test_mirror_dirty_chunks_after_the_pass_are_copied_again_then_fail() -> None:

@@ -268,8 +268,12 @@ class SimTarget:
 
         self._on_guest("resume", resume)
 
-    def cutover(self, record: Callable[[], None] | None = None) -> None:
-        self._on_guest("cutover", self.t.cutover, record)
+    def cutover(
+        self,
+        record: Callable[[], None] | None = None,
+        unrecord: Callable[[], None] | None = None,
+    ) -> None:
+        self._on_guest("cutover", self.t.cutover, record, unrecord)
 
     def verify(self) -> int:
         return int(self._on_guest("verify", self.t.verify))

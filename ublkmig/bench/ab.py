@@ -35,8 +35,8 @@ WORKDIR = Path("/run/ublkmig-bench")
 
 def row(lib: str, run: dict[str, Any]) -> dict[str, Any]:
     """One run's figures: IOPS before and during, their ratio, the migration's time, write
-    p99 before and during, the pause, where the guest waited (shares of its request time
-    during the migration) and the daemon's CPU per guest I/O."""
+    p99 before and during, the pause and the cutover's stall, where the guest waited (shares
+    of its request time during the migration) and the daemon's CPU per guest I/O."""
     w = run["windows"]
     before, during = w["before"], w["during"]
     waits, busy = run.get("guest_waits") or {}, during.get("request_seconds") or 0.0
@@ -46,7 +46,7 @@ def row(lib: str, run: dict[str, Any]) -> dict[str, Any]:
         "lib": lib, "job": run["job"], "mode": run["mode"],
         "iops_before": before["iops"], "iops_during": during["iops"],
         "ratio": during["iops"] / before["iops"] if before["iops"] else None,
-        "seconds": run["seconds"], "pause_ms": pause,
+        "seconds": run["seconds"], "pause_ms": pause, "stall_ms": run.get("cutover_stall_ms"),
         "p99_before_ms": before.get("lat_p99_ms"), "p99_during_ms": during.get("lat_p99_ms"),
         **{f"waited_{k}": waits[k] / busy if busy else None for k in waits},
         **{f"cpu_us_{k}": v for k, v in (run.get("cpu_us_per_io") or {}).items()},
@@ -64,7 +64,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         return format(scale * statistics.median(vals), fmt) if vals else "-"
 
     out = ["| load | mode | build | runs | during/before | seconds | p99 ms before / during "
-           "| pause ms | waited %: chunk / dest / pause | CPU µs/IO before / during |",
+           "| pause (stall) ms | waited %: chunk / dest / pause | CPU µs/IO before / during |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for (job, mode, lib), rs in groups.items():
         waited = " / ".join(med(rs, f"waited_{k}", ".0f", 100.0)
@@ -72,7 +72,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         out.append(
             f"| {job} | {mode} | {lib} | {len(rs)} | {med(rs, 'ratio', '.2f')} "
             f"| {med(rs, 'seconds', '.1f')} | {med(rs, 'p99_before_ms', '.1f')} / "
-            f"{med(rs, 'p99_during_ms', '.1f')} | {med(rs, 'pause_ms', '.0f')} | {waited} "
+            f"{med(rs, 'p99_during_ms', '.1f')} | {med(rs, 'pause_ms', '.0f')} "
+            f"({med(rs, 'stall_ms', '.0f')}) | {waited} "
             f"| {med(rs, 'cpu_us_before', '.0f')} / {med(rs, 'cpu_us_during', '.0f')} |"
         )
     return "\n".join(out)

@@ -105,18 +105,17 @@ def idle_md(d: dict[str, Any]) -> list[str]:
 def load_md(d: dict[str, Any], title: str) -> list[str]:
     out = ["", title, "",
            f"fio on the first {d['span'] // MiB} MiB of a {d['size'] // MiB} MiB disk "
-           "of random data; windows: before the migration, during it, after it. Latency "
-           "(writes) in ms, from every I/O's completion record. Medians of the "
-           "repetitions; the plot shows the first. RSS: the daemon's peak resident memory "
-           "(VmHWM) at the end of the load, MiB. Pause: the final pass's (dbt, snapshot) or "
-           "the cutover's hold of guest I/O (mirror, auto); stall: the slowest request within "
-           "a second of the switch. Waited: where the guest's requests waited on the "
-           "migration, as shares of their time in flight during it (the sum of their "
-           "latencies): parked on a chunk being copied / waiting for the destination after "
-           "the source was done / parked by a pause; the rest is the time the source itself "
-           "took, slowed by the copier's work beside it. CPU/IO: the daemon's CPU time "
-           "(every thread: queue, copier, io_uring workers) per guest I/O before / during "
-           "the migration, µs.", "",
+           "of random data; windows: before the migration, during it, after it. Latency (writes)"
+           " in ms, from every I/O's completion record. Medians of the repetitions; the plot "
+           "shows the first. RSS: the daemon's peak resident memory (VmHWM) at the end of the "
+           "load, MiB. Pause: the final pass's (dbt, snapshot) or what the cutover held of guest"
+           " I/O (mirror, auto: nothing since the cutover's window); stall: the slowest request "
+           "within a second of the switch. Waited: where the guest's requests waited on the "
+           "migration, as shares of their time in flight during it (the sum of their latencies):"
+           " parked on a chunk being copied / waiting for the destination after the source was "
+           "done / parked by a pause; the rest is the time the source itself took, slowed by the"
+           " copier's work beside it. CPU/IO: the daemon's CPU time (every thread: queue, "
+           "copier, io_uring workers) per guest I/O before / during the migration, µs.", "",
            "| load | mode | seconds (min–max) | IOPS before / during / after "
            "| during/before (min–max) | p50 / p99 / p99.9 / max during | pause (stall) "
            "| waited: chunk / dest / pause | CPU/IO | RSS | plot |",

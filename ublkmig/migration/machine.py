@@ -499,23 +499,34 @@ class Migration(Steps):
         await self._resume()
 
     def _record_cutover(self) -> None:
-        """Target.cutover's record, with guest I/O held and both sides equal: from here on the
-        destination is the disk, whether the switch happens or the daemon dies first (its
-        successor must serve the destination).  Durable before the switch, or no switch."""
+        """Target.cutover's record, made in its window (both images hold every write the guest
+        was told is done, so a successor may serve either): from here on the destination is
+        the disk, whether the switch happens or the daemon dies first.  Durable before the
+        switch, or no switch."""
         self._cutting_over = "intent"
+        self._persist(strict=True)
+
+    def _unrecord_cutover(self) -> None:
+        """Target.cutover's undoing (its record failed, or the destination did in the window):
+        the record names the source again, durably, before the window closes.  If it cannot,
+        the cutover is made anyway: the record may name the destination."""
+        self._cutting_over = None
         try:
             self._persist(strict=True)
-        except OSError:
-            self._cutting_over = None
+        except OSError as e:
+            self._cutting_over = "intent"
+            self.log.error("migration.record_not_undone", device=self.device, error=str(e))
             raise
 
     async def _cutover(self) -> None:
         for attempt in range(self.policy.cutover_tries):
             self._check_cancel()
+            t0 = time.monotonic()
             try:
-                await anyio.to_thread.run_sync(self.target.cutover, self._record_cutover)
+                await anyio.to_thread.run_sync(
+                    self.target.cutover, self._record_cutover, self._unrecord_cutover
+                )
             except OSError as e:
-                self._persist()  # (the old record stands, or this one says the source)
                 raise _Failed(
                     f"the cutover was not made: its record could not be saved ({e}); the source "
                     "stays the disk"
@@ -535,6 +546,7 @@ class Migration(Steps):
             self.log.info(
                 "migration.switched", device=self.device,
                 cutover_pause_ms=ms(s.cutover_pause_ns),
+                window_ms=round((time.monotonic() - t0) * 1e3, 3),
             )  # fmt: skip
             self._persist()
             return

@@ -156,8 +156,8 @@ def report(
         "verify": o.verify,
         "verify_mismatches": verify_mismatches,
         "max_latency_ms": ms(s.max_latency_ns),
-        # the cutover's hold of guest I/O (in DBT and snapshot mode inside the final
-        # pause), and the slowest guest request within a second of the switch
+        # guest I/O paused around the switch (0 in mirror mode; in DBT and snapshot mode part
+        # of the final pause), and the slowest guest request within a second of the switch
         "cutover_pause_ms": ms(s.cutover_pause_ns) if cut_over else None,
         "cutover_stall_ms": ms(cutover_stall_ns),
         "final_pause_ms": ms(final_pause_ns),

@@ -10,11 +10,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ublkmig.native.library import _P, Prototypes, _check, _lib
+from ublkmig.native.library import _P, NativeError, Prototypes, _check, _lib, last_error
 
 if TYPE_CHECKING:
     from ublkmig.native.device import Device
     from ublkmig.native.sim import Sim
+
+
+# enum ubm_cutover_step
+CUTOVER_CANCEL, CUTOVER_COMMIT, CUTOVER_FORCE = 0, 1, 2
 
 
 class MigMode(enum.IntEnum):
@@ -98,7 +102,7 @@ PROTOS: Prototypes = {
     "ubm_mig_set_speed": (ctypes.c_int, [_P, ctypes.c_uint64]),
     "ubm_mig_pause": (ctypes.c_int, [_P]),
     "ubm_mig_resume": (ctypes.c_int, [_P]),
-    "ubm_mig_cutover_hold": (ctypes.c_int, [_P]),
+    "ubm_mig_cutover_prepare": (ctypes.c_int, [_P]),
     "ubm_mig_cutover_switch": (ctypes.c_int, [_P, ctypes.c_uint32]),
     "ubm_mig_abort": (ctypes.c_int, [_P]),
     "ubm_mig_reconnect": (ctypes.c_int, [_P]),
@@ -144,7 +148,7 @@ class MigStats:
     mirror_wait_ns: int = 0  # ... in all
     bytes_matched: int = 0  # resuming: equal on the destination already, so not written
     yield_ns: int = 0  # the copier held back for guest I/O (busy_depth, resting)
-    cutover_pause_ns: int = 0  # the cutover's hold of guest I/O, up to the switch
+    cutover_pause_ns: int = 0  # guest I/O paused around the switch (0 in mirror mode)
     dest_waiting: int = 0  # mirrored writes done on the source, waiting for the destination now
     dest_waiting_ns: int = 0  # ... their mean wait so far
     ahead_writes: int = 0  # writes to chunks not copied yet: the source alone
@@ -235,21 +239,48 @@ class Target:
     def resume(self) -> None:
         _check(_lib().ubm_mig_resume(self._t()), "resume")
 
-    def cutover(self, record: Callable[[], None] | None = None) -> None:
-        """Hold guest I/O, let what is in flight finish, check that the destination holds
-        every byte (NativeError otherwise: EAGAIN not in sync, EIO it failed, ENOTCONN
-        connections lost), call ``record()`` (the caller's durable record that the destination
-        is the disk), switch to the destination and release.  If ``record`` raises, guest I/O
-        is released to the source and the exception propagates."""
-        t = self._t()
-        _check(_lib().ubm_mig_cutover_hold(t), "cutover")
+    def cutover(
+        self,
+        record: Callable[[], None] | None = None,
+        unrecord: Callable[[], None] | None = None,
+    ) -> None:
+        """Check that the destination holds every byte and open the cutover's window
+        (NativeError otherwise: EAGAIN not in sync, EIO it failed, ENOTCONN connections lost),
+        call ``record()`` (the caller's durable record that the destination is the disk),
+        then switch every request to the destination.  Guest I/O goes on meanwhile
+        (ubm_mig_cutover_prepare).  If ``record`` raises, ``unrecord()`` (the record names the
+        source again), the window closes and the exception propagates.  If the destination
+        failed in the window: ``unrecord()``, the window closes and NativeError (EIO)
+        propagates; but if ``unrecord`` raises, the record may name the destination, so the
+        switch is made anyway (the writes that failed are tried there again) and this returns
+        (``unrecord`` says why)."""
+        lib, t = _lib(), self._t()
+        _check(lib.ubm_mig_cutover_prepare(t), "cutover")
         try:
             if record is not None:
                 record()
         except BaseException:
-            _lib().ubm_mig_cutover_switch(t, 0)
+            try:
+                if unrecord is not None:
+                    unrecord()
+            finally:
+                lib.ubm_mig_cutover_switch(t, CUTOVER_CANCEL)
             raise
-        _check(_lib().ubm_mig_cutover_switch(t, 1), "cutover")
+        rc = lib.ubm_mig_cutover_switch(t, CUTOVER_COMMIT)
+        if rc == 0:
+            return
+        failed = NativeError("cutover", -rc, last_error())
+        try:
+            if unrecord is not None:
+                unrecord()
+        except Exception:  # (the caller's to say why: this cutover is made)
+            _check(lib.ubm_mig_cutover_switch(t, CUTOVER_FORCE), "cutover")
+            return
+        except BaseException:
+            _check(lib.ubm_mig_cutover_switch(t, CUTOVER_FORCE), "cutover")
+            raise
+        lib.ubm_mig_cutover_switch(t, CUTOVER_CANCEL)
+        raise failed
 
     def verify(self) -> int:
         """Compare the destination with the disk (guest I/O paused): chunks that differ."""
