@@ -24,7 +24,7 @@ from support.images import sparse_image
 from support.sim_guest import SimGuest, SimTarget
 
 from ublkmig import native
-from ublkmig.migration import Migration, MigrationOptions, Mode, Phase, Policy
+from ublkmig.migration import Migration, MigrationOptions, MigrationRecord, Mode, Phase, Policy
 from ublkmig.native import Sim
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="data plane not built")
@@ -105,6 +105,7 @@ class Run:
     check_below: int = 0  # resuming: chunks compared with the destination's first
     busy_depth: int = MigrationOptions.busy_depth  # copies while guest I/O is in flight
     dest_timeout: float = MigrationOptions.dest_timeout  # NBD: the longest wait for the server
+    on_state: Callable[[MigrationRecord], None] | None = None  # the daemon's record keeper
     source: Path = field(init=False)
     model: bytearray = field(init=False)
     sim: Sim = field(init=False)
@@ -133,7 +134,7 @@ class Run:
         )  # fmt: skip
         self.mig = Migration(
             self.target, opts, device="/dev/ublkb-sim", source=str(self.source), size=SIZE,
-            io_stats=self.sim.stats, policy=self.policy,
+            io_stats=self.sim.stats, policy=self.policy, on_state=self.on_state,
         )  # fmt: skip
 
     def run(self, during: Callable[[Run], Any] | None = None, timeout: float = 120) -> Phase:
@@ -463,6 +464,37 @@ def test_pass_error_without_a_recorded_error_fails(tmp: Path) -> None:
     assert r.run() is Phase.FAILED
     r.stop()
     assert r.mig.error == "the copy failed: copy failed"
+    r.assert_file_is_model(r.source)
+
+
+@pytest.mark.parametrize("undo_fails", [False, True], ids=["undone", "undo-fails"])
+def test_a_cutover_record_that_cannot_be_saved_leaves_the_source_the_disk(
+    tmp: Path, undo_fails: bool
+) -> None:
+    """The record naming the destination fails (a full state folder): no switch, and the
+    record is made to name the source again before the cutover's window closes (if that
+    fails too, what the machine would save next says so: the daemon saves the device's
+    record as the migration ends), with guest writes going on; the migration fails and the
+    source holds every write."""
+    saved: list[str | None] = []
+    refusals = 2 if undo_fails else 1
+
+    def on_state(rec: MigrationRecord) -> None:
+        if (rec.switched or saved[-1:] == ["refused"]) and saved.count("refused") < refusals:
+            saved.append("refused")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(rec.cut_over)
+
+    r = Run(tmp, Mode.MIRROR, seed=20, on_state=on_state)
+    assert r.run() is Phase.FAILED
+    r.stop(after_io=0.2)
+    assert r.mig.error is not None and r.mig.error.startswith("the cutover was not made"), \
+        r.mig.error  # fmt: skip
+    assert r.mig.status()["cutover_pause_ms"] is None, "no switch"
+    # the source is the disk: what was saved since says so, and what would be saved next
+    after = saved[len(saved) - saved[::-1].index("refused") :]
+    assert set(after) == (set() if undo_fails else {None}), saved
+    assert not r.mig.resume_state().switched
     r.assert_file_is_model(r.source)
 
 

@@ -508,13 +508,14 @@ class Migration(Steps):
 
     def _unrecord_cutover(self) -> None:
         """Target.cutover's undoing (its record failed, or the destination did in the window):
-        the record names the source again, durably, before the window closes.  If it cannot,
-        the cutover is made anyway: the record may name the destination."""
+        the record names the source again, durably, before the window closes.  If it cannot
+        after a destination failure, the cutover is made anyway (the record may name the
+        destination); after a failed record, the source stays the disk and later saves of
+        the record say so."""
         self._cutting_over = None
         try:
             self._persist(strict=True)
         except OSError as e:
-            self._cutting_over = "intent"
             self.log.error("migration.record_not_undone", device=self.device, error=str(e))
             raise
 
