@@ -75,13 +75,6 @@ static int copy_op(struct ubm_migration *m, unsigned i, unsigned be_slot, uint8_
 		.op = op, .offset = cs->chunk << m->chunk_shift, .len = chunk_len(m, cs->chunk),
 		.buf = state == CS_CHECKING ? cs->check_buf : cs->buf, .buf_index = -1,
 	};
-	if (op == UBLK_IO_OP_WRITE) {  /* the next piece */
-		io->req.offset += cs->written;
-		io->req.buf = (char *)io->req.buf + cs->written;
-		io->req.len -= cs->written;
-		if (io->req.len > COPY_PIECE)
-			io->req.len = COPY_PIECE;
-	}
 	cs->state = state;
 	if (be_slot == SLOT_DEST && op != UBLK_IO_OP_READ)
 		bit_set(m->dest_written, cs->chunk);  /* even if the write fails half-way */
@@ -125,7 +118,6 @@ static int copy_write(struct ubm_migration *m, unsigned i)
 {
 	struct copy_slot *cs = &m->slots[i];
 
-	cs->written = 0;
 	return copy_op(m, i, SLOT_DEST, cs->zero ? UBLK_IO_OP_WRITE_ZEROES : UBLK_IO_OP_WRITE,
 		       CS_WRITING);
 }
@@ -167,11 +159,6 @@ static int copy_result(struct ubm_migration *m, unsigned i, unsigned be_slot, in
 		return copy_write(m, i);
 	}
 	A_ADD(&m->bytes_copied, io->req.len);
-	if (io->req.op == UBLK_IO_OP_WRITE) {
-		cs->written += io->req.len;
-		if (cs->written < chunk_len(m, cs->chunk))
-			return copy_op(m, i, SLOT_DEST, UBLK_IO_OP_WRITE, CS_WRITING);
-	}
 	bit_set(m->unflushed, cs->chunk);
 	unlock_chunk(m, cs->chunk, true);
 	cs->state = CS_FREE;

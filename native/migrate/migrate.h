@@ -78,12 +78,6 @@ enum { PARK_CHUNK = 0, PARK_PAUSE = 1 };
 #define FOLD_BATCH 64      /* snapshot fold-back: chunks copied per fdatasync of the source */
 #define HOT_PASSES 2       /* dirtied again in this many dirty passes: defer to the final one */
 #define MAX_COPY_DEPTH 16
-/* the copier writes a chunk to the destination in pieces of this size, one
- * after another: a guest write mirrored meanwhile waits behind one piece
- * (the destination file's lock), not behind the whole chunk */
-#ifndef COPY_PIECE
-#define COPY_PIECE (128u << 10)
-#endif
 /* a destination that can lose its connections (NBD) is flushed this often
  * while the copier runs: what a lost connection may have lost since is what
  * is copied again (ubm_mig_reconnect) */
@@ -98,7 +92,6 @@ struct copy_slot {
 			    * destination it reads as zeroes */
 	bool check;        /* resuming: compare with the destination's before writing */
 	bool zero;         /* the source chunk reads as zeroes */
-	uint32_t written;  /* bytes of the chunk written to the destination so far */
 	uint64_t t_start;  /* when the copy began (ns) */
 	void *buf;
 	void *check_buf;   /* the destination's chunk, when checking */
