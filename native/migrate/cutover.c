@@ -89,8 +89,9 @@ int mig_flush_dest(struct ubm_migration *m)
  *
  * A mirrored write still in flight at the switch ends on both sides; if its
  * destination part fails, it too is parked and tried again there.  A record
- * made while guest I/O is held would cost the guest its length (40-60 ms of
- * Python writing three files in the kernel VM); this costs it nothing.
+ * made while guest I/O is held costs the guest its length (38-62 ms of
+ * Python writing three files in the kernel VM under load); this costs it
+ * nothing.
  */
 UBM_EXPORT int ubm_mig_cutover_prepare(struct ubm_target *t)
 {

@@ -37,7 +37,6 @@ SIZE = 4 << 20
 CHUNK = 64 << 10
 
 
-
 def random_source(path: Path, seed: int) -> bytes:
     data = random.Random(seed).randbytes(SIZE)
     path.write_bytes(data)

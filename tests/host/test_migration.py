@@ -183,7 +183,6 @@ class Run:
             raise AssertionError(f"{path.name} differs from the model at byte {first}")
 
 
-
 def phase_events(capsys: pytest.CaptureFixture[str]) -> list[dict[str, str]]:
     out = []
     for line in capsys.readouterr().err.splitlines():

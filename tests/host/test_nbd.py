@@ -28,7 +28,6 @@ pytestmark = [
 ]
 
 
-
 @pytest.fixture
 def server(tmp: Path) -> Iterator[Callable[..., NbdServer]]:
     """``server(kind, transport, file, *extra)``: a started NBD server, stopped at teardown."""

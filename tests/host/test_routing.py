@@ -28,7 +28,6 @@ SIZE = 1 << 20
 CHUNK = 64 << 10
 
 
-
 def chunk_of(path: Path, c: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(c * CHUNK)
