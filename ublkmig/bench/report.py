@@ -105,7 +105,8 @@ def idle_md(d: dict[str, Any]) -> list[str]:
 def load_md(d: dict[str, Any], title: str) -> list[str]:
     out = ["", title, "",
            f"fio on the first {d['span'] // MiB} MiB of a {d['size'] // MiB} MiB disk "
-           "of random data; windows: before the migration, during it, after it. Latency (writes)"
+           "of random data (rows marked with another size: a disk that large, the same load);"
+           " windows: before the migration, during it, after it. Latency (writes)"
            " in ms, from every I/O's completion record. Medians of the repetitions; the plot "
            "shows the first. RSS: the daemon's peak resident memory (VmHWM) at the end of the "
            "load, MiB. Pause: the final pass's (dbt, snapshot) or what the cutover held of guest"
@@ -133,7 +134,9 @@ def load_md(d: dict[str, Any], title: str) -> list[str]:
             f"{rt['median']:.2f} ({rt['min']:.2f}–{rt['max']:.2f})"  # fmt: skip
         if not r["converged"]:
             ratio += " (did not converge: cancelled)"
-        out.append(f"| {r['job']} | {r['mode']} | {r['seconds']:.2f} ({sp['min']:.2f}–"
+        job = r["job"] if r.get("disk", d["size"]) == d["size"] else \
+            f"{r['job']}, {r['disk'] // MiB} MiB disk"  # fmt: skip
+        out.append(f"| {job} | {r['mode']} | {r['seconds']:.2f} ({sp['min']:.2f}–"
                    f"{sp['max']:.2f}) | {b['iops']:.0f} / {w['iops']:.0f} / {a['iops']:.0f} "
                    f"| {ratio} | {lat} | {stall} | {_waited(r)} | {_cpu(r)} "
                    f"| {_mib(r.get('daemon_peak_rss'))} | ![]({r.get('plot', '')}) |")  # fmt: skip
@@ -178,9 +181,10 @@ def markdown(r: dict[str, Any]) -> str:
         d = sc["yield"]
         lines += load_md(d, "## 5. The copier yielding to guest I/O")
         lines += ["", "Yielding (the default): while the guest has requests in flight the "
-                  "copier reads 1 chunk at a time from the source and rests after each read "
-                  "as long as it took (writes to the destination stay pipelined); not "
-                  "yielding (--no-yield): 4 chunks at a time, no rest. "
+                  "copier copies 1 chunk at a time and rests between chunks as long as it "
+                  "takes for the guest to keep 3/4 of its rate (measured while it rests), at "
+                  "most 3 times as long as it copies; not yielding (--no-yield): 4 chunks at "
+                  "a time, no rest. "
                   "Seconds the copier held back (median): "
                   + ", ".join(f"{r['mode']} {r.get('yielded_seconds') or 0:.2f}"
                               for r in d["runs"]) + "."]  # fmt: skip

@@ -54,9 +54,9 @@ class MigrationOptions:
     dest_zeroed: bool = False  # a new sparse file: holes need no copy
     direct: bool = False
     copy_depth: int = 0
-    # chunks the copier reads from the source at a time while the guest has requests in
-    # flight, resting after each read as long as it took: it yields the source to the
-    # guest (0: no yielding; writes to the destination stay pipelined either way)
+    # chunks the copier copies at a time while the guest has requests in flight, resting
+    # between them as the pacer says (the guest keeps 3/4 of its rate): it yields the disk
+    # to the guest (0: no yielding, copy_depth chunks at a time and no rest)
     busy_depth: int = DEFAULT_BUSY_DEPTH
     delta_dir: Path | None = None
     # auto: fall back to dbt when mirrored writes wait this long on average for the

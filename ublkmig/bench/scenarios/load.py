@@ -4,10 +4,11 @@ Each mode (auto, the default, among them) migrates the disk to a file on the sam
 while fio writes (unthrottled, rate-limited at 2000 IOPS, a 70/30 read/write mix): guest
 IOPS and write latency before, during and after (:mod:`.under_load`), the time to cutover,
 the cutover stall or final pause, where the guest's requests waited on the migration, the
-daemon's peak memory.  With ``peer=True`` (the ``qemu`` scenario) the same load
-runs on qemu-storage-daemon's NBD export through the kernel's NBD client while
-blockdev-mirror (copy modes background and write-blocking) moves the disk.  Every run
-starts from the same pristine disk.
+daemon's peak memory; a full run repeats the unthrottled and 2000 IOPS loads on a 1 GiB
+disk.  With ``peer=True`` (the ``qemu`` scenario) the same load runs on
+qemu-storage-daemon's NBD export through the kernel's NBD client while blockdev-mirror
+(copy modes background and write-blocking) moves the disk.  Every run starts from the same
+pristine disk.
 """
 
 from __future__ import annotations
@@ -51,27 +52,37 @@ PEER_DIFFERENCES = (
 
 def load(s: Settings, work: Path, peer: bool = False) -> dict[str, Any]:
     """Each mode (or, with peer, QEMU's copy modes) under each load job, ``reps`` times;
-    every run starts from the same disk (a pristine copy is put back)."""
+    every run starts from the same disk (a pristine copy is put back).  A full run without
+    the peer then repeats the unthrottled and the 2000 IOPS jobs on a disk of the full
+    size (1 GiB), the load on the same span: whether the guest's cost grows with the disk,
+    and the migration's time against the idle scenario's on the same size."""
     size = min(s.size, 256 * MiB)
-    image, dest, pristine = work / "load.img", work / "load-dest.img", work / "pristine.img"
-    make_image(pristine, size)
     out: dict[str, Any] = {"size": size, "span": s.load_span, "runs": []}
-    for job in load_jobs(s):
-        for mode in (("qemu background", "qemu write-blocking") if peer else LOAD_MODES):
-            reps = []
-            for _rep in range(s.reps):
-                shutil.copyfile(pristine, image)
-                one = _qemu_run if peer else load_run
-                reps.append(one(s, job, mode, image, dest, work))
-                dest.unlink(missing_ok=True)
-            run = combine(reps)
-            out["runs"].append(run)
-            w = run["windows"]
-            say(f"load {job.name} {mode}: {w['before']['iops']:.0f} IOPS before, "
-                f"{w['during']['iops']:.0f} during, {w['after']['iops']:.0f} after; "
-                f"migration {run['seconds']:.2f} s (medians of {len(reps)})")  # fmt: skip
-    image.unlink()
-    pristine.unlink()
+    plan = [(size, load_jobs(s))]
+    if not peer and s.size > size:
+        plan.append((s.size, [j for j in load_jobs(s) if j.rwmixread is None]))
+    modes = ("qemu background", "qemu write-blocking") if peer else LOAD_MODES
+    for disk, jobs in plan:
+        image, dest, pristine = work / "load.img", work / "load-dest.img", work / "pristine.img"
+        make_image(pristine, disk)
+        for job in jobs:
+            for mode in modes:
+                reps = []
+                for _rep in range(s.reps):
+                    shutil.copyfile(pristine, image)
+                    one = _qemu_run if peer else load_run
+                    reps.append(one(s, job, mode, image, dest, work))
+                    dest.unlink(missing_ok=True)
+                run = combine(reps)
+                run["disk"] = disk
+                out["runs"].append(run)
+                w = run["windows"]
+                say(f"load {job.name} {mode} ({disk // MiB} MiB disk): "
+                    f"{w['before']['iops']:.0f} IOPS before, {w['during']['iops']:.0f} during, "
+                    f"{w['after']['iops']:.0f} after; migration {run['seconds']:.2f} s "
+                    f"(medians of {len(reps)})")  # fmt: skip
+        image.unlink()
+        pristine.unlink()
     return out
 
 

@@ -1,7 +1,7 @@
 """The copier yielding to guest I/O (the ``yield`` scenario): the unthrottled load while
 the disk moves to a file on the same tmpfs, in mirror and dbt mode, with the copier
-yielding (the default: while the guest has requests in flight, one source read at a time
-and a rest after each) and without (``--no-yield``).  The windows are those of
+yielding (the default: while the guest has requests in flight, a chunk at a time and a
+rest between chunks, the pacer's) and without (``--no-yield``).  The windows are those of
 :mod:`.under_load`, with the time the copier held back.
 """
 
@@ -18,7 +18,7 @@ from ublkmig.bench.scenarios.under_load import combine, load_jobs, load_run
 def yielding(s: Settings, work: Path) -> dict[str, Any]:
     """The unthrottled load while the disk moves to a file on the same tmpfs, in mirror and
     dbt mode, with the copier yielding to guest I/O (the default: while the guest has
-    requests in flight, one source read at a time and a rest after each) and without
+    requests in flight, a chunk at a time and the pacer's rests) and without
     (--no-yield)."""
     size = min(s.size, 256 * MiB)
     image, dest, pristine = work / "yield.img", work / "yield-dest.img", work / "pristine.img"
