@@ -147,6 +147,13 @@ def test_load_repetitions_combine_into_medians_with_spread(tmp_path: Path) -> No
     # no RSS in these repetitions
     assert "| 20.0 ms | 10% / 40% / 0% | 30 / 30 | - |" in md
     assert (tmp_path / run["plot"]).stat().st_size > 1000  # the PNG
+    # the same load on a larger disk: its rows and plots named with the disk's size
+    r["scenarios"]["load"]["runs"] = [{**run, "disk": 256 << 20}, {**run, "disk": 1 << 30}]
+    md = report.write(r, tmp_path)
+    assert "| randwrite-4k-qd32 | dbt | 3.00" in md
+    assert "| randwrite-4k-qd32, 1024 MiB disk | dbt | 3.00" in md
+    assert (tmp_path / "load-randwrite-4k-qd32-dbt.png").exists()
+    assert (tmp_path / "load-randwrite-4k-qd32-1024M-dbt.png").exists()
     # the slow destination's section: the same table, and the fallbacks
     auto = {**run, "mode": "auto", "fallbacks": 2}
     r["scenarios"] = {"slow": {"size": 256 << 20, "span": 64 << 20, "write_delay_ms": 40,

@@ -227,8 +227,11 @@ def write(r: dict[str, Any], out: Path) -> str:
     """results.json, the plots and report.md into ``out``; returns the markdown."""
     out.mkdir(parents=True, exist_ok=True)
     for key in ("load", "slow", "yield", "qemu"):
-        for run in r["scenarios"].get(key, {}).get("runs", []):
-            name = re.sub(r"[^A-Za-z0-9.]+", "-", f"{key}-{run['job']}-{run['mode']}") + ".png"
+        sc = r["scenarios"].get(key, {})
+        for run in sc.get("runs", []):
+            disk = "" if run.get("disk", sc["size"]) == sc["size"] else f"-{run['disk'] // MiB}M"
+            name = re.sub(r"[^A-Za-z0-9.]+", "-",
+                          f"{key}-{run['job']}{disk}-{run['mode']}") + ".png"  # fmt: skip
             plot(run, out / name)
             run["plot"] = name
     (out / "results.json").write_text(json.dumps(r, indent=1) + "\n")
