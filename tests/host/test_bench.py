@@ -76,7 +76,7 @@ def test_windows_and_series() -> None:
     # the request time: every I/O's latency in the window added up (1..500 us in [0, 0.5))
     assert w["a"]["request_seconds"] == pytest.approx(sum(range(1, 501)) / 1e6)
     # writes in [0.5, 1): latencies 502, 504, ..., 1000 us
-    assert w["b"]["lat_max_ms"] == pytest.approx(1.0)
+    assert w["b"]["lat_max_ms"] == pytest.approx(1.0) and w["b"]["writes"] == 250
     assert w["b"]["lat_p50_ms"] == pytest.approx(0.752)
     # the daemon's CPU per I/O: 0.01 s over the 500 I/Os before, 0.05 s over the 250 during
     cpu = scenarios.cpu_per_io(samples, [(0.0, 1.0), (0.5, 1.01), (0.75, 1.06)])
@@ -84,6 +84,25 @@ def test_windows_and_series() -> None:
     series = scenarios.series(samples, 0.25)
     assert [round(t, 2) for t, _, _ in series] == [0.0, 0.25, 0.5, 0.75]
     assert all(iops == pytest.approx(1000) for _, iops, _ in series)
+
+
+def test_written_per_guest_byte() -> None:
+    """The daemon's writes to storage per byte the guest wrote during the migration."""
+    from ublkmig.bench.scenarios.under_load import written_per_guest_byte
+
+    job = FioJob("w", "randwrite", "4k", 32)
+    during = {"iops": 1.0, "writes": 1000}
+    # mirror: 1000 guest writes of 4 KiB, 500 of them mirrored, 8 MiB copied
+    mig = {"mirrored_writes": 500, "bytes_copied": 8 << 20, "cow_chunks": 0,
+           "chunk_size": 1 << 20}  # fmt: skip
+    assert written_per_guest_byte(job, during, mig) == pytest.approx(
+        (4096000 + 500 * 4096 + (8 << 20)) / 4096000)
+    # snapshot: 3 chunks copied on write into its delta as well
+    assert written_per_guest_byte(job, during, {**mig, "cow_chunks": 3}) == pytest.approx(
+        (4096000 + 500 * 4096 + (11 << 20)) / 4096000)
+    # no writes in the window, or a migration that does not count them (QEMU's): not known
+    assert written_per_guest_byte(job, {"iops": 0.0}, mig) is None
+    assert written_per_guest_byte(job, during, {"bytes_copied": 1}) is None
 
 
 def _results() -> dict:
@@ -145,7 +164,10 @@ def test_load_repetitions_combine_into_medians_with_spread(tmp_path: Path) -> No
         in md  # fmt: skip
     # where the guest waited, as shares of its request time (medians: 0.2, 0.8, 0 of 2 s);
     # no RSS in these repetitions
-    assert "| 20.0 ms | 10% / 40% / 0% | 30 / 30 | - |" in md
+    assert "| 20.0 ms | 10% / 40% / 0% | 30 / 30 | - | - |" in md
+    md = report.write({**r, "scenarios": {"load": {**r["scenarios"]["load"], "runs": [
+        {**run, "written_per_guest_byte": 2.345}]}}}, tmp_path)  # fmt: skip
+    assert "| 30 / 30 | 2.35 | - |" in md  # written per guest byte, then the RSS
     assert (tmp_path / run["plot"]).stat().st_size > 1000  # the PNG
     # the same load on a larger disk: its rows and plots named with the disk's size
     r["scenarios"]["load"]["runs"] = [{**run, "disk": 256 << 20}, {**run, "disk": 1 << 30}]

@@ -116,11 +116,14 @@ def load_md(d: dict[str, Any], title: str) -> list[str]:
            " parked on a chunk being copied / waiting for the destination after the source was "
            "done / parked by a pause; the rest is the time the source itself took, slowed by the"
            " copier's work beside it. CPU/IO: the daemon's CPU time (every thread: queue, "
-           "copier, io_uring workers) per guest I/O before / during the migration, µs.", "",
+           "copier, io_uring workers) per guest I/O before / during the migration, µs. "
+           "Written/B: the bytes the daemon wrote to storage during the migration per byte the"
+           " guest wrote then (its writes, their mirrored copies, the copier's chunks, a "
+           "snapshot's copies on write).", "",
            "| load | mode | seconds (min–max) | IOPS before / during / after "
            "| during/before (min–max) | p50 / p99 / p99.9 / max during | pause (stall) "
-           "| waited: chunk / dest / pause | CPU/IO | RSS | plot |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+           "| waited: chunk / dest / pause | CPU/IO | written/B | RSS | plot |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in d["runs"]:
         b, w, a = r["windows"]["before"], r["windows"]["during"], r["windows"]["after"]
         pause = r["final_pause_ms"] if r["final_pause_ms"] is not None else \
@@ -139,6 +142,7 @@ def load_md(d: dict[str, Any], title: str) -> list[str]:
         out.append(f"| {job} | {r['mode']} | {r['seconds']:.2f} ({sp['min']:.2f}–"
                    f"{sp['max']:.2f}) | {b['iops']:.0f} / {w['iops']:.0f} / {a['iops']:.0f} "
                    f"| {ratio} | {lat} | {stall} | {_waited(r)} | {_cpu(r)} "
+                   f"| {_f(r.get('written_per_guest_byte'), '.2f')} "
                    f"| {_mib(r.get('daemon_peak_rss'))} | ![]({r.get('plot', '')}) |")  # fmt: skip
     return out
 

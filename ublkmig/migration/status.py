@@ -117,6 +117,7 @@ def report(
         "hot_chunks": s.hot_chunks,
         "generation": s.generation,
         "delta_chunks": s.delta_chunks,
+        "cow_chunks": s.cow_chunks,
         "mirrored_writes": s.mirrored_writes,
         "tracked_writes": s.tracked_writes,
         "ahead_writes": s.ahead_writes,

@@ -32,6 +32,7 @@ from ublkmig.bench.scenarios.common import (
     start_migration,
     summary,
 )
+from ublkmig.units import parse_size
 
 
 def load_jobs(s: Settings) -> list[FioJob]:
@@ -49,7 +50,7 @@ Sample = tuple[float, float, bool]  # (seconds since the load started, latency u
 
 def windows(samples: list[Sample], spans: dict[str, tuple[float, float]]
             ) -> dict[str, dict[str, float]]:  # fmt: skip
-    """Per window: IOPS (every I/O) and write latency percentiles (ms)."""
+    """Per window: IOPS (every I/O), the writes, and write latency percentiles (ms)."""
     out = {}
     for name, (a, b) in spans.items():
         n = sum(1 for t, _, _ in samples if a <= t < b)
@@ -60,7 +61,8 @@ def windows(samples: list[Sample], spans: dict[str, tuple[float, float]]
         # the guest's request time in the window (the sum of every I/O's latency, s): what
         # the migration's waits (guest_waits) are a share of
         busy = sum(lat for t, lat, _ in samples if a <= t < b) / 1e6
-        out[name] = {"iops": n / (b - a), "request_seconds": busy, **_percentiles(lats)}
+        out[name] = {"iops": n / (b - a), "writes": len(lats), "request_seconds": busy,
+                     **_percentiles(lats)}  # fmt: skip
     return out
 
 
@@ -163,7 +165,7 @@ def combine(reps: list[dict[str, Any]]) -> dict[str, Any]:
         for w in reps[0]["windows"]
     }
     for k in ("bytes_copied", "cutover_pause_ms", "cutover_stall_ms", "final_pause_ms",
-              "yielded_seconds", "daemon_peak_rss"):
+              "yielded_seconds", "daemon_peak_rss", "written_per_guest_byte"):
         run[k] = med([r.get(k) for r in reps])
     for key in ("guest_waits", "cpu_us_per_io"):
         parts = [r[key] for r in reps if r.get(key)]
@@ -212,6 +214,19 @@ def cpu_per_io(samples: list[Sample], marks: list[tuple[float, float]]) -> dict[
     return out
 
 
+def written_per_guest_byte(job: FioJob, during: dict[str, float],
+                           mig: dict[str, Any]) -> float | None:  # fmt: skip
+    """What the daemon wrote to storage during the migration per byte the guest wrote then:
+    the guest's writes themselves (to the source, or a snapshot's delta), their mirrored
+    copies on the destination, the copier's chunks, and a snapshot's copies on write."""
+    guest = during.get("writes", 0) * parse_size(job.bs)
+    if not guest or mig.get("mirrored_writes") is None:
+        return None
+    extra = (mig["mirrored_writes"] * parse_size(job.bs) + (mig.get("bytes_copied") or 0)
+             + (mig.get("cow_chunks") or 0) * (mig.get("chunk_size") or 0))  # fmt: skip
+    return (guest + extra) / guest
+
+
 def load_result(job: FioJob, mode: str, f: dict[str, Any], log: PhaseLog,
                 mig: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     """One run's figures: its windows (split at the start and the cutover), the migration's
@@ -221,9 +236,11 @@ def load_result(job: FioJob, mode: str, f: dict[str, Any], log: PhaseLog,
     # the migration ends at its cutover (the daemon's clock from the request)
     end = start + mig["cutover_after"]
     spans = {"before": (1.0, start), "during": (start, end), "after": (end, stop)}
+    win = windows(f["samples"], spans)
     return {
         "job": job.name, "mode": mode, "fio": f["argv"], "seconds": end - start,
-        "windows": windows(f["samples"], spans),
+        "windows": win,
+        "written_per_guest_byte": written_per_guest_byte(job, win["during"], mig),
         "bytes_copied": mig.get("bytes_copied"), "passes": mig.get("pass"),
         "cutover_pause_ms": mig.get("cutover_pause_ms"),
         "cutover_stall_ms": mig.get("cutover_stall_ms"),
