@@ -232,3 +232,34 @@ def test_peak_rss_is_the_servers_high_water_mark() -> None:
     assert peak is not None and peak > len(blob)
     del blob
     assert targets.Target("raw file", "/x.img").peak_rss() is None
+
+
+def test_targets_judge_each_load_run() -> None:
+    """The goals table: each unthrottled and 2000 IOPS run with its verdicts."""
+    def run(job: str, mode: str, share: float, p99: tuple[float, float], seconds: float,
+            disk: int = 256 << 20, **kw: object) -> dict:  # fmt: skip
+        return {"job": job, "mode": mode, "disk": disk, "seconds": seconds, "converged": True,
+                "during_vs_before": {"median": share},
+                "windows": {"before": {"lat_p99_ms": p99[0]}, "during": {"lat_p99_ms": p99[1]}},
+                "final_pause_ms": None, "cutover_pause_ms": 0.0, **kw}  # fmt: skip
+
+    steady = "randwrite-4k-qd32-2000iops"
+    sc = {"idle": {"disks": [{"disk": "full", "size": 1 << 30, "modes": {
+              "mirror": {"seconds": {"median": 10.0}}, "dbt": {"seconds": {"median": 8.0}}}}]},
+          "load": {"size": 256 << 20, "runs": [
+              run("randwrite-4k-qd32", "auto", 0.55, (2.0, 8.0), 5.0),
+              run("randwrite-4k-qd32", "dbt", 0.59, (2.0, 12.0), 5.0, final_pause_ms=40.0),
+              run("randrw70-4k-qd32", "mirror", 0.1, (2.0, 50.0), 5.0),  # not judged
+              run(steady, "dbt", 0.95, (2.0, 6.0), 30.0, disk=1 << 30, final_pause_ms=60.0),
+              run(steady, "auto", 0.9, (2.0, 5.0), 20.0, disk=1 << 30, cutover_pause_ms=1.0),
+          ]}}  # fmt: skip
+    lines = report.targets_md(sc)
+    rows = [ln for ln in lines if ln.startswith("| randwrite")]
+    assert rows == [
+        "| randwrite-4k-qd32 | auto | 0.55 ✓ | 4.0x ✓ | - | 0.0 ms ✓ |",  # no idle 256 MiB
+        "| randwrite-4k-qd32 | dbt | 0.59 ✗ | 6.0x ✗ | - | 40 ms ✓ |",
+        f"| {steady}, 1024 MiB disk | dbt | 0.95 ✓ | 3.0x ✓ | 3.8x ✗ | 60 ms ✗ |",
+        # auto against mirror's idle time; a 1 ms cutover pause is not under 1 ms
+        f"| {steady}, 1024 MiB disk | auto | 0.90 ✓ | 2.5x ✓ | 2.0x ✓ | 1.0 ms ✗ |",
+    ]
+    assert report.targets_md({}) == []
