@@ -177,7 +177,9 @@ class Migration(Steps):
         except native.NativeError:
             return {}
 
-    def _set_phase(self, phase: Phase, **extra: Any) -> None:
+    def _set_phase(self, phase: Phase, save: bool = True, **extra: Any) -> None:
+        """Enter ``phase``: logged, and saved in the record unless it ends the migration or
+        ``save`` is False (the caller saves it soon after)."""
         if self.phase is Phase.CANCELLING and phase not in ENDED:
             return  # the step that was starting will notice the cancel
         self.phase = phase
@@ -202,7 +204,7 @@ class Migration(Steps):
             self.log.error("migration.phase", error=self.error, **fields)
         else:
             self.log.info("migration.phase", **fields)
-        if phase not in ENDED:
+        if phase not in ENDED and save:
             self._persist()
 
     def resume_state(self) -> record.MigrationRecord:
@@ -468,10 +470,16 @@ class Migration(Steps):
 
     async def _switch(self) -> None:
         """Final pass (paused), verify, cut over, resume."""
+        # The record is saved once while guest I/O is held, in the cutover's window
+        # (_record_cutover, with the CUTOVER phase): a save takes tens of milliseconds (three
+        # files, each synced), and in dbt and snapshot mode the guest waits for it.  The
+        # phase change is not saved before it, and the switch's 'done' is saved after the
+        # guest goes on: 'intent' names the destination as the disk already.
         mirror = self.opts.mode in (Mode.MIRROR, Mode.AUTO)  # (auto ends mirroring)
         if mirror and not self.opts.verify:
-            self._set_phase(Phase.CUTOVER)
+            self._set_phase(Phase.CUTOVER, save=False)
             await self._cutover()
+            self._persist()
             return
         self._set_phase(Phase.VERIFYING if mirror else Phase.FINAL_PASS)
         await self._pause()
@@ -494,9 +502,10 @@ class Migration(Steps):
                     f"verification failed: {n} chunks of the destination differ from the disk"
                 )
         self._check_cancel()
-        self._set_phase(Phase.CUTOVER)
+        self._set_phase(Phase.CUTOVER, save=False)
         await self._cutover()
         await self._resume()
+        self._persist()
 
     def _record_cutover(self) -> None:
         """Target.cutover's record, made in its window (both images hold every write the guest
@@ -549,7 +558,6 @@ class Migration(Steps):
                 cutover_pause_ms=ms(s.cutover_pause_ns),
                 window_ms=round((time.monotonic() - t0) * 1e3, 3),
             )  # fmt: skip
-            self._persist()
             return
         raise _Failed(f"the cutover failed: not in sync after {self.policy.cutover_tries} tries")
 
