@@ -106,6 +106,9 @@ class ScriptedTarget:
             raise native.NativeError("new_delta", errno.ENOSPC, "all deltas are in use")
         self._set(generation=self.s.generation + 1, delta_chunks=self.delta_after_new)
 
+    def set_mode(self, mode: native.MigMode) -> None:
+        self.calls.append(f"set_mode {mode.name.lower()}")
+
     def pause(self) -> None:
         self.calls.append("pause")
         self._set(paused=1)
@@ -204,8 +207,9 @@ def test_dbt_converges() -> None:
     t = ScriptedTarget(Mode.DBT, [100, 60, 30, 10])
     mig = run(t, Mode.DBT, speed=1 << 20)
     assert mig.phase is Phase.COMPLETED
-    assert passes(t) == ["all", "dirty", "dirty", "dirty", "pause", "final", "cutover", "resume",
-                         "finish"]  # fmt: skip
+    # the final pass paused; then mirroring, the guest goes on during the cutover's record
+    assert passes(t) == ["all", "dirty", "dirty", "dirty", "pause", "final", "set_mode mirror",
+                         "resume", "cutover", "finish"]  # fmt: skip
     assert t.speeds == [0, 1 << 20], "the final pass (guest paused) runs at full speed"
     assert mig.status()["final_pause_ms"] == 2.0
 
@@ -225,7 +229,7 @@ def test_dbt_pass_limit() -> None:
 def test_dbt_nothing_dirty_goes_straight_to_the_final_pass() -> None:
     t = ScriptedTarget(Mode.DBT, [3])
     assert run(t, Mode.DBT).phase is Phase.COMPLETED
-    assert passes(t) == ["all", "pause", "final", "cutover", "resume", "finish"]
+    assert passes(t) == ["all", "pause", "final", "set_mode mirror", "resume", "cutover", "finish"]
 
 
 def test_snapshot_folds_until_small() -> None:
@@ -286,6 +290,12 @@ def test_cutover_eagain_copies_again_other_errors_fail() -> None:
     t = ScriptedTarget(Mode.DBT, [0])
     t.fail_cutover = [errno.EAGAIN]
     assert run(t, Mode.DBT).phase is Phase.COMPLETED
+    # dbt mirrors from its final pass on: a refused cutover is followed by a pass, unpaused
+    assert passes(t) == ["all", "pause", "final", "set_mode mirror", "resume", "cutover", "all",
+                         "cutover", "finish"]  # fmt: skip
+    t = ScriptedTarget(Mode.SNAPSHOT, [0])
+    t.fail_cutover = [errno.EAGAIN]
+    assert run(t, Mode.SNAPSHOT).phase is Phase.COMPLETED
     assert passes(t) == ["all", "pause", "final", "cutover", "final", "cutover", "resume",
                          "finish"]  # fmt: skip
     t = ScriptedTarget(Mode.MIRROR, [0])

@@ -470,9 +470,9 @@ class Migration(Steps):
 
     async def _switch(self) -> None:
         """Final pass (paused), verify, cut over, resume."""
-        # The record is saved once while guest I/O is held, in the cutover's window
+        # The record is saved once around the switch, in the cutover's window
         # (_record_cutover, with the CUTOVER phase): a save takes tens of milliseconds (three
-        # files, each synced), and in dbt and snapshot mode the guest waits for it.  The
+        # files, each synced), and where guest I/O is paused the guest waits for it.  The
         # phase change is not saved before it, and the switch's 'done' is saved after the
         # guest goes on: 'intent' names the destination as the disk already.
         mirror = self.opts.mode in (Mode.MIRROR, Mode.AUTO)  # (auto ends mirroring)
@@ -503,6 +503,15 @@ class Migration(Steps):
                 )
         self._check_cancel()
         self._set_phase(Phase.CUTOVER, save=False)
+        if self.opts.mode is Mode.DBT:
+            # Every chunk is copied and clean, and nothing is in flight (paused): from here on
+            # every write goes to both images, as in mirror mode, so the guest goes on while
+            # the record is made in the cutover's window and its pause held only the final
+            # pass.  A write that fails on the destination meanwhile dirties its chunk; the
+            # cutover then refuses and a pass copies it, still mirroring.  (Snapshot mode
+            # cannot: its source lacks what the guest wrote to the deltas.)
+            self.target.set_mode(native.MigMode.MIRROR)
+            await self._resume()
         await self._cutover()
         await self._resume()
         self._persist()
