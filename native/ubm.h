@@ -215,9 +215,9 @@ struct ubm_mig_stats {
 				    * so not written */
 	uint64_t yield_ns;         /* time the copier held back reads (busy_depth, rests)
 				    * because guest requests were in flight */
-	uint64_t cutover_pause_ns; /* guest I/O paused around the switch (DBT's and snapshot's
-				    * final pause, from ubm_mig_cutover_prepare to _switch;
-				    * 0 in mirror mode, which holds nothing) */
+	uint64_t cutover_pause_ns; /* guest I/O paused around the switch (snapshot's final
+				    * pause, from ubm_mig_cutover_prepare to _switch; 0 in
+				    * mirror and DBT mode, which hold nothing for it) */
 	uint64_t dest_waiting;     /* mirrored writes done on the source, waiting now for the
 				    * destination ... */
 	uint64_t dest_waiting_ns;  /* ... and how long, on average, they have waited so far */

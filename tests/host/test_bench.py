@@ -263,3 +263,17 @@ def test_targets_judge_each_load_run() -> None:
         f"| {steady}, 1024 MiB disk | auto | 0.90 ✓ | 2.5x ✓ | 2.0x ✓ | 1.0 ms ✗ |",
     ]
     assert report.targets_md({}) == []
+
+
+def test_wait_for_io_knows_block_devices_and_has_a_deadline(tmp_path: Path) -> None:
+    from ublkmig.bench.scenarios.under_load import wait_for_io
+
+    (tmp_path / "file").write_bytes(b"\0" * 4096)
+    assert wait_for_io(str(tmp_path / "file"), time.time()) is None  # no counters to read
+    devs = sorted(p.name for p in Path("/sys/class/block").glob("*"))
+    if not devs:
+        pytest.skip("no block device here")
+    t0 = time.monotonic()
+    with pytest.raises(fio.FioError, match="did not get"):
+        wait_for_io(f"/dev/{devs[0]}", time.time(), ios=1 << 60, timeout=0.2)
+    assert time.monotonic() - t0 < 5

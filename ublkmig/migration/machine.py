@@ -17,7 +17,9 @@ State machine (one ``migration.phase`` log event per change)::
                                                                  ▼
       final-pass (pause, PASS_FINAL; dbt, snapshot) ─► verifying (--verify, paused)
                                                                  ▼
-                               cutover (resume; stall measured) ─► completed (finish)
+     cutover (dbt: mirroring, resumed first; snapshot: resumed after; stall measured)
+                                                                 ▼
+                                                        completed (finish)
 
     any phase before the cutover ── cancel ──► cancelling ─► cancelled (abort, finish)
     any phase before the cutover ── destination error / verify mismatch ─► failed (finish)

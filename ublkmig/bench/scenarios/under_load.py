@@ -112,10 +112,35 @@ def _interrupt(proc: subprocess.Popen[str]) -> str:
         return proc.communicate()[1] + "\n(killed: it did not stop on SIGINT)"
 
 
+def _device_ios(device: str) -> int | None:
+    """Reads and writes the block device has completed (None: not a block device)."""
+    try:
+        f = (Path("/sys/class/block") / Path(device).name / "stat").read_text().split()
+    except OSError:
+        return None
+    return int(f[0]) + int(f[4])
+
+
+def wait_for_io(device: str, t0: float, ios: int = 256, timeout: float = 60.0) -> float | None:
+    """When the load is running (``ios`` more I/Os done on ``device`` than at the call), in
+    seconds since ``t0``; None if ``device`` is not a block device.  fio can take seconds to
+    start under emulation, and a window of load that starts before it would count that."""
+    first = _device_ios(device)
+    if first is None:
+        return None
+    deadline = time.monotonic() + timeout
+    while (_device_ios(device) or 0) < first + ios:
+        if time.monotonic() > deadline:
+            raise fio.FioError(f"fio did not get {ios} I/Os done on {device} in {timeout:.0f} s")
+        time.sleep(0.02)
+    return time.time() - t0
+
+
 @contextmanager
 def loaded(job: FioJob, device: str, work: Path) -> Iterator[dict[str, Any]]:
-    """fio running ``job`` on ``device`` for the body of the with; on exit, ``samples``:
-    every I/O's completion (seconds since ``t0``, latency in µs, whether a write)."""
+    """fio running ``job`` on ``device`` for the body of the with, entered once it has I/O
+    done (``io_start``: seconds since ``t0``); on exit, ``samples``: every I/O's completion
+    (seconds since ``t0``, latency in µs, whether a write)."""
     out: dict[str, Any] = {}
     for old in work.glob(f"{job.name}_*.log"):
         old.unlink()
@@ -126,6 +151,7 @@ def loaded(job: FioJob, device: str, work: Path) -> Iterator[dict[str, Any]]:
                                 stderr=subprocess.PIPE, text=True, cwd=work)  # fmt: skip
     out["t0"], out["argv"] = t0, argv
     try:
+        out["io_start"] = wait_for_io(device, t0)
         yield out
     finally:
         err, serr = _interrupt(proc), _interrupt(sentinel)
@@ -235,7 +261,9 @@ def load_result(job: FioJob, mode: str, f: dict[str, Any], log: PhaseLog,
     start, stop = ev["start"], ev["end of load"]
     # the migration ends at its cutover (the daemon's clock from the request)
     end = start + mig["cutover_after"]
-    spans = {"before": (1.0, start), "during": (start, end), "after": (end, stop)}
+    # before: from the load's start (or a second in, if not known) to the migration's
+    begin = f.get("io_start") or 1.0
+    spans = {"before": (begin, start), "during": (start, end), "after": (end, stop)}
     win = windows(f["samples"], spans)
     return {
         "job": job.name, "mode": mode, "fio": f["argv"], "seconds": end - start,
