@@ -109,6 +109,10 @@ class ScriptedTarget:
     def set_mode(self, mode: native.MigMode) -> None:
         self.calls.append(f"set_mode {mode.name.lower()}")
 
+    def reconnect(self) -> None:
+        self.calls.append("reconnect")
+        self._set(dest_down=0)
+
     def pause(self) -> None:
         self.calls.append("pause")
         self._set(paused=1)
@@ -125,6 +129,8 @@ class ScriptedTarget:
         self.calls.append("cutover")
         if self.fail_cutover:
             err = self.fail_cutover.pop(0)
+            if err == errno.EPIPE:  # the destination's connection lost
+                self._set(dest_down=1)
             raise native.NativeError("cutover", err, "not in sync" if err == errno.EAGAIN else "x")
         if record is not None:
             record()
@@ -306,6 +312,18 @@ def test_cutover_eagain_copies_again_other_errors_fail() -> None:
     t.fail_cutover = [errno.EAGAIN] * 10
     mig = run(t, Mode.MIRROR)
     assert mig.error == "the cutover failed: not in sync after 5 tries"
+
+
+def test_dbt_tracks_writes_again_after_losing_the_destination_at_its_cutover() -> None:
+    """DBT mirrors from its final pass on, for its cutover; when the destination's
+    connection is lost there, it goes back to tracking writes while it dials again, and
+    starts over."""
+    t = ScriptedTarget(Mode.DBT, [0])
+    t.fail_cutover = [errno.EPIPE]
+    assert run(t, Mode.DBT).phase is Phase.COMPLETED
+    assert passes(t) == ["all", "pause", "final", "set_mode mirror", "resume", "cutover",
+                         "set_mode dbt", "reconnect", "all", "pause", "final",
+                         "set_mode mirror", "resume", "cutover", "finish"]  # fmt: skip
 
 
 def test_verify_mismatch_fails() -> None:

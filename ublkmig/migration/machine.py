@@ -311,6 +311,9 @@ class Migration(Steps):
         if self.opts.mode is Mode.AUTO:
             # track the guest's writes on the source while it is away
             self._switch_writes(self.auto.destination_lost())
+        elif self.opts.mode is Mode.DBT:
+            # lost at its cutover, it mirrors (_switch): track writes again, as asked
+            self.target.set_mode(native.MigMode.DBT)
         self.log.warning("migration.destination_lost", device=self.device, error=why,
                          dest=str(self.opts.dest))  # fmt: skip
         self._set_phase(Phase.RECONNECTING, error=why)
