@@ -277,3 +277,33 @@ def test_wait_for_io_knows_block_devices_and_has_a_deadline(tmp_path: Path) -> N
     with pytest.raises(fio.FioError, match="did not get"):
         wait_for_io(f"/dev/{devs[0]}", time.time(), ios=1 << 60, timeout=0.2)
     assert time.monotonic() - t0 < 5
+
+
+def test_docs_keep_each_sections_latest_run(tmp_path: Path) -> None:
+    """bench --docs rewrites its scenarios' sections and keeps the others' latest run."""
+    from ublkmig.bench import run as bench_run
+    from ublkmig.errors import UserError
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    first = {**_results(), "command": "ublkmig bench --scenario datapath", "quick": False,
+             "started": "day 1"}  # fmt: skip
+    report.write(first, tmp_path / "one")
+    bench_run.update_docs(tmp_path / "one", ("datapath",), docs=docs)
+    md = (docs / "BENCHMARKS.md").read_text()
+    assert "## 1. Data path" in md and "## 3." not in md
+    assert "- datapath: `ublkmig bench --scenario datapath` (full settings), day 1" in md
+    # a later run of the load scenario: both sections, each naming its run, and the plots
+    run = scenarios.combine([_load_rep(2.0, 100, 50, 10.0)])
+    second = {**first, "command": "ublkmig bench --scenario load", "started": "day 2",
+              "scenarios": {"load": {"size": 256 << 20, "span": 64 << 20, "runs": [run]}}}
+    report.write(second, tmp_path / "two")
+    bench_run.update_docs(tmp_path / "two", ("load",), docs=docs)
+    md = (docs / "BENCHMARKS.md").read_text()
+    assert "## 1. Data path" in md and "## 3. Migration under load" in md
+    assert "- datapath: `ublkmig bench --scenario datapath` (full settings), day 1" in md
+    assert "- load: `ublkmig bench --scenario load` (full settings), day 2" in md
+    assert "![](benchmarks/load-randwrite-4k-qd32-dbt.png)" in md
+    assert (docs / "benchmarks" / "load-randwrite-4k-qd32-dbt.png").stat().st_size > 1000
+    with pytest.raises(UserError, match="--docs"):
+        bench_run.main(("load",), True, tmp_path / "x", False, "c", docs=True)

@@ -22,13 +22,23 @@ def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / MiB:.0f}"
 
 
+def _run_line(r: dict[str, Any]) -> str:
+    return (f"`{r['command']}` ({'quick smoke run' if r['quick'] else 'full settings'}), "
+            f"{r['started']}, {r['seconds']:.0f} s")  # fmt: skip
+
+
 def header(r: dict[str, Any]) -> list[str]:
     env = r["environment"]
-    lines = [
-        "# ublkmig benchmarks",
-        "",
-        f"- Command: `{r['command']}` ({'quick smoke run' if r['quick'] else 'full run'}), "
-        f"{r['started']}, {r['seconds']:.0f} s",
+    lines = ["# ublkmig benchmarks", ""]
+    if r.get("runs"):  # sections from several runs (bench --docs): each names its own
+        lines += ["Each section comes from the latest run of its scenario (ratios are "
+                  "taken within one run):", ""]  # fmt: skip
+        lines += [f"- {name}: {_run_line(run)}, Linux {run['environment']['kernel']}"
+                  for name, run in r["runs"].items()]  # fmt: skip
+        lines.append("")
+    else:
+        lines.append(f"- Command: {_run_line(r)}")
+    lines += [
         f"- Machine: {env['cpu']}, {env['cpus']} CPUs, {env['memory_gib']:.1f} GiB",
         f"- Kernel: Linux {env['kernel']}, {env['where']}",
         f"- ublkmig data path: {env['data_path']}",
@@ -155,13 +165,15 @@ SHARE_STEADY, P99_UNTHROTTLED, P99_STEADY = 0.9, 5.0, 3.0
 PAUSE_MS, CUTOVER_PAUSE_MS, STEADY_VS_IDLE = 50.0, 1.0, 3.0
 
 
-def targets_md(sc: dict[str, Any]) -> list[str]:
+def targets_md(sc: dict[str, Any], same_run: bool = True) -> list[str]:
     """Each load run under the unthrottled and the 2000 IOPS loads against the goals: what
-    was measured, the goal, and whether it holds."""
+    was measured, the goal, and whether it holds.  The migration's time is set against the
+    idle scenario's only when both come from one run (``same_run``)."""
     load = sc.get("load")
     if not load:
         return []
-    idle = {(d["size"], mode): m["seconds"]["median"] for d in sc.get("idle", {}).get("disks", [])
+    disks = sc.get("idle", {}).get("disks", []) if same_run else []
+    idle = {(d["size"], mode): m["seconds"]["median"] for d in disks
             if d["disk"] == "full" for mode, m in d["modes"].items()}  # fmt: skip
     out = ["", "**Against the goals** (unthrottled: the guest keeps at least "
            + ", ".join(f"{v} ({k})" for k, v in SHARE_UNTHROTTLED.items())
@@ -233,7 +245,9 @@ def markdown(r: dict[str, Any]) -> str:
         lines += idle_md(sc["idle"])
     if "load" in sc:
         lines += load_md(sc["load"], "## 3. Migration under load")
-        lines += targets_md(sc)
+        runs = r.get("runs") or {}
+        lines += targets_md(sc, same_run=runs.get("idle", {}).get("started")
+                            == runs.get("load", {}).get("started"))  # fmt: skip
     if "slow" in sc:
         d = sc["slow"]
         lines += load_md(d, "## 4. A slow destination: mirror against auto")

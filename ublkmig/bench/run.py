@@ -24,15 +24,22 @@ WORKDIR = Path("/run/ublkmig-bench")
 DOCS = vm.REPO / "docs"
 
 
-def main(names: tuple[str, ...], quick: bool, out: Path, inside: bool, command: str) -> int:
+def main(names: tuple[str, ...], quick: bool, out: Path, inside: bool, command: str,
+         docs: bool = False) -> int:  # fmt: skip
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         raise UserError(f"unknown scenario {', '.join(unknown)}: choose from "
                         f"{', '.join(SCENARIOS)}")  # fmt: skip
+    if docs and quick:
+        raise UserError("--docs takes a run without --quick: the docs show the full settings")
     names = names or SCENARIOS
     if inside or vm.have_ublk():
-        return _run_here(names, quick, out, command, in_vm=inside)
-    return _run_in_vm(names, quick, out, command)
+        rc = _run_here(names, quick, out, command, in_vm=inside)
+    else:
+        rc = _run_in_vm(names, quick, out, command)
+    if rc == 0 and docs and not inside:
+        update_docs(out, names)
+    return rc
 
 
 def _build_kublk() -> None:
@@ -62,23 +69,37 @@ def _run_in_vm(names: tuple[str, ...], quick: bool, out: Path, command: str) -> 
             out.mkdir(parents=True, exist_ok=True)
             shutil.copytree(rw / "out", out, dirs_exist_ok=True)
             print(f"results: {out / 'results.json'}, {out / 'report.md'}", flush=True)
-        if res.returncode == 0 and not quick and set(names) == set(SCENARIOS):
-            _update_docs(out)  # only a full run of every scenario
         return res.returncode
     finally:
         shutil.rmtree(rw, ignore_errors=True)
 
 
-def _update_docs(out: Path) -> None:
-    """docs/BENCHMARKS.md and docs/benchmarks/*.png from a full run."""
-    pics = DOCS / "benchmarks"
-    shutil.rmtree(pics, ignore_errors=True)
-    pics.mkdir(parents=True)
-    for png in out.glob("*.png"):
-        shutil.copy(png, pics / png.name)
-    md = (out / "report.md").read_text().replace("![](", "![](benchmarks/")
-    (DOCS / "BENCHMARKS.md").write_text(md)
-    print(f"updated {DOCS / 'BENCHMARKS.md'}", flush=True)
+def update_docs(out: Path, names: tuple[str, ...], docs: Path = DOCS) -> None:
+    """docs/BENCHMARKS.md and its plots from this run's scenarios (``out``) and the latest
+    run of every other one, which docs/benchmarks/results.json keeps: every scenario in one
+    run takes hours under emulation.  Each section names the run it comes from."""
+    pics, kept = docs / "benchmarks", docs / "benchmarks" / "results.json"
+    new = json.loads((out / "results.json").read_text())
+    merged: dict[str, Any] = (json.loads(kept.read_text()) if kept.is_file()
+                              else {"scenarios": {}, "runs": {}})  # fmt: skip
+    run = {k: new[k] for k in ("command", "quick", "started", "seconds", "environment",
+                               "settings")}  # fmt: skip
+    for name in names:
+        merged["scenarios"][name] = new["scenarios"][name]
+        merged["runs"][name] = run
+    merged.update(run)  # the header's: the latest run
+    rendered = Path(tempfile.mkdtemp(prefix="ublkmig-docs-"))
+    try:
+        md = report.write(merged, rendered)
+        shutil.rmtree(pics, ignore_errors=True)
+        pics.mkdir(parents=True)
+        for png in rendered.glob("*.png"):
+            shutil.copy(png, pics / png.name)
+        kept.write_text(json.dumps(merged, indent=1) + "\n")
+        (docs / "BENCHMARKS.md").write_text(md.replace("![](", "![](benchmarks/"))
+    finally:
+        shutil.rmtree(rendered, ignore_errors=True)
+    print(f"updated {docs / 'BENCHMARKS.md'} ({', '.join(names)})", flush=True)
 
 
 def environment(in_vm: bool, features: dict[str, Any]) -> dict[str, Any]:
