@@ -234,6 +234,11 @@ int ubm_mig_start(struct ubm_target *t, const struct ubm_mig_config *cfg);
 /* Copy one pass (enum ubm_pass); blocks until done.  *chunks: how many it
  * copied.  -ECANCELED after ubm_mig_abort(); a destination error fails it. */
 int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *chunks);
+/* Switch how guest writes go: MIRROR or DBT (enum ubm_mig_mode).  A snapshot
+ * migration stays one: MIRROR mirrors the writes to its active delta to the
+ * destination too (its tail: a pass then copies the active delta's chunks
+ * with the guest going on, and the cutover needs no pause), SNAPSHOT stops
+ * that.  -EBUSY in the cutover's window. */
 int ubm_mig_set_mode(struct ubm_target *t, uint32_t mode);
 int ubm_mig_set_speed(struct ubm_target *t, uint64_t bytes_per_second);
 /* Snapshot: freeze the active delta and start a fresh one (guest I/O is

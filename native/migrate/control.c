@@ -297,12 +297,21 @@ UBM_EXPORT int ubm_mig_set_mode(struct ubm_target *t, uint32_t mode)
 
 	if (ret)
 		return ret;
-	if (mode > UBM_MIG_DBT || A_LOAD(&m->mode) == UBM_MIG_SNAPSHOT)
+	if (A_LOAD(&m->mode) == UBM_MIG_SNAPSHOT) {
+		/* its tail: MIRROR mirrors the writes to the active delta too,
+		 * SNAPSHOT stops that (they still dirty their chunks) */
+		if (mode != UBM_MIG_MIRROR && mode != UBM_MIG_SNAPSHOT)
+			return ubm_fail(EINVAL, "a snapshot migration mirrors or not, nothing else");
+	} else if (mode > UBM_MIG_DBT) {
 		return ubm_fail(EINVAL, "only mirror and dirty tracking switch modes");
+	}
 	/* the cutover's window relies on every write being mirrored (cutover.c) */
 	if (A_LOAD(&m->switching))
 		return ubm_fail(EBUSY, "a cutover is under way");
-	A_STORE(&m->mode, mode);
+	if (A_LOAD(&m->mode) == UBM_MIG_SNAPSHOT)
+		A_STORE(&m->snap_mirror, mode == UBM_MIG_MIRROR);
+	else
+		A_STORE(&m->mode, mode);
 	return 0;
 }
 

@@ -15,8 +15,10 @@
 
 static bool wanted(struct ubm_migration *m, uint64_t c, uint32_t pass)
 {
-	/* snapshot: the active delta is still taking writes */
-	if (pass != UBM_PASS_FINAL && m->gen && A_LOAD(&m->newest[c]) == A_LOAD(&m->gen))
+	/* snapshot: the active delta is still taking writes, unmirrored (once
+	 * they are mirrored, in its tail, a pass takes it as mirror mode's does) */
+	if (pass != UBM_PASS_FINAL && m->gen && !A_LOAD(&m->snap_mirror) &&
+	    A_LOAD(&m->newest[c]) == A_LOAD(&m->gen))
 		return false;
 	switch (pass) {
 	case UBM_PASS_DIRTY:

@@ -69,11 +69,10 @@ int mig_flush_dest(struct ubm_migration *m)
  *   switch   commit: from here on every request goes to the destination; or
  *            cancel: the window closes and the source stays the disk.
  *
- * Mirror mode holds no guest request for this, nor DBT mode, which mirrors
- * once its final pass is done (the control plane sets the mode and resumes
- * guest I/O before prepare); snapshot mode has paused guest I/O already, for
- * its final pass.  What makes that safe is the
- * window: while it is open, both images hold every write the guest was told
+ * Mirror mode holds no guest request for this, nor DBT and snapshot modes,
+ * which mirror the guest's writes for their last pass and the cutover
+ * (ubm_mig_set_mode(MIRROR); snapshot's go to the active delta and the
+ * destination).  What makes that safe is the window: while it is open, both images hold every write the guest was told
  * is done, so a daemon that dies with the record half made leaves its
  * successor a right image whichever one the record names:
  * - every write is mirrored: every chunk is copied and clean, and the mode
@@ -103,8 +102,9 @@ UBM_EXPORT int ubm_mig_cutover_prepare(struct ubm_target *t)
 	ret = mig_check(m, true);
 	if (ret)
 		return ret;
-	if (A_LOAD(&m->mode) != UBM_MIG_MIRROR && !A_LOAD(&m->paused))
-		return ubm_fail(EAGAIN, "not in sync: dirty tracking needs a pause to cut over");
+	if (A_LOAD(&m->mode) != UBM_MIG_MIRROR && !A_LOAD(&m->snap_mirror) &&
+	    !A_LOAD(&m->paused))
+		return ubm_fail(EAGAIN, "not in sync: unmirrored writes need a pause to cut over");
 	if (A_LOAD(&m->switching))
 		return ubm_fail(EBUSY, "a cutover is under way already");
 	ret = not_in_sync(m);
@@ -144,8 +144,8 @@ UBM_EXPORT int ubm_mig_cutover_switch(struct ubm_target *t, uint32_t how)
 		__atomic_store_n(&m->cut_over, 1, __ATOMIC_SEQ_CST);
 		__atomic_store_n(&t->primary, SLOT_DEST, __ATOMIC_SEQ_CST);
 	}
-	/* guest I/O paused around the switch: snapshot's final pause (or any
-	 * cutover made paused, as a --verify one) */
+	/* guest I/O paused around the switch (a cutover made paused, as a
+	 * --verify one) */
 	A_STORE(&m->cutover_pause_ns, A_LOAD(&m->paused) ? now - m->window_start_ns : 0);
 	/* (after cut_over: a write that failed on the destination before the
 	 * switch keeps waiting, io_done() looks at both) */

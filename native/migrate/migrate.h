@@ -29,7 +29,10 @@
  * reads go to each chunk's newest layer (newest[c]: 0 the source, g the
  * delta of generation g).  ubm_mig_new_delta() freezes the active delta and
  * opens the next; the copier copies each chunk from its newest layer, except
- * the active one until the final (paused) pass.  Deltas live until the end:
+ * the active one until the tail: once the folds are done, writes go to the
+ * active delta and to the destination (snap_mirror, set by
+ * ubm_mig_set_mode(MIRROR)), and a pass copies the active delta's chunks
+ * with the guest going on, as mirror mode's pass does.  Deltas live until the end:
  * a cancel folds them back into the source.  Each copy on write is recorded
  * in the layer map (layermap.c), which a FLUSH or FUA write makes durable
  * before it is acknowledged: a daemon that dies leaves the deltas and the map,
@@ -152,6 +155,8 @@ struct ubm_migration {
 	bool delta_created[UBM_MAX_DELTAS];
 	bool deltas_done;          /* folded back or cut over: the files can go */
 	uint32_t mode;
+	uint32_t snap_mirror;      /* snapshot, its tail: writes to the active delta are
+				    * mirrored to the destination too (route.c) */
 	uint32_t paused;
 	uint32_t abort;
 	uint32_t cut_over;
@@ -242,7 +247,7 @@ int mig_install(struct ubm_migration *m, unsigned slot, struct ubm_backend *be);
 /* snapshot.c */
 int mig_sync_dir_of(const char *path);
 int mig_open_delta(struct ubm_migration *m, unsigned g);
-int mig_snapshot_cow(struct ubm_migration *m, uint64_t c);
+int mig_snapshot_cow(struct ubm_migration *m, uint64_t c, bool mirrored);
 int mig_fold_back(struct ubm_migration *m);
 
 /* cutover.c */

@@ -19,7 +19,7 @@
  *   not copied or dirty: at route(), below);
  * - any other write, dbt: the source; its chunks go dirty when it is done;
  * - a write, snapshot: the active delta, after its chunks were copied into it
- *   (copy on write, snapshot.c).
+ *   (copy on write, snapshot.c); in the tail, the destination too.
  * Whose errors the guest sees: the source's (or the delta's), never the
  * destination's before the cutover (part_done()).
  *
@@ -106,12 +106,16 @@ static void to_slot(struct ubm_io *io, unsigned slot, uint64_t offset, uint32_t 
 }
 
 /* Snapshot routing: reads from the newest layer of each chunk, writes to
- * the active delta (after copying the chunk into it if it is not there). */
+ * the active delta (after copying the chunk into it if it is not there), and
+ * in the tail (snap_mirror) to the destination too, as mirror mode's go to
+ * the source and the destination: the copier takes a chunk of the active
+ * delta then, after the writes that hold it, so one pass converges. */
 static int snapshot_route(struct ubm_migration *m, struct ubm_io *io, struct mig_io *mi,
 			  uint64_t c0, uint64_t c1)
 {
 	const struct ubm_req *req = &io->req;
 	unsigned active = A_LOAD(&m->gen), s0, s1;
+	bool mirrored = A_LOAD(&m->snap_mirror);  /* read once: the COW and the routing agree */
 	int ret;
 
 	if (req->op == UBLK_IO_OP_FLUSH) {
@@ -120,6 +124,8 @@ static int snapshot_route(struct ubm_migration *m, struct ubm_io *io, struct mig
 		mi->map_mark = ubm_layer_map_mark(&m->map);
 		for (unsigned g = 1; g <= active; g++)
 			to_slot(io, SLOT_DELTA0 + g - 1, 0, 0);
+		if (mirrored)
+			to_slot(io, SLOT_DEST, 0, 0);  /* mirrored writes sit there too */
 		return 0;
 	}
 	if (!is_write(req->op)) {
@@ -138,7 +144,7 @@ static int snapshot_route(struct ubm_migration *m, struct ubm_io *io, struct mig
 	for (uint64_t c = c0; c <= c1; c++) {
 		if (A_LOAD(&m->newest[c]) == active)
 			continue;
-		ret = mig_snapshot_cow(m, c);
+		ret = mig_snapshot_cow(m, c, mirrored);
 		if (ret < 0) {
 			mig_fail_deltas(m, ret);
 			ret = 1;
@@ -146,11 +152,20 @@ static int snapshot_route(struct ubm_migration *m, struct ubm_io *io, struct mig
 		if (ret)
 			return ret;  /* another queue is copying it, or the deltas failed: park */
 	}
-	mi->flags |= MIG_IO_TRACKED;
-	A_ADD(&m->unmirrored, 1);
 	/* FUA: its chunks' records (added above, if copied now) durable too */
 	mi->map_mark = ubm_layer_map_mark(&m->map);
 	to_slot(io, SLOT_DELTA0 + active - 1, req->offset, req->len);
+	if (mirrored) {
+		mi->flags |= MIG_IO_MIRRORED;
+		for (uint64_t c = c0; c <= c1; c++)  /* before it is sent: ordering 3 */
+			bit_set(m->dest_written, c);
+		to_slot(io, SLOT_DEST, req->offset, req->len);
+		return 0;
+	}
+	/* its chunks go dirty when it is done (a chunk of the active delta the
+	 * tail copied already, if mirroring stopped since: ubm_mig_set_mode) */
+	mi->flags |= MIG_IO_TRACKED;
+	A_ADD(&m->unmirrored, 1);
 	return 0;
 }
 
@@ -277,7 +292,7 @@ static bool part_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag
 	bool data = is_write(req->op) && req->len;
 	uint64_t c0 = 0, c1 = 0;
 
-	if (slot == SLOT_SOURCE) {
+	if (slot != SLOT_DEST) {  /* the source, or snapshot's active delta */
 		if (mi->flags & MIG_IO_MIRRORED) {
 			mi->t_source_done = ubm_now_ns();
 			/* the guest now waits for the destination alone: counted

@@ -108,9 +108,10 @@ static int copy_range(int from, int to, uint64_t off, size_t len, void *buf)
  * Snapshot copy-on-write: bring chunk c into the active delta before a write
  * lands in it.  Runs on a queue thread holding a reference on c (so the
  * copier leaves c alone); the COW bit keeps a second queue out (it parks).
- * Returns 0, 1 (park) or -errno.
+ * mirrored: the write goes to the destination too (the tail).  Returns 0, 1
+ * (park) or -errno.
  */
-int mig_snapshot_cow(struct ubm_migration *m, uint64_t c)
+int mig_snapshot_cow(struct ubm_migration *m, uint64_t c, bool mirrored)
 {
 	unsigned active = A_LOAD(&m->gen), from;
 	uint32_t s = A_LOAD(&m->chunk[c]), len = chunk_len(m, c);
@@ -147,9 +148,14 @@ int mig_snapshot_cow(struct ubm_migration *m, uint64_t c)
 			A_STORE(&m->newest[c], (uint8_t)active);
 			A_ADD(&m->cow_chunks, 1);
 			A_ADD(&m->delta_chunks, 1);
-			/* the chunk changed layer: the final pass must take it even
-			 * if the write that caused this parks and never lands */
-			mig_mark_dirty(m, c);
+			/* the chunk changed layer: a pass must take it even if the
+			 * write that caused this parks and never lands; but not in
+			 * the tail, where the write is mirrored: the copy holds what
+			 * the destination holds for a clean chunk, and dirtying it
+			 * would spread dirt over every chunk the guest writes to
+			 * faster than the passes clean it */
+			if (!mirrored)
+				mig_mark_dirty(m, c);
 		}
 	}
 	s = __atomic_fetch_and(&m->chunk[c], ~(CH_COW | CH_WAITERS), __ATOMIC_SEQ_CST);

@@ -118,9 +118,67 @@ static pid_t start_nbdkit(const char *file, const char *sock)
 	return pid;
 }
 
+/* The final pass with guest I/O paused, verify, and the cutover (paused). */
+static void paused_cutover(void)
+{
+	for (int tries = 0;; tries++) {
+		uint64_t n;
+		int ret;
+
+		/* pause with guest requests in flight (they complete first) and
+		 * more submitted: those park until the resume */
+		for (int k = 0; k < DEPTH / 2 && guest.inflight < DEPTH; k++)
+			guest_io();
+		CHECK(ubm_mig_pause(tgt) == 0, "pause");
+		for (int k = 0; k < 4 && guest.inflight < DEPTH; k++)
+			guest_io();
+		CHECK(ubm_mig_copy_pass(tgt, UBM_PASS_FINAL, &n) == 0, "final: %s", ubm_last_error());
+		uint64_t bad;
+		CHECK(ubm_mig_verify(tgt, &bad) == 0 && bad == 0, "verify: %llu chunks differ",
+		      (unsigned long long)bad);
+		ret = ubm_mig_cutover(tgt);
+		if (ret == 0)
+			break;
+		CHECK(ret == -EAGAIN && tries < 5, "cutover: %d %s", ret, ubm_last_error());
+		CHECK(ubm_mig_resume(tgt) == 0, "resume");
+	}
+}
+
+/*
+ * The tail of dbt and snapshot as the control plane runs it: the writes
+ * mirrored (snapshot: to the active delta and the destination), passes with
+ * the guest going on, and the cutover made with guest requests in flight, no
+ * pause.  Mirroring stops once midway and starts again: the writes meanwhile
+ * (to chunks the tail copied already) must go dirty.
+ */
+static void tail(uint32_t m)
+{
+	uint32_t saved = mode;
+
+	CHECK(ubm_mig_set_mode(tgt, UBM_MIG_MIRROR) == 0, "mirror: %s", ubm_last_error());
+	mode = UBM_MIG_MIRROR;  /* the copier thread: one pass */
+	copy_with_guest_io();
+	CHECK(ubm_mig_set_mode(tgt, m) == 0, "stop mirroring: %s", ubm_last_error());
+	guest_io_rounds(200);
+	CHECK(ubm_mig_set_mode(tgt, UBM_MIG_MIRROR) == 0, "mirror again: %s", ubm_last_error());
+	for (int tries = 0;; tries++) {
+		int ret;
+
+		copy_with_guest_io();
+		for (int k = 0; k < DEPTH / 2 && guest.inflight < DEPTH; k++)
+			guest_io();  /* in flight across the cutover */
+		ret = ubm_mig_cutover(tgt);
+		if (ret == 0)
+			break;
+		CHECK(ret == -EAGAIN && tries < 5, "cutover: %d %s", ret, ubm_last_error());
+	}
+	mode = saved;
+}
+
 /* The destination: a file, or with nbd that file exported by nbdkit over a
- * unix socket (the NBD backend under ASan). */
-static void run(uint32_t m, int zeroed, int cancel, int nbd)
+ * unix socket (the NBD backend under ASan); with_tail: the cutover without a
+ * pause (tail()). */
+static void run(uint32_t m, int zeroed, int cancel, int nbd, int with_tail)
 {
 	char src[T_PATH_MAX], dst[T_PATH_MAX], sock[T_PATH_MAX + 8], uri[T_PATH_MAX + 32];
 	struct ubm_mig_stats st;
@@ -198,33 +256,17 @@ static void run(uint32_t m, int zeroed, int cancel, int nbd)
 		return;
 	}
 	/* bring it into sync */
-	for (int tries = 0;; tries++) {
-		uint64_t n;
-		int ret;
-
-		/* pause with guest requests in flight (they complete first) and
-		 * more submitted: those park until the resume */
-		for (int k = 0; k < DEPTH / 2 && guest.inflight < DEPTH; k++)
-			guest_io();
-		CHECK(ubm_mig_pause(tgt) == 0, "pause");
-		for (int k = 0; k < 4 && guest.inflight < DEPTH; k++)
-			guest_io();
-		CHECK(ubm_mig_copy_pass(tgt, UBM_PASS_FINAL, &n) == 0, "final: %s", ubm_last_error());
-		uint64_t bad;
-		CHECK(ubm_mig_verify(tgt, &bad) == 0 && bad == 0, "verify: %llu chunks differ",
-		      (unsigned long long)bad);
-		ret = ubm_mig_cutover(tgt);
-		if (ret == 0)
-			break;
-		CHECK(ret == -EAGAIN && tries < 5, "cutover: %d %s", ret, ubm_last_error());
-		CHECK(ubm_mig_resume(tgt) == 0, "resume");
-	}
+	if (with_tail)
+		tail(m);
+	else
+		paused_cutover();
 	CHECK(ubm_mig_get_stats(tgt, &st) == 0, "stats");
 	CHECK(st.cut_over && st.dirty_chunks == 0 && st.chunks_copied == st.nr_chunks,
 	      "in sync after cutover");
 	CHECK(ubm_mig_resume(tgt) == 0, "resume");
-	printf("test_migrate: %s%s: %llu passes, %llu bytes copied, %llu skipped, %llu mirrored, "
+	printf("test_migrate: %s%s%s: %llu passes, %llu bytes copied, %llu skipped, %llu mirrored, "
 	       "%llu tracked, %llu parked, %llu COW, %llu matched: ", mode_name(m),
+	       with_tail ? " (mirrored tail, no pause)" : "",
 	       zeroed ? "" : " (old data on the destination)", (unsigned long long)st.passes,
 	       (unsigned long long)st.bytes_copied, (unsigned long long)st.bytes_skipped,
 	       (unsigned long long)st.mirrored_writes, (unsigned long long)st.tracked_writes,
@@ -306,19 +348,20 @@ int main(void)
 	copier_waits_for_inflight_writes(1);
 	model = malloc(SIZE);
 	for (uint32_t m = UBM_MIG_MIRROR; m <= UBM_MIG_SNAPSHOT; m++) {
-		run(m, 1, 0, 0);
-		run(m, 0, 0, 0);
-		run(m, 1, 1, 0);
+		run(m, 1, 0, 0, 0);
+		run(m, 0, 0, 0, 0);
+		run(m, 1, 1, 0, 0);
+		run(m, 0, 0, 0, 1);
 	}
 	printf("test_migrate: to an NBD export (nbdkit, unix socket)\n");
 	for (uint32_t m = UBM_MIG_MIRROR; m <= UBM_MIG_SNAPSHOT; m++)
-		run(m, 0, 0, 1);
+		run(m, 0, 0, 1, m != UBM_MIG_MIRROR);
 	/* the destination and deltas as plain fds, as on kernels before 6.13
 	 * (the runs above used what this kernel picks) */
 	ubm_fixed_migration_files = 0;
 	printf("test_migrate: again, the destination and deltas as plain fds\n");
 	for (uint32_t m = UBM_MIG_MIRROR; m <= UBM_MIG_SNAPSHOT; m++)
-		run(m, 0, 0, 0);
+		run(m, 0, 0, 0, 0);
 	free(model);
 	return 0;
 }
