@@ -249,6 +249,8 @@ def test_targets_judge_each_load_run() -> None:
           "load": {"size": 256 << 20, "runs": [
               run("randwrite-4k-qd32", "auto", 0.55, (2.0, 8.0), 5.0),
               run("randwrite-4k-qd32", "dbt", 0.59, (2.0, 12.0), 5.0, final_pause_ms=40.0),
+              # its tail mirrors: the cutover's pause is its pause
+              run("randwrite-4k-qd32", "snapshot", 0.45, (2.0, 4.0), 5.0, cutover_pause_ms=0.2),
               run("randrw70-4k-qd32", "mirror", 0.1, (2.0, 50.0), 5.0),  # not judged
               run(steady, "dbt", 0.95, (2.0, 6.0), 30.0, disk=1 << 30, final_pause_ms=60.0),
               run(steady, "auto", 0.9, (2.0, 5.0), 20.0, disk=1 << 30, cutover_pause_ms=1.0),
@@ -257,8 +259,9 @@ def test_targets_judge_each_load_run() -> None:
     rows = [ln for ln in lines if ln.startswith("| randwrite")]
     assert rows == [
         "| randwrite-4k-qd32 | auto | 0.55 ✓ | 4.0x ✓ | - | 0.0 ms ✓ |",  # no idle 256 MiB
-        "| randwrite-4k-qd32 | dbt | 0.59 ✗ | 6.0x ✗ | - | 40 ms ✓ |",
-        f"| {steady}, 1024 MiB disk | dbt | 0.95 ✓ | 3.0x ✓ | 3.8x ✗ | 60 ms ✗ |",
+        "| randwrite-4k-qd32 | dbt | 0.59 ✗ | 6.0x ✗ | - | 40.0 ms ✓ |",
+        "| randwrite-4k-qd32 | snapshot | 0.45 ✓ | 2.0x ✓ | - | 0.2 ms ✓ |",
+        f"| {steady}, 1024 MiB disk | dbt | 0.95 ✓ | 3.0x ✓ | 3.8x ✗ | 60.0 ms ✗ |",
         # auto against mirror's idle time; a 1 ms cutover pause is not under 1 ms
         f"| {steady}, 1024 MiB disk | auto | 0.90 ✓ | 2.5x ✓ | 2.0x ✓ | 1.0 ms ✗ |",
     ]

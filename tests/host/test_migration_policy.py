@@ -54,6 +54,8 @@ class ScriptedTarget:
         self.fail_cutover: list[int] = []  # errnos the next cutovers return
         self.verify_result = 0
         self.finished = False
+        self.in_tail = False  # dbt, snapshot: set_mode(MIRROR), their tail
+        self.tail: list[int] = []  # dirty chunks after each pass of dbt's or snapshot's tail
 
     def _set(self, **kw: Any) -> None:
         with self.lock:
@@ -81,7 +83,9 @@ class ScriptedTarget:
         self.npass += 1
         if kind is Pass.FINAL:
             n = 0
-        snapshot_fold = self.mode is Mode.SNAPSHOT and kind is not Pass.FINAL
+        elif self.in_tail:  # writes mirrored
+            n = self.tail.pop(0) if self.tail else 0
+        snapshot_fold = self.mode is Mode.SNAPSHOT and kind is not Pass.FINAL and not self.in_tail
         field = "delta_chunks" if snapshot_fold else "dirty_chunks"
         self._set(
             chunks_copied=CHUNKS,
@@ -108,6 +112,9 @@ class ScriptedTarget:
 
     def set_mode(self, mode: native.MigMode) -> None:
         self.calls.append(f"set_mode {mode.name.lower()}")
+        self.in_tail = self.mode in (Mode.DBT, Mode.SNAPSHOT) and mode is native.MigMode.MIRROR
+        if self.in_tail and self.mode is Mode.SNAPSHOT:  # the active delta's chunks are dirty
+            self._set(dirty_chunks=self.s.delta_chunks)
 
     def reconnect(self) -> None:
         self.calls.append("reconnect")
@@ -213,37 +220,64 @@ def test_dbt_converges() -> None:
     t = ScriptedTarget(Mode.DBT, [100, 60, 30, 10])
     mig = run(t, Mode.DBT, speed=1 << 20)
     assert mig.phase is Phase.COMPLETED
-    # the final pass paused; then mirroring, the guest goes on during the cutover's record
-    assert passes(t) == ["all", "dirty", "dirty", "dirty", "pause", "final", "set_mode mirror",
-                         "resume", "cutover", "finish"]  # fmt: skip
-    assert t.speeds == [0, 1 << 20], "the final pass (guest paused) runs at full speed"
-    assert mig.status()["final_pause_ms"] == 2.0
+    # then the writes mirrored, the last dirty chunks copied and the cutover made in a
+    # window, the guest never paused
+    assert passes(t) == ["all", "dirty", "dirty", "dirty", "set_mode mirror", "all", "cutover",
+                         "finish"]  # fmt: skip
+    assert t.speeds == [], "the mirrored final pass keeps the speed asked for"
+    assert mig.status()["final_pause_ms"] is None
+
+
+def test_dbt_tail_passes_until_clean() -> None:
+    """A write routed before the switch to mirroring dirties its chunk when it is done: a
+    pass after it copies it; one still dirty after three passes means a destination error."""
+    t = ScriptedTarget(Mode.DBT, [100, 10])
+    t.tail = [2]
+    assert run(t, Mode.DBT).phase is Phase.COMPLETED
+    assert passes(t) == ["all", "dirty", "set_mode mirror", "all", "all", "cutover", "finish"]
+    t = ScriptedTarget(Mode.DBT, [100, 10])
+    t.tail = [2, 2, 2]
+    mig = run(t, Mode.DBT)
+    assert mig.phase is Phase.FAILED, "never paused to force it"
+    assert mig.error == "the mirror did not converge: 2 chunks still dirty"
+    assert "pause" not in t.calls and "cutover" not in t.calls
 
 
 def test_dbt_stops_when_not_shrinking() -> None:
     t = ScriptedTarget(Mode.DBT, [100, 90, 95, 97, 50, 10])
     assert run(t, Mode.DBT).phase is Phase.COMPLETED
-    assert passes(t)[:5] == ["all", "dirty", "dirty", "dirty", "pause"]
+    assert passes(t)[:5] == ["all", "dirty", "dirty", "dirty", "set_mode mirror"]
 
 
 def test_dbt_pass_limit() -> None:
     t = ScriptedTarget(Mode.DBT, lambda n: 1000 - n)
     assert run(t, Mode.DBT, policy=replace(FAST, max_dirty_passes=4)).phase is Phase.COMPLETED
-    assert passes(t)[:6] == ["all", "dirty", "dirty", "dirty", "dirty", "pause"]
+    assert passes(t)[:6] == ["all", "dirty", "dirty", "dirty", "dirty", "set_mode mirror"]
 
 
 def test_dbt_nothing_dirty_goes_straight_to_the_final_pass() -> None:
     t = ScriptedTarget(Mode.DBT, [3])
     assert run(t, Mode.DBT).phase is Phase.COMPLETED
-    assert passes(t) == ["all", "pause", "final", "set_mode mirror", "resume", "cutover", "finish"]
+    assert passes(t) == ["all", "set_mode mirror", "all", "cutover", "finish"]
+
+
+def test_dbt_verify_pauses_after_its_tail() -> None:
+    t = ScriptedTarget(Mode.DBT, [3])
+    mig = run(t, Mode.DBT, verify=True)
+    assert mig.phase is Phase.COMPLETED
+    assert passes(t) == ["all", "set_mode mirror", "all", "pause", "verify", "cutover", "resume",
+                         "finish"]  # fmt: skip
+    assert mig.final_pause_ns == 2_000_000
 
 
 def test_snapshot_folds_until_small() -> None:
     t = ScriptedTarget(Mode.SNAPSHOT, [200, 100, 40, 5], delta_after_new=0)
     mig = run(t, Mode.SNAPSHOT)
     assert mig.phase is Phase.COMPLETED
+    # then the writes mirrored, the active delta copied, the cutover made: no pause
     assert passes(t) == ["all", "new_delta", "all", "new_delta", "all", "new_delta", "all",
-                         "pause", "final", "cutover", "resume", "finish"]  # fmt: skip
+                         "set_mode mirror", "all", "cutover", "finish"]  # fmt: skip
+    assert mig.final_pause_ns is None
 
 
 def test_snapshot_generation_limit_and_no_more_deltas() -> None:
@@ -253,7 +287,7 @@ def test_snapshot_generation_limit_and_no_more_deltas() -> None:
     t = ScriptedTarget(Mode.SNAPSHOT, lambda n: 1000 - n, max_deltas=2)
     mig = run(t, Mode.SNAPSHOT)
     assert mig.phase is Phase.COMPLETED
-    assert passes(t)[:5] == ["all", "new_delta", "all", "new_delta", "pause"]
+    assert passes(t)[:5] == ["all", "new_delta", "all", "new_delta", "set_mode mirror"]
 
 
 def test_snapshot_in_sync_stops_folding_when_out_of_deltas() -> None:
@@ -297,13 +331,11 @@ def test_cutover_eagain_copies_again_other_errors_fail() -> None:
     t.fail_cutover = [errno.EAGAIN]
     assert run(t, Mode.DBT).phase is Phase.COMPLETED
     # dbt mirrors from its final pass on: a refused cutover is followed by a pass, unpaused
-    assert passes(t) == ["all", "pause", "final", "set_mode mirror", "resume", "cutover", "all",
-                         "cutover", "finish"]  # fmt: skip
+    assert passes(t) == ["all", "set_mode mirror", "cutover", "all", "cutover", "finish"]
     t = ScriptedTarget(Mode.SNAPSHOT, [0])
     t.fail_cutover = [errno.EAGAIN]
     assert run(t, Mode.SNAPSHOT).phase is Phase.COMPLETED
-    assert passes(t) == ["all", "pause", "final", "cutover", "final", "cutover", "resume",
-                         "finish"]  # fmt: skip
+    assert passes(t) == ["all", "set_mode mirror", "cutover", "all", "cutover", "finish"]
     t = ScriptedTarget(Mode.MIRROR, [0])
     t.fail_cutover = [errno.EIO]
     mig = run(t, Mode.MIRROR)
@@ -314,16 +346,20 @@ def test_cutover_eagain_copies_again_other_errors_fail() -> None:
     assert mig.error == "the cutover failed: not in sync after 5 tries"
 
 
-def test_dbt_tracks_writes_again_after_losing_the_destination_at_its_cutover() -> None:
-    """DBT mirrors from its final pass on, for its cutover; when the destination's
-    connection is lost there, it goes back to tracking writes while it dials again, and
-    starts over."""
+def test_tail_stops_mirroring_after_losing_the_destination_at_its_cutover() -> None:
+    """DBT and snapshot mirror in their tail; when the destination's connection is lost at
+    the cutover, they go back to their own way while they dial again, and start over."""
     t = ScriptedTarget(Mode.DBT, [0])
     t.fail_cutover = [errno.EPIPE]
     assert run(t, Mode.DBT).phase is Phase.COMPLETED
-    assert passes(t) == ["all", "pause", "final", "set_mode mirror", "resume", "cutover",
-                         "set_mode dbt", "reconnect", "all", "pause", "final",
-                         "set_mode mirror", "resume", "cutover", "finish"]  # fmt: skip
+    assert passes(t) == ["all", "set_mode mirror", "cutover", "set_mode dbt", "reconnect",
+                         "all", "set_mode mirror", "cutover", "finish"]  # fmt: skip
+    # snapshot alike: its writes go to the active delta alone again
+    t = ScriptedTarget(Mode.SNAPSHOT, [0])
+    t.fail_cutover = [errno.EPIPE]
+    assert run(t, Mode.SNAPSHOT).phase is Phase.COMPLETED
+    assert passes(t) == ["all", "set_mode mirror", "cutover", "set_mode snapshot", "reconnect",
+                         "all", "set_mode mirror", "cutover", "finish"]  # fmt: skip
 
 
 def test_verify_mismatch_fails() -> None:
@@ -331,7 +367,7 @@ def test_verify_mismatch_fails() -> None:
     t.verify_result = 2
     mig = run(t, Mode.SNAPSHOT, verify=True)
     assert mig.phase is Phase.FAILED and mig.verify_mismatches == 2
-    assert passes(t) == ["all", "pause", "final", "verify", "finish"]
+    assert passes(t) == ["all", "set_mode mirror", "pause", "verify", "finish"]
 
 
 @pytest.fixture

@@ -289,10 +289,10 @@ def check_completed(device: str, dest: Path | str, mode: str,
     assert lost_connections or mig["dest_errors"] == 0, mig
     assert st["image"] == str(dest), f"the device serves {st['image']}, not {dest}"
     assert st["stats"]["errors"] == 0, st["stats"]
-    if mode in ("mirror", "auto"):  # (auto ends mirroring: no pause)
-        assert mig["cutover_stall_ms"] is not None and mig["final_pause_ms"] is None, mig
-    else:
-        assert mig["final_pause_ms"] is not None, mig
+    # no mode pauses the guest to cut over (auto ends mirroring, dbt and snapshot's tails
+    # mirror), unless --verify asked for it
+    assert mig["cutover_stall_ms"] is not None, mig
+    assert (mig["final_pause_ms"] is None) is (not mig["verify"]), mig
     return dict(mig)
 
 

@@ -199,8 +199,10 @@ def targets_md(sc: dict[str, Any], same_run: bool = True) -> list[str]:
         base = idle.get((disk, "mirror" if r["mode"] == "auto" else r["mode"]))
         cells.append(_judge(r["seconds"] / base if base else None,
                             STEADY_VS_IDLE if steady else None, ".1f", "x"))  # fmt: skip
-        if r["mode"] in ("dbt", "snapshot"):
-            cells.append(_judge(r["final_pause_ms"], PAUSE_MS, ".0f", " ms"))
+        if r["mode"] in ("dbt", "snapshot"):  # (their tails mirror: a cutover's pause)
+            pause = r["final_pause_ms"] if r["final_pause_ms"] is not None else \
+                r.get("cutover_pause_ms")  # fmt: skip
+            cells.append(_judge(pause, PAUSE_MS, ".1f", " ms"))
         else:
             cells.append(_judge(r.get("cutover_pause_ms"), CUTOVER_PAUSE_MS, ".1f", " ms",
                                 below=True))  # fmt: skip

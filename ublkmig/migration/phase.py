@@ -15,7 +15,8 @@ class Phase(enum.StrEnum):
     DIRTY_PASSES = "dirty-passes"  # dbt: passes over the dirty chunks
     FOLDING = "folding"  # snapshot: freeze the delta, fold it into the destination
     IN_SYNC = "in-sync"  # --no-cutover: kept in sync until `cutover`
-    FINAL_PASS = "final-pass"  # dbt, snapshot: guest I/O paused, the last chunks copied
+    # the last chunks copied: dbt with the guest's writes mirrored, snapshot with its I/O paused
+    FINAL_PASS = "final-pass"
     VERIFYING = "verifying"  # --verify: guest I/O paused, destination compared
     RECONNECTING = "reconnecting"  # connections to the destination lost: dialling again
     CUTOVER = "cutover"  # switched to the destination (measuring the stall)
