@@ -184,7 +184,7 @@ struct ubm_mig_stats {
 	uint64_t chunks_copied;    /* chunks the destination holds */
 	uint64_t cursor;           /* first chunk the current pass has not reached */
 	uint64_t dirty_chunks;     /* chunks to copy again */
-	uint64_t hot_chunks;       /* dirty chunks deferred to the final pass */
+	uint64_t hot_chunks;       /* dirty chunks deferred to the tail (or the final pass) */
 	uint64_t bytes_copied;     /* written to the destination by the copier */
 	uint64_t bytes_skipped;    /* not written: holes and zero chunks on a zeroed destination */
 	uint64_t bytes_read;       /* read from the source by the copier */

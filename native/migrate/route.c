@@ -7,7 +7,7 @@
  *
  * Where a request goes:
  * - after the cutover: the destination alone;
- * - paused (a final pass; DBT's and snapshot's cutover is made then): parked until resumed;
+ * - paused (--verify before the cutover, a snapshot's new delta): parked until resumed;
  * - a read, or an empty write: the source (snapshot: each chunk's newest layer);
  * - a FLUSH: every backend holding guest data (source and destination;
  *   snapshot: every delta);

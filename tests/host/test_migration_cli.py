@@ -131,7 +131,7 @@ def test_help(capsys: pytest.CaptureFixture[str]) -> None:
     flat = " ".join(out.split())
     assert rc == 0
     assert "[default: auto]" in flat and "[default: 1M]" in flat and "--fallback-wait MS" in flat
-    assert "in mirror mode too: this adds a pause there" in flat
+    assert "this adds a pause: no mode has one otherwise" in flat
     assert "--no-cutover" in flat and "--wait" in flat and "--speed BYTES/S" in flat
 
 

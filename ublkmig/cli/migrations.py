@@ -48,8 +48,9 @@ MODES = tuple(str(m) for m in Mode)
     help="auto: mirror, falling back to dirty tracking while mirrored writes wait too long "
     "for the destination, mirroring again to converge; no pause.  mirror: one pass, guest "
     "writes mirrored, no pause.  dbt: dirty block tracking, passes until few dirty chunks, "
-    "then a short pause.  snapshot: guest writes go to a delta while the base is copied, "
-    "deltas folded until small, then a short pause.",
+    "then the writes mirrored for a last pass; no pause.  snapshot: guest writes go to a "
+    "delta while the base is copied, deltas folded until small, then the writes mirrored "
+    "for a last pass; no pause.",
 )
 @click.option(
     "--fallback-wait",
@@ -96,8 +97,8 @@ MODES = tuple(str(m) for m in Mode)
 @click.option(
     "--verify",
     is_flag=True,
-    help="Compare the destination with the disk before switching, guest I/O paused (in mirror "
-    "mode too: this adds a pause there).  A difference fails the migration.",
+    help="Compare the destination with the disk before switching, guest I/O paused (this adds "
+    "a pause: no mode has one otherwise).  A difference fails the migration.",
 )
 @click.option(
     "--wait",
