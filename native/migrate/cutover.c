@@ -72,7 +72,8 @@ int mig_flush_dest(struct ubm_migration *m)
  * Mirror mode holds no guest request for this, nor DBT and snapshot modes,
  * which mirror the guest's writes for their last pass and the cutover
  * (ubm_mig_set_mode(MIRROR); snapshot's go to the active delta and the
- * destination).  What makes that safe is the window: while it is open, both images hold every write the guest was told
+ * destination).  What makes that safe is the window: while it is open,
+ * both images hold every write the guest was told
  * is done, so a daemon that dies with the record half made leaves its
  * successor a right image whichever one the record names:
  * - every write is mirrored: every chunk is copied and clean, and the mode

@@ -32,8 +32,8 @@
  * the active one until the tail: once the folds are done, writes go to the
  * active delta and to the destination (snap_mirror, set by
  * ubm_mig_set_mode(MIRROR)), and a pass copies the active delta's chunks
- * with the guest going on, as mirror mode's pass does.  Deltas live until the end:
- * a cancel folds them back into the source.  Each copy on write is recorded
+ * with the guest going on, as mirror mode's pass does.  Deltas live until
+ * the end: a cancel folds them back into the source.  Each copy on write is recorded
  * in the layer map (layermap.c), which a FLUSH or FUA write makes durable
  * before it is acknowledged: a daemon that dies leaves the deltas and the map,
  * and `serve` (a takeover or not) folds them back (ublkmig.snapshot).

@@ -15,11 +15,11 @@ State machine (one ``migration.phase`` log event per change)::
                                                                  ▼
                           [--no-cutover: in-sync, until `cutover`]
                                                                  ▼
-      final-pass (dbt: writes mirrored, PASS_ALL; snapshot: paused, PASS_FINAL)
+      final-pass (dbt, snapshot: the writes mirrored, PASS_ALL until clean)
                                                                  ▼
                                                 verifying (--verify, paused)
                                                                  ▼
-        cutover (mirror, auto, dbt: in a window, no pause; snapshot: paused; stall measured)
+                   cutover (in its window, no pause; the stall measured)
                                                                  ▼
                                                         completed (finish)
 
