@@ -519,11 +519,10 @@ class Migration(Steps):
         Why not a final pass with the guest paused: it copies the whole hot set, and under
         random writes that is every chunk they touch: 0.4-0.6 s on a 128 MiB disk in the
         kernel VM, more on a bigger one.  Mirroring costs the guest a destination round trip
-        per write instead, for the length of one pass, and never stops it.  (VMware's ESX
-        replaced the pauses of its DBT and snapshot migrations with mirroring for this
-        reason.)  A write routed before the switch, unmirrored, dirties its chunk when it is
-        done, while it still holds the chunk: the pass's copy of that chunk waits for it, or
-        a pass after it sees the bit."""
+        per write instead, for the length of one pass, and never stops it.  (VMware's ESX 5
+        replaced DBT by mirroring altogether, in part for this.)  A write routed before the
+        switch, unmirrored, dirties its chunk when it is done, while it still holds the
+        chunk: the pass's copy of that chunk waits for it, or a pass after it sees the bit."""
         self._set_phase(Phase.FINAL_PASS)
         self.target.set_mode(native.MigMode.MIRROR)
         await self._converge_mirror()
