@@ -1,5 +1,6 @@
 """The migration policy's decisions, against a scripted target (no data plane): which passes run
-and when, when to pause, cut over, give up; cancel and abort races; speed during the final pass.
+and when, when to mirror the tail, pause (--verify), cut over, give up; cancel and abort races;
+speed changes.
 The real data plane is driven in test_migration.py."""
 
 from __future__ import annotations
