@@ -105,6 +105,27 @@ static void to_slot(struct ubm_io *io, unsigned slot, uint64_t offset, uint32_t 
 	io->slots |= (uint16_t)(1u << slot);
 }
 
+/* A write to chunks c0..c1 goes to the destination too (mirror mode, or a
+ * snapshot's tail). */
+static void mirror_write(struct ubm_migration *m, struct ubm_io *io, struct mig_io *mi,
+			 uint64_t c0, uint64_t c1)
+{
+	mi->flags |= MIG_IO_MIRRORED;
+	/* before it is sent: the copier (waiting for this write's reference)
+	 * must not take the destination's chunk for zeroes (ordering 3) */
+	for (uint64_t c = c0; c <= c1; c++)
+		bit_set(m->dest_written, c);
+	to_slot(io, SLOT_DEST, io->req.offset, io->req.len);
+}
+
+/* A write that stays off the destination dirties its chunks when it is done
+ * (io_done()), and the cutover waits for it (unmirrored). */
+static void track_write(struct ubm_migration *m, struct mig_io *mi)
+{
+	mi->flags |= MIG_IO_TRACKED;
+	A_ADD(&m->unmirrored, 1);
+}
+
 /* Snapshot routing: reads from the newest layer of each chunk, writes to
  * the active delta (after copying the chunk into it if it is not there), and
  * in the tail (snap_mirror) to the destination too, as mirror mode's go to
@@ -155,17 +176,10 @@ static int snapshot_route(struct ubm_migration *m, struct ubm_io *io, struct mig
 	/* FUA: its chunks' records (added above, if copied now) durable too */
 	mi->map_mark = ubm_layer_map_mark(&m->map);
 	to_slot(io, SLOT_DELTA0 + active - 1, req->offset, req->len);
-	if (mirrored) {
-		mi->flags |= MIG_IO_MIRRORED;
-		for (uint64_t c = c0; c <= c1; c++)  /* before it is sent: ordering 3 */
-			bit_set(m->dest_written, c);
-		to_slot(io, SLOT_DEST, req->offset, req->len);
-		return 0;
-	}
-	/* its chunks go dirty when it is done (a chunk of the active delta the
-	 * tail copied already, if mirroring stopped since: ubm_mig_set_mode) */
-	mi->flags |= MIG_IO_TRACKED;
-	A_ADD(&m->unmirrored, 1);
+	if (mirrored)
+		mirror_write(m, io, mi, c0, c1);
+	else  /* (dirty when done: also a chunk the tail copied, if mirroring stopped) */
+		track_write(m, mi);
 	return 0;
 }
 
@@ -252,17 +266,10 @@ static int route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 	 * source only would dirty its clean chunks too: under a busy guest, dirt
 	 * would spread from chunk to chunk faster than the copier cleans it. */
 	if (mode == UBM_MIG_MIRROR) {
-		mi->flags |= MIG_IO_MIRRORED;
-		/* before it is sent: the copier (waiting for this write's
-		 * reference) must not take the destination's chunk for zeroes */
-		for (uint64_t c = c0; c <= c1; c++)
-			bit_set(m->dest_written, c);
-		to_slot(io, SLOT_DEST, req->offset, req->len);
+		mirror_write(m, io, mi, c0, c1);
 		return 0;
 	}
-	/* dbt: its chunks go dirty when it is done (the copied one must) */
-	mi->flags |= MIG_IO_TRACKED;
-	A_ADD(&m->unmirrored, 1);
+	track_write(m, mi);  /* dbt: the copied one of its chunks must go dirty */
 	return 0;
 park_pause:
 	mi->park_why = PARK_PAUSE;
