@@ -225,6 +225,32 @@ def test_migrate_request_is_one_the_daemon_takes(mode: str, tmp_path: Path) -> N
     assert daemon.parse_migrate_args(eager).busy_depth == 0
 
 
+def test_the_harness_watches_every_window_alike(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """watch() asks for the status as often as follow() does during a migration (the
+    observer's cost, the same in each window), and for as long as it is told."""
+    from support.control_fakes import serving
+
+    from ublkmig import control
+
+    asked: list[float] = []
+
+    async def status(args: dict[str, object]) -> dict[str, object]:
+        asked.append(time.monotonic())
+        return {"migration": None}
+
+    monkeypatch.setattr(scenarios.common, "WATCH_INTERVAL", 0.1)
+    with serving(control.socket_path(7), {"status": status}):
+        t0 = time.monotonic()
+        scenarios.watch("/dev/ublkb7", 1.0)
+        took = time.monotonic() - t0
+    assert 1.0 <= took < 1.5
+    assert 8 <= len(asked) <= 12, asked
+    gaps = [b - a for a, b in zip(asked, asked[1:], strict=False)]
+    assert min(gaps) >= 0.09  # never faster than follow()'s interval
+
+
 def test_peak_rss_is_the_servers_high_water_mark() -> None:
     me = targets.Target("this test", "", os.getpid())
     blob = b"x" * (64 << 20)  # written: resident

@@ -18,9 +18,9 @@ when the host has none) and returns plain data for results.json; ``ublkmig bench
   ``--no-yield``.
 
 What they share: ``common.py`` (settings, images and their check, the migration request,
-following a migration's phases, summaries) and ``under_load.py`` (fio's load with its
-latency log and verifying writer, one migration under load, its windows and series, the
-repetitions combined).
+following a migration's phases, watching the device as often outside one, summaries) and
+``under_load.py`` (fio's load with its latency log and verifying writer, one migration under
+load, its windows and series, the repetitions combined).
 
 Every migration run ends with the destination compared with the device byte for byte;
 a difference raises :class:`IntegrityError`.
@@ -47,6 +47,7 @@ from ublkmig.bench.scenarios.common import (
     sha256,
     start_migration,
     summary,
+    watch,
 )
 from ublkmig.bench.scenarios.datapath import datapath, datapath_jobs
 from ublkmig.bench.scenarios.idle import dd_seconds, idle
@@ -68,7 +69,7 @@ from ublkmig.bench.scenarios.yielding import yielding
 __all__ = [
     "CHUNK", "CHUNK_BYTES", "MODES", "MiB", "IntegrityError", "PhaseLog", "Settings",
     "check_same", "follow", "make_image", "migrate_request", "run_ok", "say", "sha256",
-    "start_migration", "summary",
+    "start_migration", "summary", "watch",
     "Sample", "combine", "cpu_per_io", "load_jobs", "load_result", "load_run", "loaded",
     "series", "windows",
     "datapath", "datapath_jobs", "dd_seconds", "idle", "PEER_DIFFERENCES", "load",

@@ -122,8 +122,17 @@ class PhaseLog:
             self.events.append((round(time.time() - self.t0, 3), label))
 
 
+# How often the harness asks the daemon for its status while it watches.  A status costs the
+# daemon and the harness CPU (under emulation some 30 ms of wall time each, with the guest's
+# load on): asked every 50 ms, it took a fifth to two fifths of the guest's IOPS
+# (ci/exp/observer-cost.sh), which the bench then charged to the migration.  So twice a
+# second, as `migrate --wait` does; and a load run asks as often before and after the migration
+# (watch()), so every window it compares pays the same.
+WATCH_INTERVAL = 0.5
+
+
 def follow(device: str, log: PhaseLog, timeout: float = 3600.0) -> dict[str, Any]:
-    """Sample the migration every 50 ms until it ends; its final status."""
+    """Sample the migration every WATCH_INTERVAL until it ends; its final status."""
 
     def note(mig: dict[str, Any]) -> None:
         label = mig["phase"]
@@ -133,8 +142,20 @@ def follow(device: str, log: PhaseLog, timeout: float = 3600.0) -> dict[str, Any
             label += f" pass {mig['pass']} ({mig['pass_kind']})"
         log.note(label)
 
-    return Client(device, timeout=30.0).wait_migration(interval=0.05, timeout=timeout,
+    return Client(device, timeout=30.0).wait_migration(interval=WATCH_INTERVAL, timeout=timeout,
                                                        on_status=note)  # fmt: skip
+
+
+def watch(device: str, seconds: float) -> None:
+    """Ask for the device's status every WATCH_INTERVAL for ``seconds``, as follow() does
+    during a migration: the observer's cost in the windows before and after it."""
+    client, end = Client(device, timeout=30.0), time.monotonic() + seconds
+    while True:
+        client.status()
+        left = end - time.monotonic()
+        time.sleep(max(0.0, min(WATCH_INTERVAL, left)))
+        if left <= WATCH_INTERVAL:
+            return
 
 
 def summary(values: list[float]) -> dict[str, float]:

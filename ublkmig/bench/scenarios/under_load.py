@@ -31,6 +31,7 @@ from ublkmig.bench.scenarios.common import (
     follow,
     start_migration,
     summary,
+    watch,
 )
 from ublkmig.units import parse_size
 
@@ -212,13 +213,13 @@ def load_run(s: Settings, job: FioJob, mode: str, image: Path, dest: Path | str,
             log = PhaseLog(t0=f["t0"])
             # the daemon's CPU time at the load's start, the migration's and its end
             marks = [(time.time() - f["t0"], t.cpu_seconds())]
-            time.sleep(s.load_window)
+            watch(t.path, s.load_window)
             log.note("start")
             marks.append((time.time() - f["t0"], t.cpu_seconds()))
             start_migration(t.path, dest, mode, yields)
             mig = follow(t.path, log)
             marks.append((time.time() - f["t0"], t.cpu_seconds()))
-            time.sleep(s.load_window)
+            watch(t.path, s.load_window)
             log.note("end of load")
         mig["daemon_peak_rss"] = t.peak_rss()
         mig["cpu_marks"] = marks
