@@ -251,6 +251,22 @@ def test_the_harness_watches_every_window_alike(
     assert min(gaps) >= 0.09  # never faster than follow()'s interval
 
 
+def test_check_same_names_the_first_difference(tmp_path: Path) -> None:
+    data = os.urandom(9 << 20)  # more than one comparison's 4 MiB
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(data)
+    b.write_bytes(data)
+    scenarios.check_same(str(a), b, len(data))
+    bad = bytearray(data)
+    bad[5_000_001] ^= 1
+    b.write_bytes(bad)
+    with pytest.raises(scenarios.IntegrityError, match="first at byte 5000001"):
+        scenarios.check_same(str(a), b, len(data))
+    b.write_bytes(data[: 8 << 20])
+    with pytest.raises(scenarios.IntegrityError, match="ended 1048576 bytes early"):
+        scenarios.check_same(str(a), b, len(data))
+
+
 def test_peak_rss_is_the_servers_high_water_mark() -> None:
     me = targets.Target("this test", "", os.getpid())
     blob = b"x" * (64 << 20)  # written: resident

@@ -44,7 +44,6 @@ from ublkmig.bench.scenarios.common import (
     migrate_request,
     run_ok,
     say,
-    sha256,
     start_migration,
     summary,
     watch,
@@ -68,7 +67,7 @@ from ublkmig.bench.scenarios.yielding import yielding
 
 __all__ = [
     "CHUNK", "CHUNK_BYTES", "MODES", "MiB", "IntegrityError", "PhaseLog", "Settings",
-    "check_same", "follow", "make_image", "migrate_request", "run_ok", "say", "sha256",
+    "check_same", "follow", "make_image", "migrate_request", "run_ok", "say",
     "start_migration", "summary", "watch",
     "Sample", "combine", "cpu_per_io", "load_jobs", "load_result", "load_run", "loaded",
     "series", "windows",
