@@ -169,13 +169,18 @@ def test_load_repetitions_combine_into_medians_with_spread(tmp_path: Path) -> No
         {**run, "written_per_guest_byte": 2.345}]}}}, tmp_path)  # fmt: skip
     assert "| 30 / 30 | 2.35 | - |" in md  # written per guest byte, then the RSS
     assert (tmp_path / run["plot"]).stat().st_size > 1000  # the PNG
-    # the same load on a larger disk: its rows and plots named with the disk's size
-    r["scenarios"]["load"]["runs"] = [{**run, "disk": 256 << 20}, {**run, "disk": 1 << 30}]
+    # the same load on a larger disk (the large scenario): its section, its idle migrations,
+    # its plots, and both in the goals table
+    r["scenarios"]["large"] = {"size": 1 << 30, "span": 64 << 20, "runs": [run],
+                               "idle_seconds": {"mirror": 1.5, "dbt": 1.25}}  # fmt: skip
     md = report.write(r, tmp_path)
-    assert "| randwrite-4k-qd32 | dbt | 3.00" in md
-    assert "| randwrite-4k-qd32, 1024 MiB disk | dbt | 3.00" in md
+    assert "fio on the first 64 MiB of a 1024 MiB disk" in md.split("larger disk")[1]
+    assert "The same disk migrated idle, in the same boot (seconds, medians): mirror 1.50, " \
+        "dbt 1.25." in md  # fmt: skip
+    assert "| randwrite-4k-qd32, 256 MiB disk | dbt | 0.60" in md
+    assert "| randwrite-4k-qd32, 1024 MiB disk | dbt | 0.60" in md
     assert (tmp_path / "load-randwrite-4k-qd32-dbt.png").exists()
-    assert (tmp_path / "load-randwrite-4k-qd32-1024M-dbt.png").exists()
+    assert (tmp_path / "large-randwrite-4k-qd32-dbt.png").exists()
     # the slow destination's section: the same table, and the fallbacks
     auto = {**run, "mode": "auto", "fallbacks": 2}
     r["scenarios"] = {"slow": {"size": 256 << 20, "span": 64 << 20, "write_delay_ms": 40,
@@ -277,32 +282,35 @@ def test_peak_rss_is_the_servers_high_water_mark() -> None:
 
 
 def test_targets_judge_each_load_run() -> None:
-    """The goals table: each unthrottled and 2000 IOPS run with its verdicts."""
+    """The goals table: each unthrottled and 2000 IOPS run of the load and large scenarios
+    with its verdicts, a migration's time against its own scenario's idle migrations."""
     def run(job: str, mode: str, share: float, p99: tuple[float, float], seconds: float,
-            disk: int = 256 << 20, **kw: object) -> dict:  # fmt: skip
-        return {"job": job, "mode": mode, "disk": disk, "seconds": seconds, "converged": True,
+            **kw: object) -> dict:  # fmt: skip
+        return {"job": job, "mode": mode, "seconds": seconds, "converged": True,
                 "during_vs_before": {"median": share},
                 "windows": {"before": {"lat_p99_ms": p99[0]}, "during": {"lat_p99_ms": p99[1]}},
                 "final_pause_ms": None, "cutover_pause_ms": 0.0, **kw}  # fmt: skip
 
     steady = "randwrite-4k-qd32-2000iops"
-    sc = {"idle": {"disks": [{"disk": "full", "size": 1 << 30, "modes": {
-              "mirror": {"seconds": {"median": 10.0}}, "dbt": {"seconds": {"median": 8.0}}}}]},
-          "load": {"size": 256 << 20, "runs": [
+    sc = {"load": {"size": 256 << 20, "runs": [
               run("randwrite-4k-qd32", "auto", 0.55, (2.0, 8.0), 5.0),
               run("randwrite-4k-qd32", "dbt", 0.59, (2.0, 12.0), 5.0, final_pause_ms=40.0),
               # its tail mirrors: the cutover's pause is its pause
               run("randwrite-4k-qd32", "snapshot", 0.45, (2.0, 4.0), 5.0, cutover_pause_ms=0.2),
               run("randrw70-4k-qd32", "mirror", 0.1, (2.0, 50.0), 5.0),  # not judged
-              run(steady, "dbt", 0.95, (2.0, 6.0), 30.0, disk=1 << 30, final_pause_ms=60.0),
-              run(steady, "auto", 0.9, (2.0, 5.0), 20.0, disk=1 << 30, cutover_pause_ms=1.0),
+              run(steady, "mirror", 0.92, (2.0, 4.0), 7.0),  # no idle migrations measured
+          ]},
+          "large": {"size": 1 << 30, "idle_seconds": {"mirror": 10.0, "dbt": 8.0}, "runs": [
+              run(steady, "dbt", 0.95, (2.0, 6.0), 30.0, final_pause_ms=60.0),
+              run(steady, "auto", 0.9, (2.0, 5.0), 20.0, cutover_pause_ms=1.0),
           ]}}  # fmt: skip
     lines = report.targets_md(sc)
     rows = [ln for ln in lines if ln.startswith("| randwrite")]
     assert rows == [
-        "| randwrite-4k-qd32 | auto | 0.55 ✓ | 4.0x ✓ | - | 0.0 ms ✓ |",  # no idle 256 MiB
-        "| randwrite-4k-qd32 | dbt | 0.59 ✗ | 6.0x ✗ | - | 40.0 ms ✓ |",
-        "| randwrite-4k-qd32 | snapshot | 0.45 ✓ | 2.0x ✓ | - | 0.2 ms ✓ |",
+        "| randwrite-4k-qd32, 256 MiB disk | auto | 0.55 ✓ | 4.0x ✓ | - | 0.0 ms ✓ |",
+        "| randwrite-4k-qd32, 256 MiB disk | dbt | 0.59 ✗ | 6.0x ✗ | - | 40.0 ms ✓ |",
+        "| randwrite-4k-qd32, 256 MiB disk | snapshot | 0.45 ✓ | 2.0x ✓ | - | 0.2 ms ✓ |",
+        f"| {steady}, 256 MiB disk | mirror | 0.92 ✓ | 2.0x ✓ | - | 0.0 ms ✓ |",
         f"| {steady}, 1024 MiB disk | dbt | 0.95 ✓ | 3.0x ✓ | 3.8x ✗ | 60.0 ms ✗ |",
         # auto against mirror's idle time; a 1 ms cutover pause is not under 1 ms
         f"| {steady}, 1024 MiB disk | auto | 0.90 ✓ | 2.5x ✓ | 2.0x ✓ | 1.0 ms ✗ |",

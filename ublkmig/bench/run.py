@@ -19,7 +19,7 @@ from ublkmig import vm
 from ublkmig.bench import report, scenarios, targets
 from ublkmig.errors import UserError
 
-SCENARIOS = ("datapath", "idle", "load", "slow", "yield", "qemu")
+SCENARIOS = ("datapath", "idle", "load", "large", "slow", "yield", "qemu")
 WORKDIR = Path("/run/ublkmig-bench")
 DOCS = vm.REPO / "docs"
 
@@ -160,6 +160,8 @@ def _run_here(names: tuple[str, ...], quick: bool, out: Path, command: str, in_v
                 results["scenarios"][name] = scenarios.idle(s, work)
             elif name == "load":
                 results["scenarios"][name] = scenarios.load(s, work)
+            elif name == "large":
+                results["scenarios"][name] = scenarios.load(s, work, large=True)
             elif name == "slow":
                 results["scenarios"][name] = scenarios.slow(s, work)
             elif name == "yield":

@@ -29,7 +29,8 @@ def demo(size: int, in_vm: bool) -> int:
 
 @cli.command()
 @click.option("--scenario", "scenario", multiple=True, metavar="NAME",
-              help="datapath, idle, load, slow, yield or qemu (repeatable); default: all.")
+              help="datapath, idle, load, large (the load on a 1 GiB disk), slow, yield or "
+              "qemu (repeatable); default: all.")
 @click.option("--quick", is_flag=True, help="The small smoke run (what CI runs).")
 @click.option("--docs", is_flag=True,
               help="Also rewrite these scenarios' sections of docs/BENCHMARKS.md and its "

@@ -37,6 +37,19 @@ def dd_seconds(src: Path, dst: Path) -> float:
     return took
 
 
+def idle_migration(image: Path, dest: Path, mode: str, work: Path) -> dict[str, Any]:
+    """One migration of ``image``, served and idle, to ``dest`` (a new file, removed after
+    the comparison); its final status."""
+    with targets.ublkmig(image, queues=1, depth=128, log=work / "serve.log") as t:
+        start_migration(t.path, dest, mode)
+        mig = follow(t.path, PhaseLog())
+        if mig["phase"] != "completed":
+            raise RuntimeError(f"idle {mode} migration {mig['phase']}: {mig['error']}")
+        check_same(t.path, dest, os.path.getsize(image))
+    dest.unlink()
+    return mig
+
+
 def idle(s: Settings, work: Path) -> dict[str, Any]:
     """Each mode on an idle disk, full of data and 1/8 data (sparse), against dd."""
     out: dict[str, Any] = {"disks": []}
@@ -49,15 +62,7 @@ def idle(s: Settings, work: Path) -> dict[str, Any]:
         for _rep in range(s.reps):
             dd.append(dd_seconds(image, dest))
             for mode in MODES:
-                with targets.ublkmig(image, queues=1, depth=128, log=work / "serve.log") as t:
-                    start_migration(t.path, dest, mode)
-                    mig = follow(t.path, PhaseLog())
-                    if mig["phase"] != "completed":
-                        raise RuntimeError(f"idle {mode} migration {mig['phase']}: "
-                                           f"{mig['error']}")  # fmt: skip
-                    check_same(t.path, dest, s.size)
-                runs[mode].append(mig)
-                dest.unlink()
+                runs[mode].append(idle_migration(image, dest, mode, work))
         dd.append(dd_seconds(image, dest))
         disk = {"disk": label, "size": s.size, "allocated": allocated, "dd_bs": CHUNK,
                 "dd_seconds": summary(dd), "modes": {}}  # fmt: skip

@@ -4,17 +4,20 @@ Each mode (auto, the default, among them) migrates the disk to a file on the sam
 while fio writes (unthrottled, rate-limited at 2000 IOPS, a 70/30 read/write mix): guest
 IOPS and write latency before, during and after (:mod:`.under_load`), the time to cutover,
 the cutover stall or final pause, where the guest's requests waited on the migration, the
-daemon's peak memory; a full run repeats the unthrottled and 2000 IOPS loads on a 1 GiB
-disk.  With ``peer=True`` (the ``qemu`` scenario) the same load runs on
-qemu-storage-daemon's NBD export through the kernel's NBD client while blockdev-mirror
-(copy modes background and write-blocking) moves the disk.  Every run starts from the same
-pristine disk.
+daemon's peak memory.  The ``large`` scenario repeats the unthrottled and 2000 IOPS loads
+on a disk of the full size (1 GiB; a scenario of its own, so that each fits in a session
+under emulation).  Each mode's migration of the idle disk, in the same boot, is what one
+under the 2000 IOPS load is set against.  With ``peer=True`` (the ``qemu`` scenario) the
+same load runs on qemu-storage-daemon's NBD export through the kernel's NBD client while
+blockdev-mirror (copy modes background and write-blocking) moves the disk.  Every run
+starts from the same pristine disk.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ from ublkmig.bench.scenarios.common import (
     make_image,
     say,
 )
+from ublkmig.bench.scenarios.idle import idle_migration
 from ublkmig.bench.scenarios.under_load import combine, load_jobs, load_result, load_run, loaded
 
 # auto (the default) first, then the modes it is made of
@@ -50,39 +54,47 @@ PEER_DIFFERENCES = (
 )
 
 
-def load(s: Settings, work: Path, peer: bool = False) -> dict[str, Any]:
+def load(s: Settings, work: Path, peer: bool = False, large: bool = False) -> dict[str, Any]:
     """Each mode (or, with peer, QEMU's copy modes) under each load job, ``reps`` times;
-    every run starts from the same disk (a pristine copy is put back).  A full run without
-    the peer then repeats the unthrottled and the 2000 IOPS jobs on a disk of the full
-    size (1 GiB), the load on the same span: whether the guest's cost grows with the disk,
-    and the migration's time against the idle scenario's on the same size."""
-    size = min(s.size, 256 * MiB)
+    every run starts from the same disk (a pristine copy is put back).  The disk: 256 MiB
+    (at most the full size); with ``large`` (the ``large`` scenario), the full size (1 GiB)
+    under the unthrottled and the 2000 IOPS loads on the same span: whether the guest's cost
+    grows with the disk.  Without the peer, when a job is rate-limited, each mode first
+    migrates the idle disk ``reps`` times (``idle_seconds``, medians): what a migration under
+    the steady load is set against, measured in the same boot."""
+    size = s.size if large else min(s.size, 256 * MiB)
+    jobs = [j for j in load_jobs(s) if not large or j.rwmixread is None]
     out: dict[str, Any] = {"size": size, "span": s.load_span, "runs": []}
-    plan = [(size, load_jobs(s))]
-    if not peer and s.size > size:
-        plan.append((s.size, [j for j in load_jobs(s) if j.rwmixread is None]))
     modes = ("qemu background", "qemu write-blocking") if peer else LOAD_MODES
-    for disk, jobs in plan:
-        image, dest, pristine = work / "load.img", work / "load-dest.img", work / "pristine.img"
-        make_image(pristine, disk)
-        for job in jobs:
-            for mode in modes:
-                reps = []
-                for _rep in range(s.reps):
-                    shutil.copyfile(pristine, image)
-                    one = _qemu_run if peer else load_run
-                    reps.append(one(s, job, mode, image, dest, work))
-                    dest.unlink(missing_ok=True)
-                run = combine(reps)
-                run["disk"] = disk
-                out["runs"].append(run)
-                w = run["windows"]
-                say(f"load {job.name} {mode} ({disk // MiB} MiB disk): "
-                    f"{w['before']['iops']:.0f} IOPS before, {w['during']['iops']:.0f} during, "
-                    f"{w['after']['iops']:.0f} after; migration {run['seconds']:.2f} s "
-                    f"(medians of {len(reps)})")  # fmt: skip
-        image.unlink()
-        pristine.unlink()
+    image, dest, pristine = work / "load.img", work / "load-dest.img", work / "pristine.img"
+    make_image(pristine, size)
+    if not peer and any(j.rate_iops for j in jobs):
+        out["idle_seconds"] = {}
+        for mode in MODES:  # (auto on an idle disk is mirror mode)
+            shutil.copyfile(pristine, image)
+            secs = [idle_migration(image, dest, mode, work)["cutover_after"]
+                    for _rep in range(s.reps)]  # fmt: skip
+            out["idle_seconds"][mode] = statistics.median(secs)
+            say(f"load: idle {mode} ({size // MiB} MiB disk): {out['idle_seconds'][mode]:.2f} s "
+                f"(median of {len(secs)})")  # fmt: skip
+    for job in jobs:
+        for mode in modes:
+            reps = []
+            for _rep in range(s.reps):
+                shutil.copyfile(pristine, image)
+                one = _qemu_run if peer else load_run
+                reps.append(one(s, job, mode, image, dest, work))
+                dest.unlink(missing_ok=True)
+            run = combine(reps)
+            run["disk"] = size
+            out["runs"].append(run)
+            w = run["windows"]
+            say(f"load {job.name} {mode} ({size // MiB} MiB disk): "
+                f"{w['before']['iops']:.0f} IOPS before, {w['during']['iops']:.0f} during, "
+                f"{w['after']['iops']:.0f} after; migration {run['seconds']:.2f} s "
+                f"(medians of {len(reps)})")  # fmt: skip
+    image.unlink(missing_ok=True)
+    pristine.unlink()
     return out
 
 
