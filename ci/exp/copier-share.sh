@@ -6,23 +6,13 @@
 # DEST=ram a brd RAM disk (/dev/ram0, written with O_DIRECT).  Run in the kernel VM:
 #   python -m ublkmig.vm run -- [env DEST=ram] bash ci/exp/copier-share.sh [MODE...]
 set -e
-export PATH="$(cd "$(dirname "$0")/../.." && pwd)/.venv/bin:$PATH"
 MODES=${*:-mirror}
-W=$(mktemp -d /tmp/exp.XXXX); cd "$W"
-dd if=/dev/urandom of=src.img bs=1M count=384 status=none
+source "$(dirname "$0")/lib.sh"
+serve_image 384
 DST=dst.img
 if [ "${DEST:-}" = ram ]; then
   modprobe brd rd_nr=1 rd_size=$((384 * 1024)) max_part=0; DST=/dev/ram0
 fi
-ublkmig serve src.img > serve.out 2> serve.err &
-for i in $(seq 100); do [ -s serve.out ] && break; sleep 0.2; done
-DEV=$(head -1 serve.out); echo "device $DEV"
-echo none > /sys/block/$(basename "$DEV")/queue/scheduler || true
-fiojob() {
-  fio --name=w --filename="$DEV" --rw=randwrite --bs=4k --iodepth=32 --ioengine=io_uring \
-      --direct=1 --size=32M --time_based --runtime="$1" --output-format=json 2>/dev/null |
-  python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]["write"]; p=j["clat_ns"]["percentile"]; print("iops %d p50 %.2f ms p99 %.2f ms" % (j["iops"], p["50.000000"]/1e6, p["99.000000"]/1e6))'
-}
 mig() {  # the migration's copy and where the guest waited, from its status
   ublkmig status "$DEV" --json | python3 -c 'import json,sys; m=json.load(sys.stdin)["migration"]; w=m["guest_waits"]; print("  copied %d MiB in %.1f s, phase %s; guest waited: chunk %.1f s, dest %.1f s" % (m["bytes_copied"]>>20, m["elapsed"], m["phase"], w["chunk"], w["destination"]))'
 }

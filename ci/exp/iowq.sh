@@ -3,13 +3,9 @@
 # while serving a 4k random write load, and during a mirror migration to another tmpfs file.
 # Run in the kernel VM: python -m ublkmig.vm run -- bash ci/exp/iowq.sh
 set -e
-export PATH="$(cd "$(dirname "$0")/../.." && pwd)/.venv/bin:$PATH"
-W=$(mktemp -d /tmp/exp.XXXX); cd "$W"
-dd if=/dev/urandom of=src.img bs=1M count=256 status=none
-ublkmig serve src.img > serve.out 2> serve.err &
-SPID=$!
-for i in $(seq 100); do [ -s serve.out ] && break; sleep 0.2; done
-DEV=$(head -1 serve.out); echo "device $DEV"
+source "$(dirname "$0")/lib.sh"
+serve_image 256
+SPID=$PID
 threads() { for t in /proc/$SPID/task/*; do cat $t/comm; done | sed 's/-[0-9]*$//' | sort | uniq -c | tr '\n' ' '; echo; }
 schedstat() { for t in /proc/$SPID/task/*; do echo "$(cat $t/comm) $(cut -d' ' -f1 $t/schedstat)"; done | sed 's/-[0-9]* / /' | awk '{s[$1]+=$2} END {for (k in s) printf "%s %.2fs  ", k, s[k]/1e9; print ""}'; }
 echo "idle: $(threads)"

@@ -7,19 +7,8 @@
 # request to its answer and to the first status in the copying phase.  Run in the kernel VM:
 #   python -m ublkmig.vm run -- bash ci/exp/observer-cost.sh
 set -e
-ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
-export PATH="$ROOT/.venv/bin:$PATH"
-W=$(mktemp -d /tmp/exp.XXXX); cd "$W"
-dd if=/dev/urandom of=src.img bs=1M count=128 status=none
-ublkmig serve src.img > serve.out 2> serve.err &
-for i in $(seq 100); do [ -s serve.out ] && break; sleep 0.2; done
-DEV=$(head -1 serve.out); echo "device $DEV"
-echo none > /sys/block/$(basename "$DEV")/queue/scheduler || true
-fiojob() {
-  fio --name=w --filename="$DEV" --rw=randwrite --bs=4k --iodepth=32 --ioengine=io_uring \
-      --direct=1 --size=32M --time_based --runtime="$1" --output-format=json 2>/dev/null |
-  python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]["write"]; p=j["clat_ns"]["percentile"]; print("iops %d p50 %.2f ms p99 %.2f ms" % (j["iops"], p["50.000000"]/1e6, p["99.000000"]/1e6))'
-}
+source "$(dirname "$0")/lib.sh"
+serve_image 128
 poll() {  # poll INTERVAL SECONDS: status requests, as the bench's follow() makes them
   python3 - "$DEV" "$1" "$2" <<'EOF'
 import sys, time
