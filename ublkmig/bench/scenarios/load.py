@@ -86,7 +86,6 @@ def load(s: Settings, work: Path, peer: bool = False, large: bool = False) -> di
                 reps.append(one(s, job, mode, image, dest, work))
                 dest.unlink(missing_ok=True)
             run = combine(reps)
-            run["disk"] = size
             out["runs"].append(run)
             w = run["windows"]
             say(f"load {job.name} {mode} ({size // MiB} MiB disk): "
