@@ -113,6 +113,40 @@ def test_output_is_relayed_while_the_command_runs(fake_vm: Path) -> None:
     assert time.monotonic() - t_first >= 2.0, "the first line came only at the end"
 
 
+def _pins() -> dict[int, bool]:
+    """The SQARRAY_PIN processes running here: pid -> whether it holds an io_uring."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or "io_uring_params" not in (
+                    proc / "cmdline").read_text():
+                continue
+            fds = [os.readlink(f) for f in (proc / "fd").iterdir()]
+        except OSError:
+            continue
+        found[int(proc.name)] = "anon_inode:[io_uring]" in fds
+    return found
+
+
+def test_the_guest_pins_the_sq_array_key_while_the_command_runs(fake_vm: Path) -> None:
+    """A process holds an io_uring with an SQ array for the whole command (see
+    vm.SQARRAY_PIN: without it the kernel patches io_submit_sqes as tests come and go,
+    which TCG can turn into an "Oops: int3"), and is gone after it."""
+    before = set(_pins())
+    check = ("import time, sys; sys.path.insert(0, 'tests/host'); "
+             "from test_vm_harness import _pins\n"
+             "for _ in range(100):\n"
+             f"    if any(v for p, v in _pins().items() if p not in {before!r}): sys.exit(0)\n"
+             "    time.sleep(0.1)\n"
+             "sys.exit(3)\n")
+    res = vm.run_in_vm([sys.executable, "-c", check], stream=False)
+    assert res.returncode == 0, res.output
+    deadline = time.monotonic() + 5
+    while set(_pins()) - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not set(_pins()) - before
+
+
 def test_a_vm_that_does_not_boot_is_an_error(fake_vm: Path, monkeypatch: pytest.MonkeyPatch
                                              ) -> None:
     """...is booted again (it never started the command), then given up on."""
