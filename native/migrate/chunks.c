@@ -4,11 +4,14 @@
  * bitmaps, and the chunk references guest writes take.
  */
 #include <fcntl.h>
+#include <linux/futex.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "migrate/migrate.h"
@@ -87,8 +90,8 @@ bool mig_chunks_get(struct ubm_migration *m, uint64_t c0, uint64_t c1)
 				    !__atomic_compare_exchange_n(&m->chunk[c], &s, s | CH_WAITERS, false,
 								 __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
 					continue;
-				while (c-- > c0)
-					A_SUB(&m->chunk[c], 1);
+				if (c > c0)
+					mig_chunks_put(m, c0, c - 1);
 				return false;
 			}
 			if (__atomic_compare_exchange_n(&m->chunk[c], &s, s + 1, false,
@@ -99,8 +102,29 @@ bool mig_chunks_get(struct ubm_migration *m, uint64_t c0, uint64_t c1)
 	return true;
 }
 
+/* Let go of chunks c0..c1.  The last write to end on a chunk the copier has
+ * locked wakes the copier, which waits for just that (mig_copier_wait). */
 void mig_chunks_put(struct ubm_migration *m, uint64_t c0, uint64_t c1)
 {
-	for (uint64_t c = c0; c <= c1; c++)
-		A_SUB(&m->chunk[c], 1);
+	for (uint64_t c = c0; c <= c1; c++) {
+		uint32_t s = A_SUB(&m->chunk[c], 1);
+
+		if ((s & CH_LOCKED) && !(s & CH_COUNT)) {
+			A_ADD(&m->drained, 1);
+			syscall(SYS_futex, &m->drained, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+		}
+	}
+}
+
+/*
+ * The copier has nothing on its ring: sleep ns, or less if a locked chunk's
+ * writes drain meanwhile.  drained is m->drained as read before the copier
+ * last looked at its locked chunks' counts: a drain since then returns at once.
+ */
+void mig_copier_wait(struct ubm_migration *m, uint32_t drained, uint64_t ns)
+{
+	struct timespec ts = { .tv_sec = (time_t)(ns / 1000000000u),
+			       .tv_nsec = (long)(ns % 1000000000u) };
+
+	syscall(SYS_futex, &m->drained, FUTEX_WAIT_PRIVATE, drained, &ts, NULL, 0);
 }

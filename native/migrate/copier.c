@@ -180,13 +180,14 @@ void mig_copier_backend_done(struct ubm_queue *q, unsigned tag, unsigned slot, i
  * its chunks, a busy machine) is capped at a tenth of a second's worth (at
  * least the chunks in flight): a copier that fell behind does not then burst
  * to catch up with the average, and a new speed applies from now on.
+ * Returns 0 within the limit, else the time (ns) until the next chunk is.
  */
-static bool within_speed(struct ubm_migration *m, double *origin, uint64_t pass_bytes)
+static uint64_t speed_wait(struct ubm_migration *m, double *origin, uint64_t pass_bytes)
 {
 	double speed = (double)A_LOAD(&m->speed), now, credit, cap;
 
 	if (speed == 0)
-		return true;
+		return 0;
 	now = (double)ubm_now_ns() / 1e9;
 	credit = speed * (now - *origin) - (double)pass_bytes;
 	cap = speed / 10;
@@ -196,7 +197,7 @@ static bool within_speed(struct ubm_migration *m, double *origin, uint64_t pass_
 		*origin = now - ((double)pass_bytes + cap) / speed;
 		credit = cap;
 	}
-	return credit >= 0;
+	return credit >= 0 ? 0 : (uint64_t)(-credit / speed * 1e9) + 1;
 }
 
 /* The copier starts (since == 0) or stops holding back for guest I/O: the
@@ -228,6 +229,7 @@ struct pass {
 	uint64_t copied;        /* chunks taken */
 	uint64_t bytes;         /* ... their bytes (the speed limit's) */
 	double origin;          /* the speed limit's clock, in seconds */
+	uint64_t speed_wait;    /* held by the speed limit: for how long (ns) */
 };
 
 /*
@@ -241,12 +243,14 @@ static bool take_chunks(struct ubm_migration *m, struct pass *p)
 	unsigned busy = slots_busy(m);
 	unsigned limit = mig_pace(m, busy, ubm_now_ns(), ubm_target_completed(m->t));
 
+	p->speed_wait = 0;
 	for (unsigned i = 0; i < m->copy_depth; i++) {
 		struct copy_slot *cs = &m->slots[i];
 
 		if (cs->state != CS_FREE)
 			continue;
-		if (!within_speed(m, &p->origin, p->bytes))
+		p->speed_wait = speed_wait(m, &p->origin, p->bytes);
+		if (p->speed_wait)
 			return false;  /* over the speed limit: wait for time to pass */
 		while (p->next < m->nr_chunks && !wanted(m, p->next, p->kind))
 			p->next++;
@@ -309,6 +313,21 @@ static void count_hot(struct ubm_migration *m)
 	A_STORE(&m->hot_count, hot);
 }
 
+/*
+ * How long the copier sleeps with nothing on its ring (a drained chunk wakes
+ * it sooner): to the end of the rest or of the speed limit's hold, else 1 ms
+ * (waiting for guest writes on its locked chunks); at most 10 ms, so an abort,
+ * a new speed or an idle guest are seen soon.
+ */
+static uint64_t idle_wait(const struct ubm_migration *m, const struct pass *p)
+{
+	uint64_t ns = mig_pace_rest_left(m, ubm_now_ns());
+
+	if (p->speed_wait > ns)
+		ns = p->speed_wait;
+	return ns == 0 ? 1000000 : ns > 10000000 ? 10000000 : ns;
+}
+
 UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *chunks)
 {
 	struct ubm_migration *m = mig_of(t);
@@ -327,6 +346,9 @@ UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *
 		count_hot(m);
 	m->pacer.phase = PACE_FREE;  /* (the time between passes is no burst) */
 	for (;;) {
+		/* read before the locked chunks' counts (start_locked): a chunk
+		 * drained after that ends the wait below at once */
+		uint32_t drained = A_LOAD(&m->drained);
 		unsigned busy, locking;
 		bool stop, held;
 
@@ -347,11 +369,9 @@ UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *
 		if (busy == 0 && (stop || p.next >= m->nr_chunks))
 			break;
 		if (busy == 0 || locking == busy) {
-			/* nothing on the ring: waiting for guest writes, a rest or the
-			 * speed limit */
-			uint64_t rest = mig_pace_rest_left(m, ubm_now_ns()) / 1000;
-
-			usleep(locking ? 20 : rest && rest < 1000 ? (useconds_t)rest : 1000);
+			/* nothing on the ring: sleep until a locked chunk's writes drain,
+			 * a rest ends or the speed limit lets the next chunk go */
+			mig_copier_wait(m, drained, idle_wait(m, &p));
 			continue;
 		}
 		io_uring_submit_and_wait(&m->copier.ring, 1);

@@ -188,6 +188,8 @@ struct ubm_migration {
 	unsigned copy_depth;
 	unsigned busy_depth;       /* chunks in a burst while the guest has requests in flight */
 	struct mig_pacer pacer;    /* ... and the rests between bursts (the copier thread's) */
+	uint32_t drained;          /* a futex: bumped as a locked chunk's last write ends
+				    * (mig_chunks_put), waking a copier waiting for it */
 };
 #define A_LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
 #define A_STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
@@ -234,6 +236,7 @@ void mig_mark_dirty(struct ubm_migration *m, uint64_t c);
 bool mig_clear_dirty(struct ubm_migration *m, uint64_t c);
 bool mig_chunks_get(struct ubm_migration *m, uint64_t c0, uint64_t c1);
 void mig_chunks_put(struct ubm_migration *m, uint64_t c0, uint64_t c1);
+void mig_copier_wait(struct ubm_migration *m, uint32_t drained, uint64_t ns);
 
 /* control.c */
 /* What each ubm_mig_* call checks first: 0 if a migration runs (and, with
