@@ -508,7 +508,7 @@ def vm_pytest(kernel: str, pytest_args: Sequence[str], *, timeout: float, allow_
             args.append("tests/vm")
         # faulthandler_timeout: a test stuck for 5 min prints every thread's stack
         argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs",
-                "--durations=10", f"--junitxml={junit}", "-o", "junit_family=xunit2",
+                "--durations=25", f"--junitxml={junit}", "-o", "junit_family=xunit2",
                 "-o", "faulthandler_timeout=300", *args]
         try:
             res = run_in_vm(argv, kernel, timeout=timeout, rwdir=rw,
