@@ -32,6 +32,7 @@ import contextlib
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +64,13 @@ def write(path: Path, data: dict[str, Any]) -> None:
     """Replace ``path`` with ``data``, durably (a crash leaves the old file or the new one;
     once this returns, the new one survives a power cut)."""
     control.ensure_private_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # a name of its own: two threads of one daemon may save the same file at once (the
+    # cutover's record and the sampler's); with one shared name, one could rename the
+    # other's half-written file into place, or find it gone
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
     try:
-        with open(tmp, "w") as f:
+        with open(fd, "w") as f:
             json.dump({"version": VERSION, **data}, f)
             f.flush()
             os.fsync(f.fileno())

@@ -4,6 +4,8 @@ the checks ``serve --recover`` makes with them."""
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from ublkmig import state
 from ublkmig.daemon import check_superseded, check_takeover, recovery
 from ublkmig.errors import UserError
 from ublkmig.migration import MigrationRecord
+from ublkmig.migration.record import Recorder
 
 
 def record(mode: str, cut_over: str | None = None, **fields: object) -> dict[str, object]:
@@ -47,6 +50,62 @@ def test_write_read_remove(run_dir: Path) -> None:
     state.write(state.migration_path(3), {"mode": "dbt"})
     state.forget(3)
     assert list(run_dir.iterdir()) == []
+
+
+def test_threads_writing_one_state_file_at_once(run_dir: Path) -> None:
+    """The cutover's record and the sampler's are saved from two threads: neither may fail
+    for the other, and the file always holds one whole record (a shared temporary name
+    gave ENOENT on the second rename, or one thread's record in the other's file)."""
+    path = state.migration_path(4)
+    errors: list[BaseException] = []
+
+    def writer(n: int) -> None:
+        try:
+            for i in range(200):
+                state.write(path, {"writer": n, "i": i, "pad": "x" * (n * 3000)})
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    d = state.read(path)
+    assert d is not None and d["i"] == 199 and d["pad"] == "x" * (d["writer"] * 3000)
+    assert [p.name for p in run_dir.iterdir()] == [path.name]  # no temporary left
+
+
+def test_recorder_saves_one_record_at_a_time() -> None:
+    """Each save makes its record and writes it before another begins: the last record
+    made is the one in the file (the cutover's, not the sampler's copy from before it)."""
+    active, most, saved = [0], [0], []
+    lock = threading.Lock()
+
+    def on_state(rec: object) -> None:
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.01)
+        saved.append(rec)
+        with lock:
+            active[0] -= 1
+
+    rec = Recorder(on_state, device="/dev/ublkb4", log=None)
+    made: list[int] = []
+
+    def make() -> int:
+        made.append(len(made))
+        return made[-1]
+
+    threads = [threading.Thread(target=lambda: [rec.save(make) for _ in range(5)])
+               for _ in range(3)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1 and saved == made == list(range(15))
 
 
 def test_takeover_checks(run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

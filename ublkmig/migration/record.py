@@ -8,6 +8,7 @@ cutover: the cutover's record says the destination is the disk, and without it n
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 import typing
 from collections.abc import Callable
@@ -135,15 +136,21 @@ class Recorder:
         self.device = device
         self.log = log
         self.saved_at = 0.0  # time.monotonic() of the last save
+        # The cutover saves from its worker thread while the sampler may save from the
+        # event loop: each save makes its record and writes it under the lock, so the
+        # file ends with the record made last (the cutover's, not a copy of the state
+        # from just before it).
+        self._lock = threading.Lock()
 
     def save(self, record: Callable[[], MigrationRecord], strict: bool = False) -> None:
         """Save ``record()``; a failure is only logged unless ``strict`` (the cutover record:
         the switch waits for it and does not happen without it)."""
         if self.on_state is None:
             return
-        self.saved_at = time.monotonic()
         try:
-            self.on_state(record())
+            with self._lock:
+                self.saved_at = time.monotonic()
+                self.on_state(record())
         except OSError as e:
             if strict:
                 raise
