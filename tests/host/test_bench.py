@@ -281,6 +281,17 @@ def test_peak_rss_is_the_servers_high_water_mark() -> None:
     assert targets.Target("raw file", "/x.img").peak_rss() is None
 
 
+def test_load_runs_every_mode_once_per_repetition_none_always_first() -> None:
+    from ublkmig.bench.scenarios.load import run_order
+
+    modes = ("auto", "mirror", "dbt", "snapshot")
+    order = run_order(modes, 3)
+    assert [order[i:i + 4] for i in (0, 4, 8)] == [
+        ["auto", "mirror", "dbt", "snapshot"], ["mirror", "dbt", "snapshot", "auto"],
+        ["dbt", "snapshot", "auto", "mirror"]]
+    assert run_order(modes, 1) == list(modes)  # (a quick run: as before)
+
+
 def test_targets_judge_each_load_run() -> None:
     """The goals table: each unthrottled and 2000 IOPS run of the load and large scenarios
     with its verdicts, a migration's time against its own scenario's idle migrations."""
