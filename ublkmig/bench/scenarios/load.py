@@ -105,9 +105,9 @@ def load(s: Settings, work: Path, peer: bool = False, large: bool = False) -> di
 def run_order(modes: tuple[str, ...], reps: int) -> list[str]:
     """The modes' runs of one load job, in order: a repetition of every mode at a time, each
     repetition starting one mode further on, so no mode always runs first.  (Run mode by
-    mode, auto, which runs first, kept less of the guest's IOPS than mirror in each of three
+    mode, auto, which ran first, kept less of the guest's IOPS than mirror in each of four
     quick runs on 2026-12-07, 0.37-0.51 against 0.50-0.64, though on these loads it is
-    mirror mode: the first runs of a boot are not like the others.)"""
+    mirror mode: its own cost or its place in the order, a fixed order cannot tell.)"""
     return [modes[(rep + i) % len(modes)] for rep in range(reps) for i in range(len(modes))]
 
 
