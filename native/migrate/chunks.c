@@ -11,7 +11,6 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "migrate/migrate.h"
@@ -103,7 +102,7 @@ bool mig_chunks_get(struct ubm_migration *m, uint64_t c0, uint64_t c1)
 }
 
 /* Let go of chunks c0..c1.  The last write to end on a chunk the copier has
- * locked wakes the copier, which waits for just that (mig_copier_wait). */
+ * locked wakes the copier, which waits for just that (copier.c: copier_wait). */
 void mig_chunks_put(struct ubm_migration *m, uint64_t c0, uint64_t c1)
 {
 	for (uint64_t c = c0; c <= c1; c++) {
@@ -116,15 +115,3 @@ void mig_chunks_put(struct ubm_migration *m, uint64_t c0, uint64_t c1)
 	}
 }
 
-/*
- * The copier has nothing on its ring: sleep ns, or less if a locked chunk's
- * writes drain meanwhile.  drained is m->drained as read before the copier
- * last looked at its locked chunks' counts: a drain since then returns at once.
- */
-void mig_copier_wait(struct ubm_migration *m, uint32_t drained, uint64_t ns)
-{
-	struct timespec ts = { .tv_sec = (time_t)(ns / 1000000000u),
-			       .tv_nsec = (long)(ns % 1000000000u) };
-
-	syscall(SYS_futex, &m->drained, FUTEX_WAIT_PRIVATE, drained, &ts, NULL, 0);
-}

@@ -4,11 +4,14 @@
  * yielding the source to the guest and keeping to the speed limit.
  */
 #include <fcntl.h>
+#include <linux/futex.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "migrate/migrate.h"
@@ -328,6 +331,19 @@ static uint64_t idle_wait(const struct ubm_migration *m, const struct pass *p)
 	return ns == 0 ? 1000000 : ns > 10000000 ? 10000000 : ns;
 }
 
+/*
+ * Sleep ns, or less if a locked chunk's writes drain meanwhile (mig_chunks_put
+ * bumps m->drained).  drained is m->drained as read before the copier last
+ * looked at its locked chunks' counts: a drain since then returns at once.
+ */
+static void copier_wait(struct ubm_migration *m, uint32_t drained, uint64_t ns)
+{
+	struct timespec ts = { .tv_sec = (time_t)(ns / 1000000000u),
+			       .tv_nsec = (long)(ns % 1000000000u) };
+
+	syscall(SYS_futex, &m->drained, FUTEX_WAIT_PRIVATE, drained, &ts, NULL, 0);
+}
+
 UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *chunks)
 {
 	struct ubm_migration *m = mig_of(t);
@@ -371,7 +387,7 @@ UBM_EXPORT int ubm_mig_copy_pass(struct ubm_target *t, uint32_t pass, uint64_t *
 		if (busy == 0 || locking == busy) {
 			/* nothing on the ring: sleep until a locked chunk's writes drain,
 			 * a rest ends or the speed limit lets the next chunk go */
-			mig_copier_wait(m, drained, idle_wait(m, &p));
+			copier_wait(m, drained, idle_wait(m, &p));
 			continue;
 		}
 		io_uring_submit_and_wait(&m->copier.ring, 1);

@@ -236,7 +236,6 @@ void mig_mark_dirty(struct ubm_migration *m, uint64_t c);
 bool mig_clear_dirty(struct ubm_migration *m, uint64_t c);
 bool mig_chunks_get(struct ubm_migration *m, uint64_t c0, uint64_t c1);
 void mig_chunks_put(struct ubm_migration *m, uint64_t c0, uint64_t c1);
-void mig_copier_wait(struct ubm_migration *m, uint32_t drained, uint64_t ns);
 
 /* control.c */
 /* What each ubm_mig_* call checks first: 0 if a migration runs (and, with
