@@ -77,11 +77,11 @@ def load(s: Settings, work: Path, peer: bool = False, large: bool = False) -> di
             out["idle_seconds"][mode] = statistics.median(secs)
             say(f"load: idle {mode} ({size // MiB} MiB disk): {out['idle_seconds'][mode]:.2f} s "
                 f"(median of {len(secs)})")  # fmt: skip
+    one = _qemu_run if peer else load_run
     for job in jobs:
         reps: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
         for mode in run_order(modes, s.reps):
             shutil.copyfile(pristine, image)
-            one = _qemu_run if peer else load_run
             r = one(s, job, mode, image, dest, work)
             reps[mode].append(r)
             dest.unlink(missing_ok=True)
