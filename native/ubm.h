@@ -218,8 +218,8 @@ struct ubm_mig_stats {
 	uint64_t cutover_pause_ns; /* guest I/O paused around the switch (snapshot's final
 				    * pause, from ubm_mig_cutover_prepare to _switch; 0 in
 				    * mirror and DBT mode, which hold nothing for it) */
-	uint64_t dest_waiting;     /* mirrored writes done on the source, waiting now for the
-				    * destination ... */
+	uint64_t dest_waiting;     /* mirrored writes and flushes done on the source, waiting
+				    * now for the destination ... */
 	uint64_t dest_waiting_ns;  /* ... and how long, on average, they have waited so far */
 	uint64_t ahead_writes;     /* guest writes to chunks not copied yet, sent to the source
 				    * alone (the copier copies those chunks after them) */

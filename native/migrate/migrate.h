@@ -64,7 +64,7 @@ struct mig_io {
 	uint8_t flags;           /* MIG_IO_* */
 	uint32_t epoch;          /* the migration's epoch when routed (ubm_mig_reconnect) */
 	uint64_t t_start;        /* when the request arrived (ns; 0: not routed yet) */
-	uint64_t t_source_done;  /* mirrored: when the source's part ended (ns) */
+	uint64_t t_source_done;  /* MIG_IO_DEST_WAITS: when the source's part ended (ns) */
 	uint64_t t_parked;       /* when it last parked (ns; 0: not parked) ... */
 	uint8_t park_why;        /* ... and why: PARK_CHUNK or PARK_PAUSE */
 	uint64_t map_mark;       /* snapshot, a FLUSH or FUA write: the layer map's records
@@ -74,8 +74,11 @@ struct mig_io {
 #define MIG_IO_TRACKED 2   /* source only, touching copied chunks: dirty them when done */
 #define MIG_IO_REFS 4      /* holds chunk references */
 #define MIG_IO_DEST_FAILED 8  /* its destination part failed, and that is recorded */
-#define MIG_IO_DEST_DONE 16   /* mirrored: its destination part ended */
-#define MIG_IO_WAITING 32     /* mirrored: source done, waiting for the destination (counted) */
+#define MIG_IO_DEST_DONE 16   /* its destination part ended */
+#define MIG_IO_WAITING 32     /* source done, waiting for the destination (counted) */
+#define MIG_IO_DEST_WAITS 64  /* sent to the source and the destination alone (a mirrored
+			       * write, a FLUSH): once the source's part ends, the guest
+			       * waits for the destination (dest_waiting) */
 /* a locked chunk or a copy on write; a pause (or the cutover's window) */
 enum { PARK_CHUNK = 0, PARK_PAUSE = 1 };
 #define FOLD_BATCH 64      /* snapshot fold-back: chunks copied per fdatasync of the source */
@@ -178,7 +181,8 @@ struct ubm_migration {
 	uint64_t mirror_waits, mirror_wait_ns;
 	uint64_t ahead_writes;     /* guest writes to chunks not copied yet: the source alone */
 	uint64_t chunk_wait_ns, pause_wait_ns;  /* guest requests parked on a chunk, a pause */
-	uint64_t dest_waiting;     /* mirrored writes done on the source, not yet on the dest */
+	uint64_t dest_waiting;     /* mirrored writes and flushes done on the source, not yet
+				    * on the destination */
 	uint64_t dest_waiting_since; /* ... the sum of the times their source parts ended */
 	uint64_t yield_ns;         /* the copier held back for guest I/O (pacer.c) */
 	uint64_t pause_start_ns, last_pause_ns;

@@ -50,10 +50,11 @@
  *    write that caused it is issued; a FLUSH or FUA write takes its mark
  *    when routed and is answered only once the deltas, the records and the
  *    committed count are durable (io_done(), layermap.c).
- * 8. A mirrored write whose source part is done waits for the destination
- *    alone, and counts in dest_waiting while it does (part_done()): a
- *    destination that stops answering shows in auto mode's measure before
- *    any write completes.
+ * 8. A mirrored write or a FLUSH whose source part is done waits for the
+ *    destination alone, and counts in dest_waiting while it does
+ *    (part_done()): a destination that stops answering shows in auto mode's
+ *    measure before any request completes, also when the guest's requests
+ *    stuck there are flushes.
  * 9. A write looks at its chunks' COPIED bits only after it holds their
  *    references: from then until it is done no copy of them can begin (the
  *    copier waits for the count) nor end (none was under way: the chunk was
@@ -110,7 +111,7 @@ static void to_slot(struct ubm_io *io, unsigned slot, uint64_t offset, uint32_t 
 static void mirror_write(struct ubm_migration *m, struct ubm_io *io, struct mig_io *mi,
 			 uint64_t c0, uint64_t c1)
 {
-	mi->flags |= MIG_IO_MIRRORED;
+	mi->flags |= MIG_IO_MIRRORED | MIG_IO_DEST_WAITS;
 	/* before it is sent: the copier (waiting for this write's reference)
 	 * must not take the destination's chunk for zeroes (ordering 3) */
 	for (uint64_t c = c0; c <= c1; c++)
@@ -204,6 +205,7 @@ static int route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 	}
 	mi->epoch = A_LOAD(&m->epoch);
 	mi->flags = 0;
+	mi->t_source_done = 0;
 	io->slots = 0;
 	/* announce first, then look at the pause flag: ubm_mig_pause() sets
 	 * the flag first, then waits for the count to drain */
@@ -237,6 +239,7 @@ static int route(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 	}
 	if (req->op == UBLK_IO_OP_FLUSH) {
 		/* durable on both: mirrored writes and copied chunks sit on the destination */
+		mi->flags = MIG_IO_DEST_WAITS;
 		to_slot(io, SLOT_SOURCE, 0, 0);
 		to_slot(io, SLOT_DEST, 0, 0);
 		return 0;
@@ -300,11 +303,12 @@ static bool part_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag
 	uint64_t c0 = 0, c1 = 0;
 
 	if (slot != SLOT_DEST) {  /* the source, or snapshot's active delta */
-		if (mi->flags & MIG_IO_MIRRORED) {
+		if (mi->flags & MIG_IO_DEST_WAITS) {
 			mi->t_source_done = ubm_now_ns();
 			/* the guest now waits for the destination alone: counted
 			 * while it does, so a destination that stops answering
-			 * shows before any write completes (auto mode's fallback) */
+			 * shows before any request completes (auto mode's
+			 * fallback; ordering 8) */
 			if (!(mi->flags & MIG_IO_DEST_DONE)) {
 				mi->flags |= MIG_IO_WAITING;
 				A_ADD(&m->dest_waiting_since, mi->t_source_done);
@@ -400,7 +404,6 @@ static int io_done(struct ubm_migration *m, struct ubm_queue *q, unsigned tag)
 				A_ADD(&m->mirror_waits, 1);
 				A_ADD(&m->mirror_wait_ns, now - mi->t_source_done);
 			}
-			mi->t_source_done = 0;
 			/* (a destination failure is recorded already: part_done) */
 		} else if (mi->flags & MIG_IO_TRACKED) {
 			A_ADD(&m->tracked_writes, 1);

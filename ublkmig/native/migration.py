@@ -149,7 +149,7 @@ class MigStats:
     bytes_matched: int = 0  # resuming: equal on the destination already, so not written
     yield_ns: int = 0  # the copier held back for guest I/O (busy_depth, resting)
     cutover_pause_ns: int = 0  # guest I/O paused around the switch (0 in mirror, dbt mode)
-    dest_waiting: int = 0  # mirrored writes done on the source, waiting for the destination now
+    dest_waiting: int = 0  # mirrored writes, flushes done on the source, waiting for the dest now
     dest_waiting_ns: int = 0  # ... their mean wait so far
     ahead_writes: int = 0  # writes to chunks not copied yet: the source alone
     chunk_wait_ns: int = 0  # guest requests parked on a chunk being copied, in all
