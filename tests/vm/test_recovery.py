@@ -42,7 +42,7 @@ from ublkmig.bench.nbd_server import NbdServer
 
 MiB = 1 << 20
 SIZE = 64 * MiB
-BUSY = (8 * MiB, 32 * MiB)  # fio's loop
+BUSY = (8 * MiB, 16 * MiB)  # fio's loop (each job writes and reads all of it: its time)
 KILLS = 3  # daemons killed, one after another, in one run
 FioLoopFactory = Callable[..., FioLoop]
 NbdServerFactory = Callable[..., NbdServer]
