@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -341,6 +342,28 @@ def test_wait_for_io_knows_block_devices_and_has_a_deadline(tmp_path: Path) -> N
     with pytest.raises(fio.FioError, match="did not get"):
         wait_for_io(f"/dev/{devs[0]}", time.time(), ios=1 << 60, timeout=0.2)
     assert time.monotonic() - t0 < 5
+
+
+def test_docs_refuse_to_drop_a_section_with_no_kept_run(tmp_path: Path) -> None:
+    """A page written before results.json was kept: a --docs run of one scenario would
+    render that one alone and drop the rest, so it is refused up front, naming them."""
+    from ublkmig.bench import run as bench_run
+    from ublkmig.errors import UserError
+
+    docs = tmp_path / "docs"
+    (docs / "benchmarks").mkdir(parents=True)
+    (docs / "BENCHMARKS.md").write_text("# b\n\n## 1. Data path (no migration)\n\nx\n\n"
+                                        "## 3. Migration under load\n\ny\n\n"
+                                        "## 5. The peer: QEMU's blockdev-mirror, same load\n")
+    with pytest.raises(UserError) as e:
+        bench_run.check_docs(("load",), docs=docs)
+    assert "Data path (no migration); The peer: QEMU's blockdev-mirror" in str(e.value)
+    assert "--scenario datapath --scenario qemu" in str(e.value), e.value
+    bench_run.check_docs(("load", "datapath", "qemu"), docs=docs)
+    (docs / "benchmarks" / "results.json").write_text(
+        json.dumps({"scenarios": {"datapath": {}, "qemu": {}}, "runs": {}}))
+    bench_run.check_docs(("load",), docs=docs)  # the others' runs are kept
+    bench_run.check_docs(("idle",), docs=tmp_path / "none")  # no page yet
 
 
 def test_docs_keep_each_sections_latest_run(tmp_path: Path) -> None:

@@ -52,7 +52,7 @@ def header(r: dict[str, Any]) -> list[str]:
 
 def datapath_md(d: dict[str, Any], reps: int) -> list[str]:
     rows = d["rows"]
-    out = ["", "## 1. Data path (no migration)", "",
+    out = ["", SECTIONS["datapath"], "",
            "fio, io_uring, direct, on a tmpfs file in the guest (both servers open it with "
            f"O_DIRECT too); median of {reps} "
            "(min–max); latency in µs; CPU: the server's user+system time per I/O "
@@ -91,7 +91,7 @@ def datapath_md(d: dict[str, Any], reps: int) -> list[str]:
 
 
 def idle_md(d: dict[str, Any]) -> list[str]:
-    out = ["", "## 2. Migration of an idle disk", "",
+    out = ["", SECTIONS["idle"], "",
            "Time from the start to the cutover (the daemon's clock), against `dd` of the "
            "same image to the same filesystem with the same block size (best dd of the "
            "boot); median of the repetitions.", "",
@@ -240,6 +240,19 @@ def _waited(r: dict[str, Any]) -> str:
     return " / ".join(f"{100 * waits[k] / total:.0f}%" for k in ("chunk", "destination", "pause"))
 
 
+# Each scenario's section of BENCHMARKS.md (``large`` is a part of ``load``'s).
+SECTIONS = {"datapath": "## 1. Data path (no migration)", "idle": "## 2. Migration of an idle disk",
+            "load": "## 3. Migration under load",
+            "slow": "## 4. A slow destination: mirror against auto",
+            "yield": "## 5. The copier yielding to guest I/O",
+            "qemu": "## 6. The peer: QEMU's blockdev-mirror, same load"}  # fmt: skip
+
+
+def section_title(heading: str) -> str:
+    """A section's heading without its level and number ("## 3. X" -> "X")."""
+    return heading.lstrip("#").strip().split(". ", 1)[-1]
+
+
 def markdown(r: dict[str, Any]) -> str:
     lines = header(r)
     sc = r["scenarios"]
@@ -248,13 +261,13 @@ def markdown(r: dict[str, Any]) -> str:
     if "idle" in sc:
         lines += idle_md(sc["idle"])
     if "load" in sc:
-        lines += load_md(sc["load"], "## 3. Migration under load")
+        lines += load_md(sc["load"], SECTIONS["load"])
     if "large" in sc:
         lines += load_md(sc["large"], "### The same load on a larger disk")
     lines += targets_md(sc)
     if "slow" in sc:
         d = sc["slow"]
-        lines += load_md(d, "## 4. A slow destination: mirror against auto")
+        lines += load_md(d, SECTIONS["slow"])
         lines += ["", f"Every write to the destination waits {d['write_delay_ms']} ms. nbdkit: "
                   "an export (a file on the same tmpfs, over a unix socket) behind its delay "
                   "filter. dm-delay: a local block device (a loop device on a tmpfs file "
@@ -266,7 +279,7 @@ def markdown(r: dict[str, Any]) -> str:
                   + "."]  # fmt: skip
     if "yield" in sc:
         d = sc["yield"]
-        lines += load_md(d, "## 5. The copier yielding to guest I/O")
+        lines += load_md(d, SECTIONS["yield"])
         lines += ["", "Yielding (the default): while the guest has requests in flight the "
                   "copier copies 1 chunk at a time and rests between chunks as long as it "
                   "takes for the guest to keep 3/4 of its rate (measured while it rests), at "
@@ -276,7 +289,7 @@ def markdown(r: dict[str, Any]) -> str:
                   + ", ".join(f"{r['mode']} {r.get('yielded_seconds') or 0:.2f}"
                               for r in d["runs"]) + "."]  # fmt: skip
     if "qemu" in sc:
-        lines += load_md(sc["qemu"], "## 6. The peer: QEMU's blockdev-mirror, same load")
+        lines += load_md(sc["qemu"], SECTIONS["qemu"])
         lines += ["", sc["qemu"].get("differences", "")]
     return "\n".join(lines) + "\n"
 

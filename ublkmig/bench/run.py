@@ -33,6 +33,8 @@ def main(names: tuple[str, ...], quick: bool, out: Path, inside: bool, command: 
     if docs and quick:
         raise UserError("--docs takes a run without --quick: the docs show the full settings")
     names = names or SCENARIOS
+    if docs and not inside:
+        check_docs(names)  # before the hours of the run, not after
     if inside or vm.have_ublk():
         rc = _run_here(names, quick, out, command, in_vm=inside)
     else:
@@ -72,6 +74,30 @@ def _run_in_vm(names: tuple[str, ...], quick: bool, out: Path, command: str) -> 
         return res.returncode
     finally:
         shutil.rmtree(rw, ignore_errors=True)
+
+
+def check_docs(names: tuple[str, ...], docs: Path = DOCS) -> None:
+    """Refuse a --docs run that would drop a section of docs/BENCHMARKS.md: the page is
+    rendered from docs/benchmarks/results.json and this run, so a section whose scenario
+    is in neither (a page written before results.json was kept) would be lost."""
+    page, kept = docs / "BENCHMARKS.md", docs / "benchmarks" / "results.json"
+    if not page.is_file():
+        return
+    have = set(names)
+    if kept.is_file():
+        have |= set(json.loads(kept.read_text())["scenarios"])
+    rendered = {report.section_title(report.SECTIONS[n]) for n in have if n in report.SECTIONS}
+    by_title = {report.section_title(h): n for n, h in report.SECTIONS.items()}
+    lost = [report.section_title(line) for line in page.read_text().splitlines()
+            if line.startswith("## ") and report.section_title(line) not in rendered]  # fmt: skip
+    if lost:
+        more = sorted({by_title[t] for t in lost if t in by_title})
+        raise UserError(
+            f"--docs would drop from {page} what {kept} holds no run of: "
+            + "; ".join(lost)
+            + (f". Run those scenarios too (--scenario {' --scenario '.join(more)})" if more
+               else ". Move those sections out of the page first")
+            + ", or run without --docs")
 
 
 def update_docs(out: Path, names: tuple[str, ...], docs: Path = DOCS) -> None:
