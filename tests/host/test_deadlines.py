@@ -94,11 +94,13 @@ def test_a_request_waiting_for_a_silent_server_counts_as_waiting(tmp: Path, op: 
     """A mirrored write, and a flush (it goes to the destination too), done on the source and
     waiting for a server that does not answer count in dest_waiting while they wait: auto
     mode's measure when nothing completes.  (A guest whose requests stuck there were all
-    flushes left auto mode blind until the timeout.)"""
+    flushes left auto mode blind until the timeout.)  The migration then completes, byte
+    for byte."""
     with FaultyNbd(SIZE) as srv, Sim(tmp / "src.img") as sim:
         t = sim.target()
         t.mig_start(config(srv, timeout_ms=3000))
         t.copy_pass(Pass.ALL)
+        sim.write(CHUNK, b"\x66" * 8192)  # mirrored, answered
         srv.silent = True
         if op == Op.WRITE:
             sim.submit(op, 2 * CHUNK, data=b"\x77" * 4096)
@@ -115,9 +117,12 @@ def test_a_request_waiting_for_a_silent_server_counts_as_waiting(tmp: Path, op: 
         assert c is not None and c.result >= 0, c
         assert t.stats().dest_waiting == 0
         srv.silent = False
-        t.reconnect()
+        t.reconnect()  # what the lost connection may have lost is copied again, then the switch
         t.copy_pass(Pass.ALL)
+        t.cutover()
+        assert sim.read(CHUNK, 8192) == b"\x66" * 8192
         t.finish()
+    assert srv.data == (tmp / "src.img").read_bytes()
 
 
 def test_the_copier_gives_up_on_a_silent_server(tmp: Path) -> None:
